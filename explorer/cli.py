@@ -1,0 +1,59 @@
+"""Command line: ``python -m explorer merge RECIPE.yaml --out DIR`` and ``python -m explorer methods``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from explorer import registry
+from explorer.checkpoint import CheckpointError
+from explorer.executor import merge_to_folder
+from explorer.recipe import MergeRecipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m explorer", description="Merge Explorer command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge the checkpoints a recipe names into a new folder")
+    merge.add_argument("recipe", type=Path, help="mergekit-style YAML recipe")
+    merge.add_argument("--out", type=Path, required=True, help="output folder (must not be an input)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder when done")
+    sub.add_parser("methods", help="list the merge methods and their parameters")
+    args = parser.parse_args(argv)
+    if args.command == "methods":
+        return _methods()
+    return _merge(args.recipe, args.out, args.overwrite)
+
+
+def _merge(recipe_path: Path, out: Path, overwrite: bool) -> int:
+    try:
+        recipe = MergeRecipe.load(recipe_path)
+    except FileNotFoundError:
+        return _fail(f"{recipe_path}: recipe file not found")
+    except (ValidationError, ValueError, KeyError) as e:
+        return _fail(f"{recipe_path}: invalid recipe: {e}")
+    bar = tqdm(total=100, unit="%", desc=recipe.merge_method)
+    try:
+        merge_to_folder(recipe, out, progress=lambda f, _: bar.update(round(100 * f) - bar.n), overwrite=overwrite)
+    except (CheckpointError, ValueError) as e:
+        bar.close()
+        return _fail(str(e))
+    bar.close()
+    print(f"wrote {out}")
+    return 0
+
+
+def _methods() -> int:
+    for spec in registry.all_methods():
+        params = ", ".join(f"{p.name}{'[per model]' if p.per_model else ''}={p.default}" for p in spec.params)
+        print(f"{spec.name:18s} {spec.space:6s} {params}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,52 @@
+"""Linear merge: weighted average of model weights (model soups, arXiv:2203.05482).
+
+    out = sum_i w_i M_i / sum_i w_i    (normalize on; a zero sum raises)
+    out = sum_i w_i M_i                (normalize off)
+
+Matches mergekit 0.1.5 ``linear_merge``. One model with weight 1 returns it exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from explorer.registry import MethodSpec, Param, register
+
+
+def linear(
+    x: torch.Tensor,
+    *,
+    base: Optional[torch.Tensor],
+    generator: Optional[torch.Generator],
+    weight: torch.Tensor,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Weighted sum of model weights ``x`` (N, *S) float32 -> (*S).
+
+    weight: (N,) per-model weights, any real numbers. Raises ValueError when normalize is on and the
+    weights sum to zero (mergekit would divide by zero and return inf/NaN).
+    """
+    w = weight.to(x.dtype)
+    total = float(w.sum())
+    if normalize and abs(total) < 1e-8:
+        raise ValueError(f"linear: weights {w.tolist()} sum to zero with normalize on; change a weight or turn normalize off")
+    merged = torch.tensordot(w, x, dims=1)
+    return merged / total if normalize else merged
+
+
+register(
+    MethodSpec(
+        name="linear",
+        pretty_name="Linear (weighted average / model soup)",
+        paper_url="https://arxiv.org/abs/2203.05482",
+        space="weight",
+        fn=linear,
+        params=(
+            Param("weight", 1.0, "Weight of this model in the average.", per_model=True, low=-2.0, high=2.0, step=0.05),
+            Param("normalize", True, "Divide by the sum of weights."),
+        ),
+        summary="sum_i w_i M_i / sum_i w_i",
+    )
+)

@@ -1,0 +1,112 @@
+"""Sparsification of one task vector: which entries a task-vector method keeps, and how it rescales.
+
+Conventions: ``delta`` is one task vector of any shape (*S), float32; ``density`` is the fraction of
+entries kept, in [0, 1]. density >= 1 returns ``delta`` unchanged; density <= 0 returns zeros.
+Formulas follow mergekit 0.1.5 ``mergekit/sparsify.py`` (magnitude: TIES, arXiv:2306.01708; random:
+DARE, arXiv:2311.03099; magnitude_outliers: Model Breadcrumbs, arXiv:2312.06795; della_magprune:
+DELLA, arXiv:2406.11617).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
+
+import torch
+
+
+class Sparsification(str, Enum):
+    """How a task vector is thinned before merging."""
+
+    none = "none"
+    magnitude = "magnitude"  # keep the top-k |delta| (TIES trim)
+    random = "random"  # keep each entry with probability density (DARE drop)
+    magnitude_outliers = "magnitude_outliers"  # drop the top gamma and the smallest (breadcrumbs)
+    della_magprune = "della_magprune"  # keep with probability rising with magnitude rank (DELLA)
+
+
+class Rescale(str, Enum):
+    """How kept entries are scaled back up after dropping."""
+
+    none = "none"
+    l1 = "l1"  # match the L1 norm of the undropped vector (mergekit)
+    inverse_density = "inverse_density"  # divide by density (DARE paper, PEFT, MergeLM)
+
+
+def sparsify(
+    delta: torch.Tensor,
+    density: float,
+    method: Sparsification,
+    rescale: Rescale = Rescale.none,
+    generator: Optional[torch.Generator] = None,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+) -> torch.Tensor:
+    """Return ``delta`` (*S) thinned to ``density`` by ``method`` and rescaled by ``rescale``.
+
+    gamma (breadcrumbs): fraction of the largest |delta| also dropped, in [0, 1).
+    epsilon (DELLA): keep probabilities span density +/- epsilon over magnitude ranks; raises ValueError
+    unless 0 < density - epsilon and density + epsilon < 1.
+    """
+    if method == Sparsification.none or density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    mask = _MASKS[method](delta, density, generator, gamma, epsilon)
+    kept = delta * mask
+    if rescale == Rescale.inverse_density:
+        return kept / density
+    if rescale == Rescale.l1:
+        before, after = delta.abs().sum(), kept.abs().sum()
+        if before < 1e-7 or after < 1e-7:
+            return kept
+        return kept * (before / after)
+    return kept
+
+
+def magnitude_mask(delta: torch.Tensor, density: float, *_: object) -> torch.Tensor:
+    """1 on the k = max(1, int(density * numel)) largest |delta| entries, 0 elsewhere."""
+    k = max(1, int(density * delta.numel()))
+    flat = torch.zeros(delta.numel(), dtype=delta.dtype)
+    flat[torch.topk(delta.abs().reshape(-1), k, sorted=False).indices] = 1
+    return flat.reshape(delta.shape)
+
+
+def random_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Generator], *_: object) -> torch.Tensor:
+    """Bernoulli(density) keep-mask drawn from ``generator``."""
+    return torch.bernoulli(torch.full_like(delta, density), generator=generator)
+
+
+def outlier_mask(delta: torch.Tensor, density: float, _generator: object, gamma: float, _epsilon: float) -> torch.Tensor:
+    """Keep int(density * numel) entries just below the top int(gamma * numel) by |delta|."""
+    n = delta.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.argsort(delta.abs().reshape(-1))
+    flat = torch.zeros(n, dtype=delta.dtype)
+    flat[order[bottom : bottom + keep]] = 1
+    return flat.reshape(delta.shape)
+
+
+def della_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Generator], _gamma: float, epsilon: float) -> torch.Tensor:
+    """Bernoulli mask whose keep probability grows linearly with |delta| rank within each row.
+
+    Rows are the last dimension of a 2-D view (a 1-D tensor is one row); probabilities run from
+    density - epsilon (smallest) to density + epsilon (largest).
+    """
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1; got density={density}, epsilon={epsilon}")
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    span = (rows.shape[1] - 1) or 1
+    probs = (density - epsilon) + (ranks / span) * 2 * epsilon
+    return torch.bernoulli(probs, generator=generator).reshape(delta.shape)
+
+
+_MASKS = {
+    Sparsification.magnitude: magnitude_mask,
+    Sparsification.random: random_mask,
+    Sparsification.magnitude_outliers: outlier_mask,
+    Sparsification.della_magprune: della_mask,
+}

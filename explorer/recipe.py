@@ -1,0 +1,99 @@
+"""MergeRecipe: everything that determines a merge, read from and written to mergekit-style YAML.
+
+The YAML keys are mergekit's (``merge_method``, ``base_model``, ``models[].model``,
+``models[].parameters``, ``parameters``, ``dtype``) plus ``seed`` for random methods, so a recipe
+written here runs in mergekit when the method exists there, and a mergekit recipe runs here.
+A per-model parameter given in the top-level ``parameters`` applies to every model, as in mergekit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from explorer import registry
+from explorer.registry import ParamValue
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelEntry(BaseModel):
+    """One input model: a local checkpoint folder and its per-model parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class MergeRecipe(BaseModel):
+    """A complete, validated merge description (method, inputs, parameters, output dtype, seed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: Optional[str] = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeRecipe":
+        spec = registry.get(self.merge_method)
+        if not self.models:
+            raise ValueError("a recipe needs at least one model under 'models'")
+        if spec.needs_base and not self.base_model:
+            raise ValueError(f"{spec.name} works on task vectors and needs base_model: set base_model to the checkpoint the experts were fine-tuned from")
+        if len(self.models) < spec.min_models or (spec.max_models and len(self.models) > spec.max_models):
+            raise ValueError(f"{spec.name} takes {spec.min_models}..{spec.max_models or 'any'} models (besides the base); got {len(self.models)}")
+        names = {p.name for p in spec.params}
+        for key in self.parameters:
+            if key not in names:
+                raise ValueError(f"{spec.name} has no parameter {key!r}; it has {sorted(names)}")
+        for entry in self.models:
+            for key in entry.parameters:
+                if key not in names or not spec.param(key).per_model:
+                    raise ValueError(f"{entry.model}: {key!r} is not a per-model parameter of {spec.name}; per-model: {[p.name for p in spec.per_model_params]}")
+        self.resolved_params()
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def resolved_params(self) -> dict:
+        """Every param of the method with its value: per-model ones as (N,) float32 tensors.
+
+        Order of precedence: the model's own parameters, then the top-level ones, then the spec default.
+        Raises ValueError naming the model and param when a value is out of range or of the wrong type.
+        """
+        spec = registry.get(self.merge_method)
+        values: dict = {}
+        for p in spec.params:
+            if p.per_model:
+                per = [p.check(e.parameters.get(p.name, self.parameters.get(p.name, p.default)), e.model) for e in self.models]
+                values[p.name] = torch.tensor(per, dtype=torch.float32)
+            else:
+                values[p.name] = p.check(self.parameters.get(p.name, p.default), "parameters")
+        return values
+
+    def model_paths(self) -> list[Path]:
+        return [Path(e.model) for e in self.models]
+
+    def to_yaml(self) -> str:
+        """mergekit-style YAML; defaults that equal the spec's are kept so the file is self-describing."""
+        return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "MergeRecipe":
+        """Parse and validate YAML text; raises ValueError (pydantic ValidationError) on bad input."""
+        return cls.model_validate(yaml.safe_load(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MergeRecipe":
+        return cls.from_yaml(Path(path).read_text())

@@ -1,0 +1,142 @@
+"""Merge-method registry: frozen specs the executor runs and the UI builds its sliders from.
+
+A method is a pure function over the stacked tensors of one tensor name (see ``MethodFn``).
+``register`` checks the spec against the function signature at import time and refuses duplicates;
+``get`` answers a typo with the closest names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional, Union
+
+import torch
+
+ParamValue = Union[float, bool, str]
+Space = Literal["delta", "weight"]
+
+# Signature of a method: fn(x, *, base, generator, **params) -> Tensor (*S)
+#   x:         (N, *S) float32; task vectors M_i - B when space == "delta", else the model weights
+#   base:      (*S) float32 base weights, or None when the recipe has no base model
+#   generator: torch.Generator seeded from the recipe seed and the tensor name (random methods only)
+#   params:    per-model params as float32 tensors of shape (N,), global params as Python scalars
+MethodFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable parameter of a method, in mergekit's vocabulary (weight, density, lambda, ...).
+
+    ``per_model`` params take one value per input model (a slider per model in the UI); the others
+    one value for the whole merge. ``choices`` makes a string parameter a dropdown.
+    """
+
+    name: str
+    default: ParamValue
+    help: str
+    per_model: bool = False
+    low: Optional[float] = None
+    high: Optional[float] = None
+    step: Optional[float] = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: ParamValue, where: str) -> ParamValue:
+        """Return ``value`` coerced to this param's type; raise ValueError naming ``where`` if invalid."""
+        if isinstance(self.default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {self.name} must be true or false, got {value!r}")
+            return value
+        if self.choices:
+            if value not in self.choices:
+                raise ValueError(f"{where}: {self.name} must be one of {list(self.choices)}, got {value!r}")
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {self.name} must be a number, got {value!r}") from None
+        if number != number:
+            raise ValueError(f"{where}: {self.name} is NaN; give a number")
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            raise ValueError(f"{where}: {self.name}={number} is outside [{self.low}, {self.high}]")
+        return number
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method: what it is, where it comes from, and its parameters."""
+
+    name: str
+    pretty_name: str
+    paper_url: str
+    space: Space
+    fn: MethodFn
+    params: tuple[Param, ...] = ()
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: Optional[int] = None
+    random: bool = False
+    summary: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def param(self, name: str) -> Param:
+        """The Param called ``name``; KeyError with the valid names if there is none."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(f"method {self.name!r} has no parameter {name!r}; it has {[p.name for p in self.params]}")
+
+    @property
+    def per_model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def _kwarg(name: str) -> str:
+    """Python name of a param: ``lambda`` is a keyword, so its argument is ``lambda_``."""
+    return name + "_" if name == "lambda" else name
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec``; raise ValueError on a duplicate name or a spec that disagrees with its function."""
+    if spec.name in _METHODS:
+        raise ValueError(f"merge method {spec.name!r} is already registered")
+    accepted = set(inspect.signature(spec.fn).parameters) - {"x", "base", "generator"}
+    declared = {_kwarg(p.name) for p in spec.params}
+    if not declared <= accepted:
+        raise ValueError(f"{spec.name}: params {sorted(declared - accepted)} are not arguments of its function")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> MethodSpec:
+    """The spec called ``name``; KeyError suggesting the closest registered names on a typo."""
+    _load_builtin_methods()
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, list(_METHODS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown merge method {name!r}.{hint} Known: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def all_methods() -> list[MethodSpec]:
+    """Every registered method, in registration order."""
+    _load_builtin_methods()
+    return list(_METHODS.values())
+
+
+def call(spec: MethodSpec, x: torch.Tensor, base: Optional[torch.Tensor], generator: torch.Generator, params: dict) -> torch.Tensor:
+    """Run ``spec.fn`` with ``params`` keyed by param name (per-model ones as (N,) tensors)."""
+    kwargs = {_kwarg(p.name): params[p.name] for p in spec.params}
+    return spec.fn(x, base=base, generator=generator, **kwargs)
+
+
+def _load_builtin_methods() -> None:
+    import explorer.methods  # noqa: F401  (registers on import)

@@ -1,0 +1,98 @@
+"""Interactive merging: inputs held in memory once, re-merged in seconds as sliders move.
+
+The session reads every input tensor once (float32) and keeps it; ``merge`` runs the same
+``merge_tensor`` as the streaming executor, so an exported session merge is byte-identical to
+``python -m explorer merge`` on the same recipe. Memory: (N + 1) x model size in float32, so this is
+for models that fit in RAM; the streaming executor has no such limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from explorer import registry
+from explorer.checkpoint import TIED_NAMES, check_compatible, open_checkpoint
+from explorer.executor import Progress, cast_output, merge_tensor, read_float
+from explorer.recipe import MergeRecipe
+from explorer.writer import check_output_dir, write_checkpoint
+
+
+class MergeSession:
+    """Base (optional) and models loaded as float32 dicts {name: tensor}, checked compatible."""
+
+    def __init__(self, base: Optional[str | Path], models: list[str | Path], progress: Optional[Progress] = None):
+        self.base_ckpt = open_checkpoint(base) if base else None
+        self.model_ckpts = [open_checkpoint(m) for m in models]
+        self.names = check_compatible(self.base_ckpt, self.model_ckpts)
+        inputs = ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts
+        self.reference = inputs[0]
+        self.tensors: list[dict[str, torch.Tensor]] = []
+        for i, ckpt in enumerate(inputs):
+            self.tensors.append({n: read_float(ckpt, n) for n in self.names})
+            if progress:
+                progress((i + 1) / len(inputs), f"loaded {ckpt.name}")
+        self.base = self.tensors[0] if self.base_ckpt else None
+        self.models = self.tensors[1:] if self.base_ckpt else self.tensors
+
+    @property
+    def model_paths(self) -> list[Path]:
+        return [c.path for c in self.model_ckpts]
+
+    def task_vectors(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 task vectors M_i - B of tensor ``name``; ValueError without a base."""
+        if self.base is None:
+            raise ValueError("task vectors need a base model; choose one in the Models tab")
+        return torch.stack([m[name] for m in self.models]) - self.base[name]
+
+    def recipe(self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0) -> MergeRecipe:
+        """A validated recipe over this session's inputs (what the app exports and the CLI replays)."""
+        return MergeRecipe(
+            merge_method=method,
+            base_model=str(self.base_ckpt.path) if self.base_ckpt else None,
+            models=[{"model": str(p), "parameters": pm} for p, pm in zip(self.model_paths, per_model)],
+            parameters=parameters,
+            dtype=dtype,
+            seed=seed,
+        )
+
+    def merge(self, recipe: MergeRecipe, progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
+        """{name: merged tensor in recipe.dtype}; raises ValueError if the recipe names other models."""
+        if [Path(e.model).resolve() for e in recipe.models] != [p.resolve() for p in self.model_paths]:
+            raise ValueError("the recipe's models differ from this session's; start a new session for them")
+        spec, params = registry.get(recipe.merge_method), recipe.resolved_params()
+        if spec.needs_base and self.base is None:
+            raise ValueError(f"{spec.name} needs a base model")
+        merged = {}
+        for i, name in enumerate(self.names):
+            first = self.models[0][name]
+            if not first.is_floating_point():
+                merged[name] = first
+                continue
+            stacked = torch.stack([m[name] for m in self.models])
+            base = self.base[name] if self.base is not None else None
+            merged[name] = cast_output(name, merge_tensor(spec, params, name, base, stacked, recipe.seed), recipe.torch_dtype)
+            if progress:
+                progress((i + 1) / len(self.names), name)
+        return merged
+
+    def build_model(self, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
+        """A transformers model in memory (eval mode) holding ``state_dict``; no save and reload."""
+        config = AutoConfig.from_pretrained(self.reference.path)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
+        missing = [k for k in missing if k not in TIED_NAMES]
+        if missing or unexpected:
+            raise ValueError(f"merged weights do not fit {config.architectures}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.tie_weights()
+        return model.eval()
+
+    def export(self, recipe: MergeRecipe, state_dict: dict[str, torch.Tensor], out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write ``state_dict`` (from ``merge(recipe)``) as a checkpoint folder with ``recipe`` in its card."""
+        inputs = [c.path for c in ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts]
+        out = check_output_dir(out_dir, inputs, overwrite)
+        ordered = ((n, state_dict[n]) for n in self.names)
+        return write_checkpoint(out, ordered, self.reference.path, recipe, overwrite)

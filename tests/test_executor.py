@@ -1,0 +1,164 @@
+"""Streaming executor, writer and session on tiny real Llama checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from explorer.checkpoint import CheckpointError, open_checkpoint
+from explorer.executor import merge_to_folder
+from explorer.recipe import MergeRecipe
+from explorer.session import MergeSession
+from explorer.writer import write_checkpoint
+from tests.helpers import assert_expected
+from tests.tiny import save_tiny_gpt2, save_tiny_llama, tiny_family
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return tiny_family(tmp_path_factory.mktemp("family"), n_experts=2)
+
+
+def _recipe(base, experts, method="ties", **params):
+    return MergeRecipe(merge_method=method, base_model=str(base), models=[{"model": str(e)} for e in experts], parameters=params)
+
+
+def _state(path):
+    files = sorted(path.glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def test_streaming_merge_loads_in_transformers(family, tmp_path):
+    base, experts = family
+    out = merge_to_folder(_recipe(base, experts, density=0.5), tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert ids.shape == (1, 7)
+    assert "merge_method: ties" in (out / "README.md").read_text()
+    assert MergeRecipe.load(out / "merge_recipe.yaml") == _recipe(base, experts, density=0.5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_one_expert_task_arithmetic_weight_one_returns_expert(family, tmp_path):
+    base, experts = family
+    out = merge_to_folder(_recipe(base, experts[:1], "task_arithmetic"), tmp_path / "m")
+    merged, expert = _state(out), _state(experts[0])
+    assert merged.keys() == expert.keys()
+    for name in expert:
+        assert_expected(merged[name], expert[name])
+
+
+def test_session_export_equals_cli_merge(family, tmp_path):
+    base, experts = family
+    recipe_file = tmp_path / "r.yaml"
+    recipe = _recipe(base, experts, density=0.3)
+    recipe_file.write_text(recipe.to_yaml())
+    cli = subprocess.run([sys.executable, "-m", "explorer", "merge", str(recipe_file), "--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    session = MergeSession(base, experts)
+    session.export(recipe, session.merge(recipe), tmp_path / "ui")
+    a, b = _state(tmp_path / "cli"), _state(tmp_path / "ui")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_session_builds_model_in_memory(family):
+    base, experts = family
+    session = MergeSession(base, experts)
+    recipe = session.recipe("linear", {}, [{"weight": 1.0}, {"weight": 1.0}])
+    model = session.build_model(session.merge(recipe))
+    expected = (_state(experts[0])["model.norm.weight"] + _state(experts[1])["model.norm.weight"]) / 2
+    assert_expected(model.state_dict()["model.norm.weight"], expected)
+
+
+def test_sharded_output_and_input(family, tmp_path):
+    base, experts = family
+    out = write_checkpoint(tmp_path / "sharded", ((n, t) for n, t in _state(base).items()), base, _recipe(base, experts), shard_bytes=4096)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert open_checkpoint(out).names() and _state(out).keys() == _state(base).keys()
+    merged = merge_to_folder(_recipe(out, experts, "task_arithmetic"), tmp_path / "from-sharded")
+    assert AutoModelForCausalLM.from_pretrained(merged) is not None
+
+
+def test_float16_output_dtype(family, tmp_path):
+    base, experts = family
+    recipe = _recipe(base, experts).model_copy(update={"dtype": "float16"})
+    out = merge_to_folder(recipe, tmp_path / "fp16")
+    assert all(t.dtype == torch.float16 for t in _state(out).values())
+    assert json.loads((out / "config.json").read_text()).get("dtype", json.loads((out / "config.json").read_text()).get("torch_dtype")) == "float16"
+
+
+# Bad input: a clear error naming the model/tensor, and nothing written.
+
+def _assert_refused(recipe, out, match):
+    with pytest.raises((CheckpointError, ValueError), match=match):
+        merge_to_folder(recipe, out)
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_refuses_different_architectures(family, tmp_path):
+    base, experts = family
+    gpt2 = save_tiny_gpt2(tmp_path / "gpt2")
+    _assert_refused(_recipe(base, [experts[0], gpt2]), tmp_path / "out", "architecture GPT2LMHeadModel differs")
+
+
+def test_refuses_different_depth(family, tmp_path):
+    base, experts = family
+    deep = save_tiny_llama(tmp_path / "deep", num_hidden_layers=3)
+    _assert_refused(_recipe(base, [experts[0], deep]), tmp_path / "out", "3 layers")
+
+
+def test_refuses_missing_folder(family, tmp_path):
+    base, experts = family
+    _assert_refused(_recipe(base, [experts[0], tmp_path / "nope"]), tmp_path / "out", "folder not found")
+
+
+def test_refuses_output_equal_to_or_inside_input(family, tmp_path):
+    base, experts = family
+    before = _state(experts[0])
+    for out in (experts[0], experts[0] / "sub"):
+        with pytest.raises(CheckpointError, match="overlaps input"):
+            merge_to_folder(_recipe(base, experts), out)
+    assert not (experts[0] / "sub").exists()
+    after = _state(experts[0])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_refuses_nan_naming_model_and_tensor(family, tmp_path):
+    base, experts = family
+    bad = save_tiny_llama(tmp_path / "bad", seed=9, base=base)
+    state = _state(bad)
+    state["model.norm.weight"][0] = float("nan")
+    from safetensors.torch import save_file
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    _assert_refused(_recipe(base, [experts[0], bad]), tmp_path / "out", r"bad: tensor 'model.norm.weight' has 1 NaN")
+
+
+def test_failed_merge_leaves_no_folder(family, tmp_path, monkeypatch):
+    base, experts = family
+    import explorer.executor as ex
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ex, "cast_output", boom)
+    with pytest.raises(RuntimeError):
+        merge_to_folder(_recipe(base, experts), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_bad_input_without_traceback(family, tmp_path):
+    base, experts = family
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(_recipe(base, [experts[0], tmp_path / "missing"]).to_yaml())
+    run = subprocess.run([sys.executable, "-m", "explorer", "merge", str(recipe_file), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "folder not found" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
