@@ -1,123 +1,111 @@
-"""Local Hugging Face checkpoints: discovery, a per-tensor index, a lazy reader, compatibility checks.
+"""Local checkpoints of every common format: detect, open, discover, check compatibility.
 
-A checkpoint is a folder with ``config.json`` and either ``model.safetensors`` or a sharded
-``model.safetensors.index.json``. Tensors are read one at a time through ``safe_open`` (memory-mapped),
-so a merge never holds a whole model. Every refusal is a ``CheckpointError`` whose message names the
+``open_checkpoint(path)`` accepts a Hugging Face folder (single or sharded safetensors, or .bin
+pickles), a .gguf file, a PEFT LoRA adapter folder (folded into its base; ``BASE+ADAPTER`` names the
+base explicitly, as in mergekit), a cached hub repo folder ``models--ORG--NAME`` or its repo id
+``ORG/NAME`` when it is in the Hugging Face cache. Each returns a ``Checkpoint`` that reads one tensor
+at a time (see ``explorer.formats``). Every refusal is a ``CheckpointError`` whose message names the
 model folder, the tensor where there is one, and what to do.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-import torch
-from safetensors import safe_open
+from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, read_json
+from explorer.formats.bin import BinCheckpoint, is_bin_dir
+from explorer.formats.gguf_file import GgufCheckpoint, is_gguf
+from explorer.formats.hf_cache import hub_snapshot, is_repo_dir, snapshot_of
+from explorer.formats.lora import LoraCheckpoint, adapter_base, is_adapter_dir
+from explorer.formats.safetensors_dir import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint, is_safetensors_dir
+from explorer.formats.trainer import is_run_dir, trainer_checkpoints
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-TIED_NAMES = ("lm_head.weight",)
+__all__ = [
+    "Checkpoint", "CheckpointError", "INDEX_FILE", "SINGLE_FILE", "TIED_NAMES", "PARTIAL_MARK", "open_checkpoint",
+    "is_checkpoint", "discover", "check_config", "check_compatible", "trainer_checkpoints",
+]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or merged; the message says which file/tensor and the fix."""
-
-
-@dataclass
-class Checkpoint:
-    """Index of one local checkpoint: tensor name -> file, plus its config. Reads lazily."""
-
-    path: Path
-    config: dict
-    files: dict[str, Path]
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def architecture(self) -> str:
-        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
-        return archs[0]
-
-    @property
-    def tied_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False)) and "lm_head.weight" not in self.files
-
-    def names(self) -> list[str]:
-        """Tensor names in file order (stable across calls)."""
-        return list(self.files)
-
-    def _handle(self, name: str):
-        if name not in self.files:
-            raise CheckpointError(f"{self.path}: no tensor {name!r}; the checkpoint has {len(self.files)} tensors")
-        file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        return self._handles[file]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Shape of tensor ``name`` without reading its data."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        """safetensors dtype string of ``name`` (``F32``, ``F16``, ``BF16``, ...) without reading it."""
-        return self._handle(name).get_slice(name).get_dtype()
-
-    def get(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as stored (its own dtype), read from disk now."""
-        return self._handle(name).get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
+PARTIAL_MARK = ".partial-"  # in the name of a merge output folder still being written (see explorer.writer)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Index the checkpoint folder ``path``; raise CheckpointError saying what is missing and how to fix it."""
-    path = Path(path).expanduser()
+    """Open the checkpoint at ``path`` (any supported format); CheckpointError saying what is wrong and the fix."""
+    text = str(path)
+    path = Path(text).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path}: folder not found; check the path (it must be a local checkpoint folder)")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: is a file; give the checkpoint folder that holds config.json")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.json; this is not a Hugging Face checkpoint folder")
-    config = json.loads(config_file.read_text())
-    return Checkpoint(path=path, config=config, files=_tensor_files(path))
+        if "+" in text:
+            base, adapter = text.rsplit("+", 1)
+            if not is_adapter_dir(Path(adapter).expanduser()):
+                raise CheckpointError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json); BASE+ADAPTER needs an adapter after the '+'")
+            return LoraCheckpoint(Path(adapter).expanduser(), open_checkpoint(base))
+        snapshot = hub_snapshot(text)
+        if snapshot is None:
+            raise CheckpointError(f"{path}: folder not found; check the path (it must be a local checkpoint folder, .gguf file, or a repo in the Hugging Face cache)")
+        path = snapshot
+    if path.is_file():
+        if is_gguf(path):
+            return GgufCheckpoint(path)
+        raise CheckpointError(f"{path}: is a file; give the checkpoint folder that holds config.json (or a .gguf file)")
+    if PARTIAL_MARK in path.name:
+        raise CheckpointError(f"{path}: an unfinished merge output (the merge was interrupted); delete this folder and merge again")
+    if is_repo_dir(path):
+        path = snapshot_of(path) or path
+    if is_adapter_dir(path):
+        return LoraCheckpoint(path, open_checkpoint(adapter_base(path)))
+    if not (path / "config.json").is_file():
+        return _without_config(path)
+    config = read_json(path / "config.json", "config.json")
+    if is_safetensors_dir(path):
+        return SafetensorsCheckpoint(path, config)
+    if is_bin_dir(path):
+        return BinCheckpoint(path, config)
+    raise CheckpointError(
+        f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or pytorch_model.bin; save the model with save_pretrained(..., safe_serialization=True)"
+    )
 
 
-def _tensor_files(path: Path) -> dict[str, Path]:
-    """Map tensor name -> safetensors file; the index wins over a stray single file beside it."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
-        if missing:
-            raise CheckpointError(f"{path}: {INDEX_FILE} names shard(s) {missing} that are not there; copy them or fix the index")
-        return {name: path / file for name, file in weight_map.items()}
-    single = path / SINGLE_FILE
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; save the model with save_pretrained(..., safe_serialization=True)")
+def _without_config(path: Path) -> Checkpoint:
+    """A folder without config.json: one .gguf file in it, or an explanation of what it is."""
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GgufCheckpoint(ggufs[0])
+    if ggufs:
+        raise CheckpointError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); give one of them")
+    if is_run_dir(path):
+        raise CheckpointError(f"{path}: a Trainer run folder; choose one of its checkpoint-STEP folders (trainer_checkpoints lists them)")
+    raise CheckpointError(f"{path}: no config.json; this is not a Hugging Face checkpoint folder")
 
 
 def is_checkpoint(path: Path) -> bool:
-    """True when ``path`` looks like a loadable checkpoint folder (config + safetensors weights)."""
-    return (path / "config.json").is_file() and ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file())
+    """True when ``path`` looks like something ``open_checkpoint`` opens (a cheap look at file names only)."""
+    if PARTIAL_MARK in path.name or path.name.startswith("."):
+        return False
+    if is_gguf(path):
+        return True
+    if is_repo_dir(path):
+        snapshot = snapshot_of(path)
+        return snapshot is not None and is_checkpoint(snapshot)
+    return path.is_dir() and (is_adapter_dir(path) or is_safetensors_dir(path) or is_bin_dir(path))
 
 
 def discover(root: str | Path, max_depth: int = 3) -> list[Path]:
-    """Checkpoint folders under ``root`` (itself included), sorted by path, searched ``max_depth`` deep."""
+    """Checkpoints under ``root`` (itself included), sorted by path, searched ``max_depth`` folders deep.
+
+    Finds checkpoint folders, .gguf files, LoRA adapter folders, the checkpoint-STEP folders of Trainer
+    runs, and the current snapshot of each cached hub repo (``models--ORG--NAME``). Hidden folders and
+    unfinished merge outputs are skipped.
+    """
     root = Path(root).expanduser()
     found: list[Path] = []
-    frontier = [root] if root.is_dir() else []
+    frontier = [root] if root.exists() else []
     for _ in range(max_depth + 1):
-        found += [p for p in frontier if is_checkpoint(p)]
-        frontier = [c for p in frontier if not is_checkpoint(p) for c in sorted(p.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+        hits = [p for p in frontier if is_checkpoint(p)]
+        found += [snapshot_of(p) if is_repo_dir(p) else p for p in hits]
+        frontier = [
+            c for p in frontier if p.is_dir() and (p not in hits or is_run_dir(p))
+            for c in sorted(p.iterdir()) if (c.is_dir() or is_gguf(c)) and not c.name.startswith(".")
+        ]
     return sorted(found)
 
 
@@ -133,7 +121,7 @@ def check_compatible(base: Optional[Checkpoint], models: Iterable[Checkpoint]) -
     for other in models:
         if other is reference:
             continue
-        _check_config(reference, other)
+        check_config(reference, other)
         _check_names(reference, other, names)
         for name in names:
             if reference.shape(name) != other.shape(name):
@@ -145,7 +133,8 @@ def check_compatible(base: Optional[Checkpoint], models: Iterable[Checkpoint]) -
     return names
 
 
-def _check_config(reference: Checkpoint, other: Checkpoint) -> None:
+def check_config(reference: Checkpoint, other: Checkpoint) -> None:
+    """CheckpointError unless ``other`` has ``reference``'s architecture and depth (num_hidden_layers)."""
     if reference.architecture != other.architecture:
         raise CheckpointError(
             f"{other.path}: architecture {other.architecture} differs from {reference.path} ({reference.architecture}); "

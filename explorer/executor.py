@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
+from safetensors import safe_open
 
-from explorer import registry
-from explorer.checkpoint import Checkpoint, CheckpointError, check_compatible, open_checkpoint
+from explorer import fisher, registry
+from explorer.checkpoint import Checkpoint, CheckpointError
+from explorer.inputs import open_inputs
 from explorer.recipe import MergeRecipe
 from explorer.registry import MethodSpec
 
@@ -27,6 +29,17 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+class TensorSource(Protocol):
+    """Inputs of a merge, read by tensor name: from disk (``MergePlan``) or memory (``MergeSession``)."""
+
+    names: list[str]
+    model_paths: list[Path]
+
+    def read_base(self, name: str) -> Optional[torch.Tensor]: ...  # (*S) float32, or None without a base
+
+    def read_models(self, name: str) -> torch.Tensor: ...  # (N, *S) float32 (or the stored dtype if not float)
+
+
 def merge_tensor(
     spec: MethodSpec,
     params: dict,
@@ -34,6 +47,7 @@ def merge_tensor(
     base: Optional[torch.Tensor],
     models: torch.Tensor,
     seed: int,
+    extra: Optional[dict] = None,
 ) -> torch.Tensor:
     """Merge one tensor: ``models`` (N, *S) and ``base`` (*S) float32 -> merged (*S) float32.
 
@@ -41,8 +55,61 @@ def merge_tensor(
     """
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     if spec.space == "delta":
-        return base + registry.call(spec, models - base, base, generator, params)
-    return registry.call(spec, models, base, generator, params)
+        return base + registry.call(spec, models - base, base, generator, params, extra)
+    return registry.call(spec, models, base, generator, params, extra)
+
+
+def method_inputs(source: TensorSource, name: str, spec: MethodSpec) -> torch.Tensor:
+    """What the method sees for ``name``: task vectors for delta-space methods, else the weights."""
+    models = source.read_models(name)
+    return models - source.read_base(name) if spec.space == "delta" else models
+
+
+def merge_stream(
+    source: TensorSource,
+    recipe: MergeRecipe,
+    progress: Optional[Progress] = None,
+    fisher_cache: Optional[Path] = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor in recipe.dtype) for every tensor of ``source``, one at a time.
+
+    Runs the method's whole-model pre-pass (``spec.prepare``, e.g. a TIES trim over the whole model)
+    and, for Fisher merging, estimates or loads each model's cached Fisher first. Non-float tensors
+    (int buffers) are taken from the first model. Peak memory is about (N + 2) x the largest tensor.
+    """
+    spec, params = registry.get(recipe.merge_method), recipe.resolved_params()
+    extra = spec.prepare(params, ((n, method_inputs(source, n, spec)) for n in source.names)) if spec.prepare else {}
+    fishers = _fisher_readers(spec, params, source, recipe.seed, fisher_cache, progress)
+    for i, name in enumerate(source.names):
+        models = source.read_models(name)
+        if not models.is_floating_point():
+            yield name, models[0]
+            continue
+        call_extra = dict(extra, fisher=_fisher_for(fishers, name)) if spec.needs_fisher else extra
+        merged = merge_tensor(spec, params, name, source.read_base(name), models, recipe.seed, call_extra)
+        del models
+        yield name, cast_output(name, merged, recipe.torch_dtype, recipe.out_of_range)
+        if progress:
+            progress((i + 1) / len(source.names), name)
+
+
+def _fisher_readers(spec, params, source, seed, cache, progress) -> list:
+    """Open (estimating when not cached) the diagonal Fisher of each model, for ``needs_fisher`` methods."""
+    if not spec.needs_fisher:
+        return []
+    settings = fisher.FisherSettings.from_params(params, seed=seed)
+    files = []
+    for i, path in enumerate(source.model_paths):
+        step = (lambda f, m, i=i: progress((i + f) / len(source.model_paths), f"Fisher of {path.name}: {m}")) if progress else None
+        files.append(safe_open(str(fisher.fisher_file(path, settings, cache, step)), framework="pt"))
+    return files
+
+
+def _fisher_for(files: list, name: str) -> Optional[torch.Tensor]:
+    """(N, *S) Fisher of tensor ``name``, or None when a model has none for it (plain weighted average)."""
+    if not all(name in f.keys() for f in files):
+        return None
+    return torch.stack([f.get_tensor(name) for f in files]).float()
 
 
 @dataclass
@@ -50,8 +117,6 @@ class MergePlan:
     """Opened, checked inputs of a recipe: what the executor iterates over."""
 
     recipe: MergeRecipe
-    spec: MethodSpec
-    params: dict
     base: Optional[Checkpoint]
     models: list[Checkpoint]
     names: list[str]
@@ -62,21 +127,35 @@ class MergePlan:
         return self.base or self.models[0]
 
     def inputs(self) -> list[Path]:
-        return [c.path for c in ([self.base] if self.base else []) + self.models]
+        """Every file and folder the merge reads (for a LoRA adapter: the adapter and its base)."""
+        return [s for c in ([self.base] if self.base else []) + self.models for s in c.sources]
+
+    @property
+    def model_paths(self) -> list[Path]:
+        return [c.path for c in self.models]
+
+    def read_base(self, name: str) -> Optional[torch.Tensor]:
+        return read_float(self.base, name) if self.base else None
+
+    def read_models(self, name: str) -> torch.Tensor:
+        return torch.stack([read_float(m, name) for m in self.models])
 
 
 def plan(recipe: MergeRecipe) -> MergePlan:
-    """Open every input and check compatibility before any work; raises CheckpointError/ValueError."""
-    spec = registry.get(recipe.merge_method)
-    params = recipe.resolved_params()
-    base = open_checkpoint(recipe.base_model) if recipe.base_model else None
-    models = [open_checkpoint(p) for p in recipe.model_paths()]
-    names = check_compatible(base, models)
-    return MergePlan(recipe, spec, params, base, models, names)
+    """Open, check and align every input before any work (``explorer.inputs.open_inputs``).
+
+    Raises CheckpointError/ValueError naming the model, tensor and fix.
+    """
+    recipe.resolved_params()
+    inputs = open_inputs(recipe.base_model, recipe.model_paths(), recipe.tokenizer_source)
+    return MergePlan(recipe, inputs.base, inputs.models, inputs.names)
 
 
 def read_float(checkpoint: Checkpoint, name: str) -> torch.Tensor:
-    """Tensor ``name`` as float32; CheckpointError naming model and tensor if it holds NaN or inf."""
+    """Tensor ``name`` as float32 (from F16, BF16, F32, dequantized GGUF, ...); non-float tensors as stored.
+
+    Raises CheckpointError naming model and tensor if it holds NaN or inf.
+    """
     tensor = checkpoint.get(name)
     if not tensor.is_floating_point():
         return tensor
@@ -87,32 +166,23 @@ def read_float(checkpoint: Checkpoint, name: str) -> torch.Tensor:
     return tensor
 
 
-def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast a merged float32 tensor to ``dtype``; ValueError if float16 would overflow to inf."""
-    if dtype == torch.float16 and tensor.abs().max() > torch.finfo(torch.float16).max:
-        raise ValueError(f"merged tensor {name!r} exceeds the float16 range (65504); choose dtype bfloat16 or float32")
-    return tensor.to(dtype)
+def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_range: str = "refuse") -> torch.Tensor:
+    """Cast a merged float32 tensor to ``dtype``.
 
-
-def iter_merged(merge_plan: MergePlan, progress: Optional[Progress] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in the output dtype), reading one tensor of each input at a time.
-
-    Peak memory is about (N + 2) x the largest tensor in float32. Non-float tensors (int buffers)
-    are copied from the reference model.
+    A value beyond ``dtype``'s largest finite value (float16: 65504) would become inf: with
+    ``out_of_range="refuse"`` that raises ValueError naming the tensor; with ``"clamp"`` such values
+    are clamped to +/- that largest value first.
     """
-    p = merge_plan
-    for i, name in enumerate(p.names):
-        base = read_float(p.base, name) if p.base else None
-        first = read_float(p.models[0], name)
-        if not first.is_floating_point():
-            yield name, p.reference.get(name)
-            continue
-        stacked = torch.stack([first] + [read_float(m, name) for m in p.models[1:]])
-        merged = merge_tensor(p.spec, p.params, name, base, stacked, p.recipe.seed)
-        del stacked, base
-        yield name, cast_output(name, merged, p.recipe.torch_dtype)
-        if progress:
-            progress((i + 1) / len(p.names), name)
+    limit = torch.finfo(dtype).max
+    peak = max(-tensor.min().item(), tensor.max().item()) if tensor.numel() else 0.0
+    if peak > limit:
+        if out_of_range != "clamp":
+            raise ValueError(
+                f"merged tensor {name!r} has values up to {peak:.4g}, beyond the {dtype} range ({limit:.4g}); "
+                "choose dtype bfloat16 or float32, or set out_of_range: clamp"
+            )
+        tensor = tensor.clamp(-limit, limit)
+    return tensor.to(dtype)
 
 
 def merge_to_folder(recipe: MergeRecipe, out_dir: str | Path, progress: Optional[Progress] = None, overwrite: bool = False) -> Path:
@@ -124,4 +194,4 @@ def merge_to_folder(recipe: MergeRecipe, out_dir: str | Path, progress: Optional
 
     merge_plan = plan(recipe)
     out = check_output_dir(out_dir, merge_plan.inputs(), overwrite)
-    return write_checkpoint(out, iter_merged(merge_plan, progress), merge_plan.reference.path, recipe, overwrite)
+    return write_checkpoint(out, merge_stream(merge_plan, recipe, progress), merge_plan.reference, recipe, overwrite)

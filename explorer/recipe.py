@@ -1,7 +1,8 @@
 """MergeRecipe: everything that determines a merge, read from and written to mergekit-style YAML.
 
 The YAML keys are mergekit's (``merge_method``, ``base_model``, ``models[].model``,
-``models[].parameters``, ``parameters``, ``dtype``) plus ``seed`` for random methods, so a recipe
+``models[].parameters``, ``parameters``, ``dtype``, ``tokenizer_source``) plus ``seed`` for random
+methods and ``out_of_range`` for values the output dtype cannot hold, so a recipe
 written here runs in mergekit when the method exists there, and a mergekit recipe runs here.
 A per-model parameter given in the top-level ``parameters`` applies to every model, as in mergekit.
 """
@@ -41,6 +42,12 @@ class MergeRecipe(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 0
+    # Vocabulary of the output when the inputs' differ (mergekit's key): "base" = the base model's
+    # (else the first model's) tokenizer; "union" = it plus every other model's extra tokens.
+    tokenizer_source: Literal["base", "union"] = "base"
+    # A merged value outside the output dtype's range (float16: |x| > 65504): "refuse" the merge, or
+    # "clamp" it to the largest finite value.
+    out_of_range: Literal["refuse", "clamp"] = "refuse"
 
     @model_validator(mode="after")
     def _check(self) -> "MergeRecipe":

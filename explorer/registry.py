@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+from typing import Any, Callable, Iterable, Literal, Optional, Union
 
 import torch
 
@@ -22,7 +22,15 @@ Space = Literal["delta", "weight"]
 #   base:      (*S) float32 base weights, or None when the recipe has no base model
 #   generator: torch.Generator seeded from the recipe seed and the tensor name (random methods only)
 #   params:    per-model params as float32 tensors of shape (N,), global params as Python scalars
+#   extra:     what the executor adds per call: ``spec.prepare``'s result, and ``fisher`` (N, *S) when
+#              ``spec.needs_fisher``
 MethodFn = Callable[..., torch.Tensor]
+
+# Signature of a pre-pass: prepare(params, items) -> extra kwargs for every call of the method.
+#   params: the resolved params (as passed to ``call``); items: a lazy iterable of (tensor name, x) with
+#   x exactly as the method will get it (task vectors for space == "delta"). A prepare that needs no
+#   pre-pass for these params returns {} without iterating, so the executor may always call it.
+PrepareFn = Callable[[dict, Iterable[tuple[str, torch.Tensor]]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class Param:
     high: Optional[float] = None
     step: Optional[float] = None
     choices: tuple[str, ...] = ()
+    setup: bool = False  # read by the executor before merging (e.g. Fisher estimation), not passed to fn
 
     def check(self, value: ParamValue, where: str) -> ParamValue:
         """Return ``value`` coerced to this param's type; raise ValueError naming ``where`` if invalid."""
@@ -79,6 +88,8 @@ class MethodSpec:
     random: bool = False
     summary: str = ""
     extra: dict = field(default_factory=dict)
+    prepare: Optional[PrepareFn] = None  # whole-model pre-pass, see PrepareFn
+    needs_fisher: bool = False  # fn takes fisher=(N, *S) diagonal Fisher of each model, or None
 
     def param(self, name: str) -> Param:
         """The Param called ``name``; KeyError with the valid names if there is none."""
@@ -109,7 +120,7 @@ def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in _METHODS:
         raise ValueError(f"merge method {spec.name!r} is already registered")
     accepted = set(inspect.signature(spec.fn).parameters) - {"x", "base", "generator"}
-    declared = {_kwarg(p.name) for p in spec.params}
+    declared = {_kwarg(p.name) for p in spec.params if not p.setup} | ({"fisher"} if spec.needs_fisher else set())
     if not declared <= accepted:
         raise ValueError(f"{spec.name}: params {sorted(declared - accepted)} are not arguments of its function")
     _METHODS[spec.name] = spec
@@ -132,10 +143,21 @@ def all_methods() -> list[MethodSpec]:
     return list(_METHODS.values())
 
 
-def call(spec: MethodSpec, x: torch.Tensor, base: Optional[torch.Tensor], generator: torch.Generator, params: dict) -> torch.Tensor:
-    """Run ``spec.fn`` with ``params`` keyed by param name (per-model ones as (N,) tensors)."""
-    kwargs = {_kwarg(p.name): params[p.name] for p in spec.params}
-    return spec.fn(x, base=base, generator=generator, **kwargs)
+def call(
+    spec: MethodSpec,
+    x: torch.Tensor,
+    base: Optional[torch.Tensor],
+    generator: torch.Generator,
+    params: dict,
+    extra: Optional[dict] = None,
+) -> torch.Tensor:
+    """Run ``spec.fn`` with ``params`` keyed by param name (per-model ones as (N,) tensors).
+
+    Setup params are not passed. ``extra`` holds keyword inputs that are not params: the result of
+    ``spec.prepare`` and, for ``needs_fisher`` methods, ``fisher``.
+    """
+    kwargs = {_kwarg(p.name): params[p.name] for p in spec.params if not p.setup}
+    return spec.fn(x, base=base, generator=generator, **kwargs, **(extra or {}))
 
 
 def _load_builtin_methods() -> None:

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from explorer import registry
-from explorer.checkpoint import TIED_NAMES, check_compatible, open_checkpoint
-from explorer.executor import Progress, cast_output, merge_tensor, read_float
+from explorer.checkpoint import TIED_NAMES
+from explorer.executor import Progress, merge_stream, read_float
+from explorer.inputs import open_inputs
 from explorer.recipe import MergeRecipe
 from explorer.writer import check_output_dir, write_checkpoint
 
@@ -24,10 +25,10 @@ from explorer.writer import check_output_dir, write_checkpoint
 class MergeSession:
     """Base (optional) and models loaded as float32 dicts {name: tensor}, checked compatible."""
 
-    def __init__(self, base: Optional[str | Path], models: list[str | Path], progress: Optional[Progress] = None):
-        self.base_ckpt = open_checkpoint(base) if base else None
-        self.model_ckpts = [open_checkpoint(m) for m in models]
-        self.names = check_compatible(self.base_ckpt, self.model_ckpts)
+    def __init__(self, base: Optional[str | Path], models: list[str | Path], progress: Optional[Progress] = None, tokenizer_source: str = "base"):
+        self.tokenizer_source = tokenizer_source
+        inputs = open_inputs(base, models, tokenizer_source)
+        self.base_ckpt, self.model_ckpts, self.names = inputs.base, inputs.models, inputs.names
         inputs = ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts
         self.reference = inputs[0]
         self.tensors: list[dict[str, torch.Tensor]] = []
@@ -57,31 +58,26 @@ class MergeSession:
             parameters=parameters,
             dtype=dtype,
             seed=seed,
+            tokenizer_source=self.tokenizer_source,
         )
+
+    def read_base(self, name: str) -> Optional[torch.Tensor]:
+        return self.base[name] if self.base is not None else None
+
+    def read_models(self, name: str) -> torch.Tensor:
+        return torch.stack([m[name] for m in self.models])
 
     def merge(self, recipe: MergeRecipe, progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
         """{name: merged tensor in recipe.dtype}; raises ValueError if the recipe names other models."""
         if [Path(e.model).resolve() for e in recipe.models] != [p.resolve() for p in self.model_paths]:
             raise ValueError("the recipe's models differ from this session's; start a new session for them")
-        spec, params = registry.get(recipe.merge_method), recipe.resolved_params()
-        if spec.needs_base and self.base is None:
-            raise ValueError(f"{spec.name} needs a base model")
-        merged = {}
-        for i, name in enumerate(self.names):
-            first = self.models[0][name]
-            if not first.is_floating_point():
-                merged[name] = first
-                continue
-            stacked = torch.stack([m[name] for m in self.models])
-            base = self.base[name] if self.base is not None else None
-            merged[name] = cast_output(name, merge_tensor(spec, params, name, base, stacked, recipe.seed), recipe.torch_dtype)
-            if progress:
-                progress((i + 1) / len(self.names), name)
-        return merged
+        if registry.get(recipe.merge_method).needs_base and self.base is None:
+            raise ValueError(f"{recipe.merge_method} needs a base model; choose one in the Models tab")
+        return dict(merge_stream(self, recipe, progress))
 
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
         """A transformers model in memory (eval mode) holding ``state_dict``; no save and reload."""
-        config = AutoConfig.from_pretrained(self.reference.path)
+        config = self.reference.hf_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
         missing = [k for k in missing if k not in TIED_NAMES]
@@ -92,7 +88,7 @@ class MergeSession:
 
     def export(self, recipe: MergeRecipe, state_dict: dict[str, torch.Tensor], out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write ``state_dict`` (from ``merge(recipe)``) as a checkpoint folder with ``recipe`` in its card."""
-        inputs = [c.path for c in ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts]
+        inputs = [s for c in ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts for s in c.sources]
         out = check_output_dir(out_dir, inputs, overwrite)
         ordered = ((n, state_dict[n]) for n in self.names)
-        return write_checkpoint(out, ordered, self.reference.path, recipe, overwrite)
+        return write_checkpoint(out, ordered, self.reference, recipe, overwrite)

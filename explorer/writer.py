@@ -1,7 +1,10 @@
 """Write a merged checkpoint: size-capped safetensors shards + index, config, tokenizer, model card.
 
-Everything goes into a hidden temporary folder beside the target, renamed into place only when
-complete, so a failed or interrupted merge never leaves a folder that looks like a checkpoint.
+Everything goes into a hidden temporary folder beside the target (``.NAME.partial-XXXX``), renamed
+into place only when complete, so a failed or interrupted merge never leaves a folder that looks like
+a checkpoint: a failure removes the temporary folder, and one left by a killed process is hidden,
+skipped by ``discover`` and refused by ``open_checkpoint``. Tensors are written to disk as they arrive
+(``ShardWriter``), so the writer holds none of them.
 """
 
 from __future__ import annotations
@@ -14,15 +17,11 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from safetensors.torch import save_file
 
-from explorer.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError
+from explorer.checkpoint import INDEX_FILE, PARTIAL_MARK, SINGLE_FILE, Checkpoint, CheckpointError, open_checkpoint
+from explorer.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-)
 SHARD_BYTES = 2 * 1024**3
 
 
@@ -45,23 +44,31 @@ def check_output_dir(out_dir: str | Path, inputs: Iterable[Path], overwrite: boo
 def write_checkpoint(
     out: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
-    source: Path,
+    source: Checkpoint | Path,
     recipe: MergeRecipe,
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
 ) -> Path:
-    """Consume ``tensors`` into ``out`` with config/tokenizer/generation config copied from ``source``."""
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    """Consume ``tensors`` into the new checkpoint folder ``out``; returns ``out``.
+
+    ``source`` (the reference checkpoint, or its folder) gives the config (with the output dtype) and
+    the tokenizer and generation config files. Shards hold at most ``shard_bytes`` bytes (one larger
+    tensor gets a shard of its own). An OSError while writing (e.g. a full disk) becomes a
+    CheckpointError; any failure leaves nothing at ``out`` and removes the temporary folder.
+    """
+    source = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
     try:
+        tmp.mkdir(parents=True)
         dtype = _write_shards(tmp, tensors, shard_bytes)
-        _write_config(tmp, source, dtype)
-        for name in TOKENIZER_FILES + ("generation_config.json",):
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
+        _write_config(tmp, source.config, dtype)
+        source.save_assets(tmp)
         (tmp / "merge_recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(recipe))
         _replace(tmp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing {out} failed ({e.strerror or e}); nothing was written: free disk space or choose another output folder") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -69,40 +76,43 @@ def write_checkpoint(
 
 
 def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int) -> Optional[torch.dtype]:
-    """Write shards as they fill; rename to HF's model-0000i-of-0000n names at the end."""
-    shard: dict[str, torch.Tensor] = {}
-    size, shards, weight_map, dtype = 0, [], {}, None
-    for name, tensor in tensors:
-        if shard and size + tensor.numel() * tensor.element_size() > shard_bytes:
-            shards.append(_flush(tmp, shard, len(shards), weight_map))
-            shard, size = {}, 0
-        shard[name] = tensor.contiguous()
-        size += tensor.numel() * tensor.element_size()
-        dtype = tensor.dtype if tensor.is_floating_point() else dtype
-    shards.append(_flush(tmp, shard, len(shards), weight_map))
+    """Stream tensors into shard files as they arrive; rename to HF's model-0000i-of-0000n names at the end.
+
+    Returns the dtype of the floating-point tensors (None if there are none).
+    """
+    shards: list[ShardWriter] = []
+    dtype = None
+    try:
+        for name, tensor in tensors:
+            if not shards or not shards[-1].fits(name, tensor, shard_bytes):
+                if shards:
+                    shards[-1].close()
+                shards.append(ShardWriter(tmp / f"shard-{len(shards)}.safetensors"))
+            shards[-1].add(name, tensor)
+            dtype = tensor.dtype if tensor.is_floating_point() else dtype
+        if not shards:
+            shards.append(ShardWriter(tmp / "shard-0.safetensors"))
+        shards[-1].close()
+    except BaseException:
+        for shard in shards:
+            shard.abort()
+        raise
     if len(shards) == 1:
-        shards[0].rename(tmp / SINGLE_FILE)
+        shards[0].path.rename(tmp / SINGLE_FILE)
         return dtype
-    final = {}
-    for i, path in enumerate(shards):
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
         target = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        path.rename(tmp / target)
-        final[path.name] = target
-    total = sum((tmp / f).stat().st_size for f in final.values())
-    index = {"metadata": {"total_size": total}, "weight_map": {n: final[f] for n, f in weight_map.items()}}
+        shard.path.rename(tmp / target)
+        weight_map.update({name: target for name in shard.entries})
+        total += shard.size
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return dtype
 
 
-def _flush(tmp: Path, shard: dict[str, torch.Tensor], number: int, weight_map: dict[str, str]) -> Path:
-    path = tmp / f"shard-{number}.safetensors"
-    save_file(shard, str(path), metadata={"format": "pt"})
-    weight_map.update({name: path.name for name in shard})
-    return path
-
-
-def _write_config(tmp: Path, source: Path, dtype: Optional[torch.dtype]) -> None:
-    config = json.loads((source / "config.json").read_text())
+def _write_config(tmp: Path, config: dict, dtype: Optional[torch.dtype]) -> None:
+    config = dict(config)
     if dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         config.update({k: str(dtype).removeprefix("torch.") for k in keys})

@@ -1,4 +1,8 @@
-"""Our methods against mergekit 0.1.5 ``merge_tensors`` on the same tensors (the oracle)."""
+"""Our methods against mergekit 0.1.5 ``merge_tensors`` on the same tensors (the oracle).
+
+Random methods (DARE, DELLA) are compared on the same masks: ``fixed_bernoulli`` replaces
+``torch.bernoulli`` in both implementations by one seeded per call, so the comparison is exact.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import torch
 from mergekit.merge_methods.api import merge_tensors
 
 from explorer import registry
-from tests.helpers import assert_expected
+from tests.helpers import assert_expected, fixed_bernoulli
 
 
 def _tensors(n: int, shape=(16, 12), seed: int = 0):
@@ -81,7 +85,7 @@ def test_ties_peft_conventions_differ_from_mergekit_only_where_documented():
     deltas = torch.stack(models) - base
     spec = registry.get("ties")
     common = {"weight": torch.tensor([1.0, 1.0]), "density": torch.tensor([1.0, 1.0]), "lambda": 1.0,
-              "normalize": True, "rescale": "none"}
+              "normalize": True, "rescale": "none", "trim_scope": "tensor"}
     # With equal unit weights, weighted and unweighted election coincide, and so do both divisors.
     a = registry.call(spec, deltas, base, None, {**common, "election": "weighted", "divisor": "weights"})
     b = registry.call(spec, deltas, base, None, {**common, "election": "unweighted", "divisor": "count"})
@@ -93,3 +97,75 @@ def test_registry_refuses_duplicates_and_suggests():
         registry.register(registry.get("ties"))
     with pytest.raises(KeyError, match="Did you mean ties"):
         registry.get("tie")
+
+
+def _mergekit(method: str, base, models, parameters: dict):
+    return merge_tensors([base, *models], method, parameters=parameters, base_index=0)
+
+
+_WEIGHTS, _DENSITY = [0.7, 0.4, 1.1], [0.3, 0.6, 0.9]
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_random_variants_match_mergekit_on_the_same_masks(monkeypatch, method, rescale, normalize):
+    base, models = _tensors(3, shape=(24, 10), seed=5)
+    density = [0.3, 0.5, 0.8] if method.startswith("della") else _DENSITY  # DELLA: density +/- 0.15 in (0, 1)
+    common = {"normalize": normalize, "lambda": 0.8}
+    fixed_bernoulli(monkeypatch)
+    expected = _mergekit(method, base, models, {**common, "weight": _WEIGHTS, "density": density, "rescale": rescale})
+    fixed_bernoulli(monkeypatch)
+    ours = _ours(method, base, models, {**common, "rescale": "l1" if rescale else "none"}, {"weight": _WEIGHTS, "density": density})
+    assert_expected(ours, expected)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("gamma", [0.0, 0.05, [0.01, 0.1, 0.3]])
+@pytest.mark.parametrize("density", [_DENSITY, [1.0, 0.0, 0.95]])
+def test_breadcrumbs_match_mergekit(method, gamma, density):
+    base, models = _tensors(3, shape=(20, 10), seed=6)
+    gammas = gamma if isinstance(gamma, list) else [gamma] * 3
+    expected = _mergekit(method, base, models, {"weight": _WEIGHTS, "density": density, "gamma": gammas})
+    assert_expected(_ours(method, base, models, {}, {"weight": _WEIGHTS, "density": density, "gamma": gammas}), expected)
+
+
+def test_mergekit_defaults_are_ours():
+    for method, (normalize, rescale) in {"dare_linear": (False, True), "dare_ties": (False, True),
+                                         "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False),
+                                         "della": (True, True), "della_linear": (False, True)}.items():
+        spec = registry.get(method)
+        assert spec.param("normalize").default is normalize
+        assert (spec.param("rescale").default == "l1") is rescale
+        assert spec.param("density").default == 1.0
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("case", ["random", "colinear", "zero_base", "antipodal", "identical"])
+def test_slerp_matches_mergekit(t, case):
+    base, (model,) = _tensors(1, seed=7)
+    model = {"random": model, "colinear": 2.5 * base, "zero_base": model, "antipodal": -base, "identical": base.clone()}[case]
+    if case == "zero_base":
+        base = torch.zeros_like(base)
+    expected = merge_tensors([base, model], "slerp", parameters={"t": t}, base_index=0)
+    assert_expected(_ours("slerp", base, [model], {"t": t}, {}), expected)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(12, 6), (30,)])
+@pytest.mark.parametrize("n", [2, 4])
+def test_model_stock_matches_mergekit(n, shape, filter_wise):
+    base, models = _tensors(n, shape=shape, seed=8)
+    expected = _mergekit("model_stock", base, models, {"filter_wise": filter_wise})
+    assert_expected(_ours("model_stock", base, models, {"filter_wise": filter_wise}, {}), expected)
+
+
+@pytest.mark.parametrize("models_of", [lambda b, m: [b.clone(), b.clone()], lambda b, m: [m, 2 * b - m]])
+def test_model_stock_degenerate_inputs_match_mergekit(models_of):
+    """Experts equal to the base (zero task vectors) and opposite task vectors (cos = -1): no NaN."""
+    base, (model,) = _tensors(1, seed=9)
+    models = models_of(base, model)
+    expected = _mergekit("model_stock", base, models, {})
+    ours = _ours("model_stock", base, models, {}, {})
+    assert torch.isfinite(ours).all()
+    assert_expected(ours, expected)

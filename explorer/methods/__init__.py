@@ -1,3 +1,11 @@
 """Merge methods, one small module per family; importing this package registers them all."""
 
-from explorer.methods import linear, task_arithmetic  # noqa: F401
+from explorer.methods import (  # noqa: F401
+    averaging,
+    checkpoint_averaging,
+    fisher_merge,
+    geometry,
+    linear,
+    sparse_soup,
+    task_vector_variants,
+)

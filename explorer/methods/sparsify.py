@@ -41,18 +41,24 @@ def sparsify(
     generator: Optional[torch.Generator] = None,
     gamma: float = 0.01,
     epsilon: float = 0.15,
+    band: Optional[tuple[float, float]] = None,
 ) -> torch.Tensor:
     """Return ``delta`` (*S) thinned to ``density`` by ``method`` and rescaled by ``rescale``.
 
     gamma (breadcrumbs): fraction of the largest |delta| also dropped, in [0, 1).
     epsilon (DELLA): keep probabilities span density +/- epsilon over magnitude ranks; raises ValueError
     unless 0 < density - epsilon and density + epsilon < 1.
+    band: (low, high) magnitude thresholds from a whole-model pre-pass (``trim_scope="model"``, see
+    ``explorer.methods.trim_scope``): keep low <= |delta| < high instead of ranking within this tensor.
     """
     if method == Sparsification.none or density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    mask = _MASKS[method](delta, density, generator, gamma, epsilon)
+    if band is not None:
+        mask = ((delta.abs() >= band[0]) & (delta.abs() < band[1])).to(delta.dtype)
+    else:
+        mask = _MASKS[method](delta, density, generator, gamma, epsilon)
     kept = delta * mask
     if rescale == Rescale.inverse_density:
         return kept / density
@@ -66,10 +72,14 @@ def sparsify(
 
 def magnitude_mask(delta: torch.Tensor, density: float, *_: object) -> torch.Tensor:
     """1 on the k = max(1, int(density * numel)) largest |delta| entries, 0 elsewhere."""
-    k = max(1, int(density * delta.numel()))
-    flat = torch.zeros(delta.numel(), dtype=delta.dtype)
-    flat[torch.topk(delta.abs().reshape(-1), k, sorted=False).indices] = 1
-    return flat.reshape(delta.shape)
+    return topk_mask(delta, max(1, int(density * delta.numel())))
+
+
+def topk_mask(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(*S) mask of t's dtype: 1 on the k largest |t| entries (0 <= k <= numel), 0 elsewhere."""
+    flat = torch.zeros(t.numel(), dtype=t.dtype)
+    flat[torch.topk(t.abs().reshape(-1), k, sorted=False).indices] = 1
+    return flat.reshape(t.shape)
 
 
 def random_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Generator], *_: object) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""Diagonal Fisher information of a causal LM on local text, cached as safetensors.
+
+Per token t of a text chunk, with g_t = d/d(theta) log p_theta(y_t | x_<t):
+
+    F = (1 / T) sum_t g_t * g_t          (element-wise; T tokens in all)
+    y_t ~ p_theta(. | x_<t)   labels="sampled"    the true Fisher (Matena & Raffel, arXiv:2111.09832)
+    y_t = x_t                 labels="empirical"  the empirical Fisher
+
+One backward pass per batch instead of one per token: each batch backpropagates
+sum_t s_t log p(y_t | x_<t) with independent random signs s_t = +/-1, whose squared gradient has
+expectation sum_t g_t^2 (the cross terms s_t s_u g_t g_u average to zero). The estimate is unbiased;
+its noise falls with the number of batches, and it is exact when a batch holds one token
+(batch_size 1, max_length 2). The text is Python's own ``pydoc_data.topics`` unless given.
+
+``fisher_file`` caches the result under ``cache_dir`` (never inside the model's folder), keyed by the
+model path, its files' mtimes and sizes, the settings and the text: one float32 tensor per state-dict
+key of every trainable parameter (tied weights are stored under each of their names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors.torch import save_file
+
+Progress = Callable[[float, str], None]
+DEFAULT_CACHE = Path("~/.cache/merge_explorer/fisher")
+
+
+@dataclass(frozen=True)
+class FisherSettings:
+    """How a Fisher is estimated; every field is part of the cache key."""
+
+    n_examples: int = 64  # text chunks (sequences) used
+    batch_size: int = 4  # chunks per backward pass
+    max_length: int = 128  # tokens per chunk (max_length - 1 predictions each)
+    labels: str = "sampled"  # "sampled" (true Fisher) | "empirical"
+    seed: int = 0  # labels and signs are drawn from torch.Generator(seed)
+
+    @classmethod
+    def from_params(cls, params: dict, seed: int = 0) -> FisherSettings:
+        """Settings from the ``fisher`` method's setup params (fisher_examples, ...)."""
+        return cls(int(params["fisher_examples"]), int(params["fisher_batch_size"]), int(params["fisher_max_length"]),
+                   str(params["fisher_labels"]), seed)
+
+
+def default_text() -> str:
+    """About 465,000 characters of the Python language reference, shipped with Python (offline)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def text_chunks(tokenizer: Any, n_examples: int, max_length: int, text: Optional[str] = None) -> torch.Tensor:
+    """(n_examples, max_length) int64 token ids: consecutive chunks of the tokenized text.
+
+    tokenizer: called as tokenizer(text, add_special_tokens=False)["input_ids"]. Raises ValueError when
+    the text has fewer than n_examples * max_length tokens (lower either setting).
+    """
+    ids = tokenizer(default_text() if text is None else text, add_special_tokens=False)["input_ids"]
+    need = n_examples * max_length
+    if len(ids) < need or max_length < 2:
+        raise ValueError(f"Fisher text has {len(ids)} tokens; {n_examples} chunks of {max_length} (>= 2) need {need}. "
+                         "Lower fisher_examples or fisher_max_length")
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(n_examples, max_length)
+
+
+def estimate_fisher(model: torch.nn.Module, input_ids: torch.Tensor, settings: FisherSettings,
+                    progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of ``model`` on ``input_ids`` (n, L): {parameter name: float32 tensor}.
+
+    model: returns ``.logits`` (B, L, V) from ``model(input_ids=...)``; it runs on the device of its
+    parameters, is put in eval mode (no dropout) and its gradients are overwritten. Values are per token, >= 0, in squared
+    log-probability units per unit of the parameter. progress(fraction in [0, 1], message) per batch.
+    """
+    if settings.labels not in ("sampled", "empirical"):
+        raise ValueError(f"Fisher labels must be 'sampled' or 'empirical', got {settings.labels!r}")
+    model.eval()
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    device = next(iter(params.values())).device
+    generator = torch.Generator().manual_seed(settings.seed)  # on the CPU: same draws on every device
+    tokens, n = 0, input_ids.shape[0]
+    for start in range(0, n, settings.batch_size):
+        ids = input_ids[start : start + settings.batch_size].to(device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
+        if settings.labels == "sampled":
+            probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
+            labels = torch.multinomial(probs, 1, generator=generator).reshape(logp.shape[:-1]).to(device)
+        else:
+            labels = ids[:, 1:]
+        picked = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+        signs = (torch.randint(0, 2, picked.shape, generator=generator) * 2 - 1).to(device, picked.dtype)
+        model.zero_grad(set_to_none=True)
+        (signs * picked).sum().backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                sums[name] += p.grad.float() ** 2
+        tokens += picked.numel()
+        done = min(start + settings.batch_size, n)
+        if progress:
+            progress(done / n, f"Fisher: {done}/{n} chunks")
+    model.zero_grad(set_to_none=True)
+    return {name: (s / tokens).cpu() for name, s in sums.items()}
+
+
+def fisher_file(model_path: str | os.PathLike, settings: FisherSettings, cache_dir: Optional[str | os.PathLike] = None,
+                progress: Optional[Progress] = None, load: Optional[Callable[[Path], tuple[Any, Any]]] = None,
+                text: Optional[str] = None, device: Optional[str] = None) -> Path:
+    """Path of the cached Fisher safetensors of the model at ``model_path``, estimating it if needed.
+
+    model_path: a checkpoint folder, or a .gguf file. cache_dir: default ~/.cache/merge_explorer/fisher.
+    load(path) -> (model, tokenizer): default ``load_causal_lm``. device: where to run ("cuda"); default
+    where ``load`` puts the model. progress(fraction, message) per batch. Raises ValueError when
+    cache_dir lies inside the model's folder (inputs are never written to). The file is written under
+    a temporary name and renamed when complete.
+    """
+    path = Path(model_path).expanduser().resolve()
+    folder = path if path.is_dir() else path.parent
+    cache = Path(cache_dir or DEFAULT_CACHE).expanduser().resolve()
+    if cache == folder or folder in cache.parents:
+        raise ValueError(f"Fisher cache {cache} is inside the input folder {folder}; choose a cache_dir outside it")
+    out = cache / f"{cache_key(path, settings, text)}.safetensors"
+    if out.exists():
+        return out
+    model, tokenizer = (load or load_causal_lm)(path)
+    if device is not None:
+        model.to(device)
+    ids = text_chunks(tokenizer, settings.n_examples, settings.max_length, text)
+    fisher = estimate_fisher(model, ids, settings, progress)
+    named = {key: fisher[name] for key, name in _state_dict_names(model).items() if name in fisher}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    try:
+        save_file({k: v.contiguous().clone() for k, v in named.items()}, str(tmp), metadata={"settings": json.dumps(asdict(settings))})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def cache_key(path: Path, settings: FisherSettings, text: Optional[str] = None) -> str:
+    """sha256 (24 hex digits) of the path, every file's relative name, size and mtime, settings and text."""
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    stamp = [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    text_hash = hashlib.sha256(text.encode()).hexdigest() if text is not None else "pydoc_data.topics"
+    blob = json.dumps([str(path), stamp, asdict(settings), text_hash, 1])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_causal_lm(path: Path) -> tuple[Any, Any]:
+    """A transformers causal LM (float32) and its tokenizer from a folder or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    where = path.parent if path.suffix == ".gguf" else path
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+    return model, AutoTokenizer.from_pretrained(where, **kwargs)
+
+
+def _state_dict_names(model: torch.nn.Module) -> dict[str, str]:
+    """{state-dict key: parameter name} for every key that holds a parameter (tied keys included)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return {key: by_id[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in by_id}

@@ -1,0 +1,110 @@
+"""GGUF files (llama.cpp): each tensor dequantized to float32 when read, under its Hugging Face name.
+
+Chosen approach: per-tensor reading, no converted copy on disk. transformers' own GGUF support gives
+the pieces: ``load_gguf_checkpoint`` (config and tokenizer metadata), ``get_gguf_hf_weights_map``
+(GGUF name -> HF name, from an empty meta-device model of the architecture) and the per-architecture
+``TENSOR_PROCESSORS`` that undo llama.cpp's layout changes (e.g. Llama q/k weights, which llama.cpp
+stores with the rotary halves interleaved, are permuted back). ``gguf.dequantize`` turns one quantized
+tensor into float32. Memory stays one tensor at a time and nothing is written next to the input.
+Architectures whose GGUF tensors do not map one-to-one onto HF tensors (e.g. stacked MoE experts) are
+refused with a conversion hint.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, empty_model
+
+SUFFIX = ".gguf"
+
+
+def is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix == SUFFIX
+
+
+class GgufCheckpoint(Checkpoint):
+    """One .gguf file. ``dtype`` is always F32 (dequantized); ``format`` names the quantization."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field,
+        )
+
+        if "-of-" in path.stem:
+            raise CheckpointError(f"{path}: is one part of a split GGUF; join the parts first (llama-gguf-split --merge) and give the joined file")
+        try:
+            self._meta = load_gguf_checkpoint(str(path))
+            self._reader = GGUFReader(str(path))
+        except (ValueError, NotImplementedError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read this GGUF file ({e}); check that transformers supports its architecture") from None
+        gguf_config = self._meta["config"]
+        model_type = gguf_config["model_type"]
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise CheckpointError(f"{path}: GGUF architecture {model_type} is not a causal LM transformers can rebuild; convert it to safetensors first")
+        config = AutoConfig.for_model(**gguf_config).to_dict()
+        config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+        config.pop("_name_or_path", None)
+        model = empty_model(AutoConfig.for_model(**config), config["architectures"][0], path)
+        gguf_arch = read_field(self._reader, "general.architecture")[0]
+        self._processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=gguf_config)
+        self._mapping = get_gguf_hf_weights_map(model, self._processor)
+        self._shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        self._tensors = {self._mapping[t.name]: t for t in self._reader.tensors if t.name in self._mapping}
+        super().__init__(path, config, {name: path for name in self._tensors})
+        unmapped = [n for n in self._shapes if n not in self._tensors and not (n in TIED_NAMES and self.tied_embeddings)]
+        if unmapped:
+            raise CheckpointError(
+                f"{path}: {len(unmapped)} tensors of {config['architectures'][0]} (e.g. {unmapped[0]!r}) have no one-to-one GGUF "
+                "tensor; convert the file once with transformers (AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)"
+                ".save_pretrained(new_folder)) and merge the converted folder"
+            )
+        kinds = Counter(t.tensor_type.name for t in self._tensors.values() if len(t.shape) > 1)
+        self.format = f"gguf ({kinds.most_common(1)[0][0]})" if kinds else "gguf"
+
+    @property
+    def assets_dir(self) -> Optional[Path]:
+        return None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._tensors:
+            raise self._missing(name)
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> str:
+        if name not in self._tensors:
+            raise self._missing(name)
+        return "F32"
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` dequantized to float32, with the architecture's layout fix-up applied."""
+        from gguf import dequantize
+
+        if name not in self._tensors:
+            raise self._missing(name)
+        tensor = self._tensors[name]
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._mapping, parsed_parameters=self._meta)
+        return torch.from_numpy(np.copy(result.weights)).reshape(self._shapes[name])
+
+    def has_tokenizer(self) -> bool:
+        return bool(self._meta.get("tokenizer", {}).get("tokens"))
+
+    def tokenizer(self) -> Optional[PreTrainedTokenizerBase]:
+        """The tokenizer stored in the GGUF metadata, rebuilt by transformers."""
+        if not self.has_tokenizer():
+            return None
+        return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+
+    def save_assets(self, dst: Path) -> None:
+        tokenizer = self.tokenizer()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(dst)

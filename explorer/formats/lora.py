@@ -1,0 +1,160 @@
+"""PEFT LoRA adapters folded into their base: a full-checkpoint view with W' = W + scale * B A.
+
+An adapter folder holds adapter_config.json and adapter_model.safetensors (or adapter_model.bin). For
+an adapted linear module X the file has X.lora_A.weight (r, in) and X.lora_B.weight (out, r); the view
+returns X.weight + scale * B @ A, transposed for fan_in_fan_out layers (GPT-2's Conv1D), with
+scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, and per-module r and alpha taken from
+rank_pattern / alpha_pattern matched the way PEFT matches them. Embedding adapters
+(lora_embedding_A (r, V), lora_embedding_B (H, r)) add scale * (B @ A)^T. Whole tensors the adapter
+saves (modules_to_save, a resized embedding saved as X.base_layer.weight) replace the base's. Folded
+tensors are float32. Refused, with the fix: DoRA, LoRA biases, trainable-token adapters, target_parameters.
+
+The base is given explicitly (recipe syntax ``BASE+ADAPTER``, as mergekit writes it) or found from
+``base_model_name_or_path``: as a path, relative to the adapter's folder, then in the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft.utils.other import get_pattern_key
+
+from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, read_json
+from explorer.formats.bin import PickleFile
+from explorer.formats.hf_cache import hub_snapshot
+from explorer.formats.safetensors_io import SafetensorsFile
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+LORA_KEYS = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False), ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
+UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "trainable_token_indices": "trainable tokens", "target_parameters": "target_parameters"}
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: Path) -> Path:
+    """The local folder of the adapter's base model, from ``base_model_name_or_path``; CheckpointError if absent."""
+    ref = read_json(path / ADAPTER_CONFIG, ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not ref:
+        raise CheckpointError(f"{path}: adapter_config.json names no base model; give it as BASE+ADAPTER in the recipe")
+    for candidate in (Path(ref).expanduser(), path / ref, path.parent / ref):
+        if candidate.exists():
+            return candidate
+    snapshot = hub_snapshot(ref)
+    if snapshot is None:
+        raise CheckpointError(f"{path}: base model {ref!r} of this adapter is neither a local folder nor in the Hugging Face cache; give it as BASE+ADAPTER in the recipe")
+    return snapshot
+
+
+class LoraCheckpoint(Checkpoint):
+    """``base`` with the adapter at ``path`` folded in; reads the base tensor and the adapter's A and B per get."""
+
+    format = "lora"
+
+    def __init__(self, path: Path, base: Checkpoint):
+        self.base, self.adapter_config = base, read_json(path / ADAPTER_CONFIG, ADAPTER_CONFIG)
+        for key, what in UNSUPPORTED.items():
+            if self.adapter_config.get(key):
+                raise CheckpointError(f"{path}: {what} adapters are not folded here; merge it with PEFT (merge_and_unload(), then save_pretrained) and use that folder")
+        if self.adapter_config.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"{path}: a {self.adapter_config['peft_type']} adapter, not LoRA; merge it with PEFT (merge_and_unload) first")
+        self._adapter = self._open_adapter(path)
+        self._lora: dict[str, dict] = {}  # target weight name -> {"A": key, "B": key, "embedding": bool, "module": str}
+        self._whole: dict[str, str] = {}  # tensor name -> adapter key that replaces it
+        for key in self._adapter.keys():
+            self._index(path, key)
+        config = dict(base.config)
+        files = dict(base.files) | {name: self._adapter.path for name in self._whole if name not in base.files}
+        super().__init__(path, config, files)
+        if any(n in TIED_NAMES for n in self._whole):
+            self.config["tie_word_embeddings"] = False
+        embed = next((n for n in self._whole if n.endswith("embed_tokens.weight")), None)
+        if embed is not None:
+            self.config["vocab_size"] = self.shape(embed)[0]
+        self._check_fits_base()
+
+    def _open_adapter(self, path: Path) -> SafetensorsFile | PickleFile:
+        for name in ADAPTER_FILES:
+            if (path / name).is_file():
+                return SafetensorsFile(path / name) if name.endswith(".safetensors") else PickleFile(path / name)
+        raise CheckpointError(f"{path}: adapter_config.json but no {' or '.join(ADAPTER_FILES)}; copy the adapter weights")
+
+    def _index(self, path: Path, key: str) -> None:
+        name = key.removeprefix(PREFIX)
+        for suffix, (part, embedding) in LORA_KEYS.items():
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                entry = self._lora.setdefault(module + ".weight", {"module": module, "embedding": embedding})
+                entry[part] = key
+                return
+        if "lora_" in name:
+            raise CheckpointError(f"{path}: adapter tensor {key!r} is not a plain LoRA A/B matrix (DoRA or LoRA bias?); merge it with PEFT (merge_and_unload) first")
+        self._whole[name.replace(".base_layer.", ".")] = key
+
+    def _check_fits_base(self) -> None:
+        for target, entry in self._lora.items():
+            if "A" not in entry or "B" not in entry:
+                raise CheckpointError(f"{self.path}: adapter has only one of lora_A/lora_B for {entry['module']!r}; the adapter file is incomplete")
+            if target not in self.files:
+                raise CheckpointError(f"{self.path}: adapts {target!r}, which base {self.base.path} does not have; give the right base as BASE+ADAPTER")
+            out_in = self._delta_shape(entry)
+            if self.shape(target) != out_in:
+                raise CheckpointError(
+                    f"{self.path}: LoRA for {target!r} makes shape {list(out_in)} but base {self.base.path} has {list(self.base.shape(target))}; "
+                    "this adapter was trained on another base model: give the right one as BASE+ADAPTER"
+                )
+
+    def _delta_shape(self, entry: dict) -> tuple[int, ...]:
+        a, b = self._adapter.shape(entry["A"]), self._adapter.shape(entry["B"])
+        shape = (b[0], a[1])
+        return shape[::-1] if entry["embedding"] or self.adapter_config.get("fan_in_fan_out") else shape
+
+    def _scale(self, entry: dict) -> float:
+        """lora_alpha / r (or / sqrt(r) with use_rslora), per module when rank_pattern/alpha_pattern match it."""
+        cfg, module = self.adapter_config, entry["module"]
+        ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        r = ranks.get(get_pattern_key(list(ranks), module), cfg["r"])
+        alpha = alphas.get(get_pattern_key(list(alphas), module), cfg["lora_alpha"])
+        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+    @property
+    def sources(self) -> list[Path]:
+        return [self.path] + self.base.sources
+
+    @property
+    def assets_dir(self) -> Optional[Path]:
+        """The adapter's own tokenizer files when it has them (added tokens), else the base's."""
+        return self.path if Checkpoint.has_tokenizer(self) else self.base.assets_dir
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._whole:
+            return tuple(self._adapter.shape(self._whole[name]))
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> str:
+        if name in self._lora:
+            return "F32"
+        return self._adapter.dtype(self._whole[name]) if name in self._whole else self.base.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Base tensor ``name`` with the adapter folded in (float32 where adapted)."""
+        if name not in self.files:
+            raise self._missing(name)
+        tensor = self._adapter.read(self._whole[name]) if name in self._whole else self.base.get(name)
+        entry = self._lora.get(name)
+        if entry is None:
+            return tensor
+        a, b = self._adapter.read(entry["A"]).float(), self._adapter.read(entry["B"]).float()
+        delta = b @ a  # (out, r) @ (r, in) -> (out, in)
+        if entry["embedding"] or self.adapter_config.get("fan_in_fan_out"):
+            delta = delta.T
+        return tensor.float() + self._scale(entry) * delta
+
+    def close(self) -> None:
+        self.base.close()

@@ -1,0 +1,110 @@
+"""Plain (not memory-mapped) reads and streaming writes of .safetensors files.
+
+Format (https://github.com/huggingface/safetensors#format): 8 bytes little-endian header length N, N
+bytes of JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}} that may
+end in spaces, then the tensors' bytes; offsets are relative to the end of the header.
+
+Why not ``safe_open``: it memory-maps the file, and every page a read touches stays counted in the
+process's resident memory until the file is closed, so reading a whole model through open handles
+shows the whole model in RSS. ``SafetensorsFile.read`` copies one tensor into a fresh buffer with
+ordinary reads instead: a tensor's bytes are counted once, and only while the caller holds it.
+``ShardWriter`` writes tensors as they come, after a reserved header that it fills in at the end, so
+the writer holds no tensor either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from explorer.formats.base import DTYPE_NAMES, DTYPES, CheckpointError
+
+MAX_HEADER = 100 * 1024**2  # the safetensors library refuses larger headers
+HEADER_RESERVE = 256 * 1024  # bytes kept for a written shard's header: room for ~2,000 tensor entries
+_CHUNK = 1 << 30  # one read() call returns at most about 2 GiB on Linux
+
+
+class SafetensorsFile:
+    """Header of one .safetensors file and per-tensor reads of it (file is opened per read)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 2 <= n <= MAX_HEADER:
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it") from None
+        header.pop("__metadata__", None)
+        self.entries: dict[str, dict] = header
+        self.data_start = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype, in memory owned by the caller; CheckpointError if truncated."""
+        entry = self.entries[name]
+        if entry["dtype"] not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']} that torch cannot hold; convert it to F16/BF16/F32")
+        begin, end = entry["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + begin)
+            while done < len(view):
+                got = f.readinto(view[done: done + _CHUNK])
+                if not got:
+                    raise CheckpointError(f"{self.path}: file ends inside tensor {name!r}; the download is incomplete, fetch the file again")
+                done += got
+        return buffer.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+class ShardWriter:
+    """Write one .safetensors file tensor by tensor; call ``fits`` before ``add``, ``close`` at the end."""
+
+    def __init__(self, path: Path, reserve: int = HEADER_RESERVE):
+        self.path, self.reserve = path, reserve
+        self.entries: dict[str, dict] = {}
+        self.size = 0  # data bytes written
+        self._header_bytes = len(json.dumps({"__metadata__": {"format": "pt"}})) + 16
+        self._file = open(path, "wb")
+        self._file.seek(8 + reserve)
+
+    def fits(self, name: str, tensor: torch.Tensor, max_bytes: int) -> bool:
+        """True when ``tensor`` fits this shard's byte cap and header room (an empty shard takes anything)."""
+        nbytes = tensor.numel() * tensor.element_size()
+        return not self.entries or (self.size + nbytes <= max_bytes and self._header_bytes + self._entry_bytes(name, tensor) <= self.reserve)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor``'s bytes to the file now (the caller may drop it afterwards)."""
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(flat.numpy()))
+        nbytes = flat.numel()
+        self._header_bytes += self._entry_bytes(name, tensor)
+        self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.size, self.size + nbytes]}
+        self.size += nbytes
+
+    def close(self) -> None:
+        """Write the header into the reserved room (padded with spaces, as the format allows) and close."""
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        self._file.seek(0)
+        self._file.write(self.reserve.to_bytes(8, "little") + header + b" " * (self.reserve - len(header)))
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+
+    def _entry_bytes(self, name: str, tensor: torch.Tensor) -> int:
+        """Upper bound of the header bytes of one entry (offsets counted at 20 digits each)."""
+        return len(json.dumps(name)) + len(json.dumps(list(tensor.shape))) + 90

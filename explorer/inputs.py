@@ -1,0 +1,109 @@
+"""The inputs of one merge: opened, checked against each other and aligned, before any work is done.
+
+``open_inputs`` is what the streaming executor's ``plan`` and the interactive ``MergeSession`` both
+call, so they read the same views and refuse the same inputs with the same messages.
+``compatibility_report`` runs the same checks model by model and reports instead of raising.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+
+from explorer.checkpoint import Checkpoint, CheckpointError, check_compatible, check_config, open_checkpoint
+from explorer.vocab import TokenizerSource, align_embeddings
+
+REPORT_COLUMNS = ["path", "role", "format", "architecture", "layers", "vocab", "dtype", "tied", "status", "message"]
+
+
+@dataclass
+class MergeInputs:
+    """Checked inputs: ``base`` (optional) and ``models`` as views that agree tensor by tensor."""
+
+    base: Optional[Checkpoint]
+    models: list[Checkpoint]
+    names: list[str]  # the tensors to merge, in the reference model's order
+
+    @property
+    def reference(self) -> Checkpoint:
+        """The checkpoint whose config and tokenizer the output takes: the base, else the first model."""
+        return self.base or self.models[0]
+
+    def sources(self) -> list[Path]:
+        """Every file and folder the merge reads (an output must stay clear of all of them)."""
+        return [s for c in ([self.base] if self.base else []) + self.models for s in c.sources]
+
+
+def open_inputs(
+    base: Optional[str | Path], models: Sequence[str | Path], tokenizer_source: TokenizerSource = "base"
+) -> MergeInputs:
+    """Open, check and align the inputs of a merge; raises CheckpointError naming model, tensor and fix.
+
+    Order: open every input (format errors), architecture and depth, vocabulary and tying alignment
+    (``explorer.vocab``), then tensor names and shapes.
+    """
+    if not models:
+        raise CheckpointError("no models to merge; give at least one model")
+    base_ckpt = open_checkpoint(base) if base else None
+    model_ckpts = [open_checkpoint(m) for m in models]
+    reference = base_ckpt or model_ckpts[0]
+    for other in model_ckpts:
+        check_config(reference, other)
+    base_ckpt, model_ckpts = align_embeddings(base_ckpt, model_ckpts, tokenizer_source)
+    return MergeInputs(base_ckpt, model_ckpts, check_compatible(base_ckpt, model_ckpts))
+
+
+def compatibility_report(
+    paths: Sequence[str | Path], base: Optional[str | Path] = None, tokenizer_source: TokenizerSource = "base"
+) -> pd.DataFrame:
+    """One row per input (base first) with what it is and whether it merges with the reference.
+
+    Columns: path, role (base/model), format, architecture, layers, vocab (config vocab_size), dtype
+    (most common tensor dtype as read), tied (bool), status and message. status is ``ok``, ``aligned``
+    (vocabulary or tying differ from the reference and are aligned when merging), ``incompatible`` or
+    ``unreadable``; message is the error text, or a note on what gets aligned.
+    """
+    entries = ([(base, "base")] if base else []) + [(p, "model") for p in paths]
+    opened: list[tuple[str | Path, str, Optional[Checkpoint], str]] = []
+    for path, role in entries:
+        try:
+            opened.append((path, role, open_checkpoint(path), ""))
+        except CheckpointError as e:
+            opened.append((path, role, None, str(e)))
+    reference = next((c for _, _, c, _ in opened if c is not None), None)
+    rows = []
+    for path, role, ckpt, error in opened:
+        if ckpt is None:
+            rows.append({"path": str(path), "role": role, "status": "unreadable", "message": error})
+            continue
+        status, message = ("ok", "reference") if ckpt is reference else _against(reference, ckpt, tokenizer_source)
+        dtypes = Counter(ckpt.dtype(n) for n in ckpt.names())
+        rows.append({
+            "path": str(ckpt.path), "role": role, "format": ckpt.format, "architecture": ckpt.architecture,
+            "layers": ckpt.num_layers, "vocab": ckpt.config.get("vocab_size"), "dtype": dtypes.most_common(1)[0][0],
+            "tied": ckpt.tied_embeddings, "status": status, "message": message,
+        })
+    return pd.DataFrame(rows, columns=REPORT_COLUMNS)
+
+
+def _against(reference: Checkpoint, other: Checkpoint, tokenizer_source: TokenizerSource) -> tuple[str, str]:
+    """(status, message) of merging ``other`` with ``reference``."""
+    try:
+        check_config(reference, other)
+        ref_view, (view,) = align_embeddings(reference, [other], tokenizer_source)
+        check_compatible(ref_view, [view])
+    except CheckpointError as e:
+        return "incompatible", str(e)
+    if view is other:
+        return "ok", ""
+    alignment = view.alignment
+    notes = []
+    if alignment.layout is not None:
+        notes.append(f"embedding rows aligned by token to {alignment.layout.rows} rows (tokenizer_source={tokenizer_source})")
+    if alignment.untie:
+        notes.append("tied and untied embeddings: output untied, a tied model's input embedding serves as its output embedding")
+    return "aligned", "; ".join(notes)

@@ -1,0 +1,235 @@
+"""Plotly figures of the stats tables, and ``inspect_panels``, the Inspect view's single entry point.
+
+Figures only draw: each ``*_figure`` takes the DataFrame a ``stats`` function returned and plots its
+values unchanged. Sampled tables say their sample size in the figure title.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from explorer import stats
+from explorer.executor import Progress
+
+PANEL_KEYS = (
+    "histogram", "layer_norms", "quantiles", "layer_stats", "cosine",
+    "sign_conflict", "jaccard", "kept_mass", "merge_distance", "dare_effect",
+)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One slot of the Inspect view."""
+
+    key: str  # one of PANEL_KEYS
+    title: str  # short heading
+    caption: str  # one or two sentences: what the figure measures
+    figure: go.Figure
+    table: pd.DataFrame  # the data behind the figure (CSV download); empty when the panel has none
+
+
+def _title(text: str, table: pd.DataFrame) -> str:
+    """``text`` plus the sample size when ``table`` was computed from samples."""
+    if table.attrs.get("exact", True):
+        return text
+    return f"{text} <sup>(sampled: {table.attrs['sample_size']:,} entries per tensor, {table.attrs['samples']:,} in all)</sup>"
+
+
+def _layout(fig: go.Figure, title: str, **axes: str) -> go.Figure:
+    fig.update_layout(title=title, template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), legend_title_text="")
+    fig.update_xaxes(title=axes.get("x"))
+    fig.update_yaxes(title=axes.get("y"))
+    return fig
+
+
+def _heatmap(table: pd.DataFrame, title: str, zmin: float, zmax: float, colorscale: str = "Viridis", text: bool = False) -> go.Figure:
+    """Heatmap of a wide table: y = index (categories, first row on top), x = columns, z = values."""
+    trace = go.Heatmap(
+        z=table.to_numpy(dtype=float), x=[str(c) for c in table.columns], y=[str(i) for i in table.index],
+        zmin=zmin, zmax=zmax, colorscale=colorscale, texttemplate="%{z:.2f}" if text else None,
+    )
+    fig = _layout(go.Figure(trace), title, x=table.columns.name or "", y=table.index.name or "")
+    fig.update_yaxes(type="category", autorange="reversed")
+    fig.update_xaxes(type="category")
+    return fig
+
+
+def message_figure(message: str) -> go.Figure:
+    """An empty figure that says ``message`` (a panel with nothing to draw yet)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig.update_layout(template="plotly_white")
+
+
+def histogram_figure(table: pd.DataFrame, title: str = "Task-vector values") -> go.Figure:
+    """Step lines of ``stats.histogram`` (or ``dare_effect``) counts at bin centres, log count axis,
+    one trace per expert (and stage, dashed after), all on the same bins."""
+    fig = go.Figure()
+    keys = ["expert", "stage"] if "stage" in table else ["expert"]
+    for key, rows in table.groupby(keys, sort=False):
+        dash = "dash" if "stage" in table and key[1] == "after" else "solid"
+        fig.add_trace(go.Scatter(x=(rows["left"] + rows["right"]) / 2, y=rows["count"], name=" ".join(key),
+                                 mode="lines", line_shape="hvh", line_dash=dash))
+    fig = _layout(fig, _title(title, table), x="task-vector value (M_i - B)", y="entries (log scale)")
+    return fig.update_yaxes(type="log")
+
+
+def layer_norms_figure(table: pd.DataFrame) -> go.Figure:
+    """Heatmap layer x expert of ``stats.layer_norms``."""
+    return _heatmap(table, "L2 norm of the task vector per layer", 0, float(table.max().max()))
+
+
+def quantiles_figure(table: pd.DataFrame) -> go.Figure:
+    """Per-layer box of ``stats.delta_quantiles`` (by layer), one trace per expert: box from q0.25 to
+    q0.75 with the median, whiskers at q0.01 and q0.99."""
+    fig = go.Figure()
+    for expert, rows in table.groupby("expert", sort=False):
+        fig.add_trace(go.Box(x=rows["layer"], q1=rows["q0.25"], median=rows["q0.5"], q3=rows["q0.75"],
+                             lowerfence=rows["q0.01"], upperfence=rows["q0.99"], name=expert))
+    fig = _layout(fig, _title("Task-vector quantiles per layer (whiskers q0.01-q0.99)", table), x="layer", y="task-vector value")
+    return fig.update_layout(boxmode="group").update_xaxes(type="category")
+
+
+def layer_stats_figure(table: pd.DataFrame) -> go.Figure:
+    """Heatmap layer x statistic of ``stats.layer_stats`` (all shares in [0, 1])."""
+    return _heatmap(table, "Per-layer shares: small deltas, zeros, kept mass, sign conflict", 0, 1)
+
+
+def cosine_figure(table: pd.DataFrame) -> go.Figure:
+    """Heatmap expert x expert of ``stats.cosine_similarity``, values written in the cells."""
+    return _heatmap(table, "Cosine similarity of task vectors", -1, 1, colorscale="RdBu", text=True)
+
+
+def jaccard_figure(table: pd.DataFrame) -> go.Figure:
+    """Heatmap expert x expert of ``stats.jaccard``, values written in the cells."""
+    return _heatmap(table, f"Overlap (Jaccard) of kept entries at density {table.attrs['density']:g}", 0, 1, text=True)
+
+
+def conflict_matrix(table: pd.DataFrame) -> pd.DataFrame:
+    """``stats.sign_conflict`` (by layer) as a wide table: layer x pair of conflict_rate, in table order."""
+    wide = table.pivot(index="layer", columns="pair", values="conflict_rate")
+    wide = wide.reindex(index=list(dict.fromkeys(table["layer"])), columns=list(dict.fromkeys(table["pair"])))
+    wide.attrs = dict(table.attrs)
+    return wide
+
+
+def sign_conflict_figure(table: pd.DataFrame) -> go.Figure:
+    """Heatmap layer x pair of the conflict rate in ``stats.sign_conflict`` (by layer)."""
+    return _heatmap(conflict_matrix(table), f"Sign conflicts among kept entries at density {table.attrs['density']:g}", 0, 1)
+
+
+def kept_mass_figure(table: pd.DataFrame) -> go.Figure:
+    """``stats.kept_mass``: one curve per expert over the density grid, the exact value at the current
+    density as a marker, and a vertical line at that density."""
+    fig = go.Figure()
+    for expert, rows in table.groupby("expert", sort=False):
+        curve, now = rows[~rows["current"]], rows[rows["current"]]
+        line = go.Scatter(x=curve["density"], y=curve["kept_mass"], name=expert, mode="lines+markers", legendgroup=expert)
+        fig.add_trace(line)
+        fig.add_trace(go.Scatter(x=now["density"], y=now["kept_mass"], name=f"{expert} (exact, current)", mode="markers",
+                                 marker=dict(size=11, symbol="diamond"), legendgroup=expert))
+    density = table.attrs["density"]
+    fig.add_vline(x=density, line_dash="dot", annotation_text=f"density {density:g}")
+    fig = _layout(fig, _title("L1 mass kept by the magnitude trim", table), x="density (share of entries kept)", y="share of L1 mass kept")
+    return fig.update_yaxes(range=[0, 1.02])
+
+
+def merge_distance_figure(table: pd.DataFrame) -> go.Figure:
+    """Relative distance of the merge from each target per layer (rows of ``stats.merge_distance`` by
+    layer; rows with layer "all" hold the totals shown in the legend)."""
+    fig = go.Figure()
+    for target, rows in table.groupby("target", sort=False):
+        layers, total = rows[rows["layer"] != "all"], rows.loc[rows["layer"] == "all", "relative"]
+        name = f"{target} (total {float(total.iloc[0]):.2%})" if len(total) else target
+        fig.add_trace(go.Scatter(x=layers["layer"], y=layers["relative"], name=name, mode="lines+markers"))
+    fig = _layout(fig, "How far the merge moved: ||merged - W|| / ||W|| per layer", x="layer", y="relative L2 distance")
+    return fig.update_xaxes(type="category")
+
+
+def _distance_table(scan: stats.Scan) -> pd.DataFrame:
+    """Per-layer rows then the whole-model rows (layer "all") of ``stats.merge_distance``."""
+    total = stats.merge_distance(scan, "model").rename(columns={"model": "layer"})
+    table = pd.concat([stats.merge_distance(scan, "layer"), total], ignore_index=True)
+    table.attrs = dict(total.attrs)
+    return table
+
+
+_TEXT = {
+    "histogram": ("Delta histogram", "Distribution of task-vector values M_i - B for each expert over the whole model, counts on a log scale and the same bins for every expert."),
+    "layer_norms": ("Task-vector norm per layer", "L2 norm of each expert's task vector per layer: where fine-tuning moved the weights most."),
+    "quantiles": ("Delta quantiles per layer", "Spread of task-vector values per layer and expert: box from the 25th to the 75th percentile, whiskers at the 1st and 99th."),
+    "layer_stats": ("Per-layer statistics", "Per layer: share of deltas below the threshold, exact zeros and L1 mass kept by the magnitude trim per expert, and the sign conflict and agreement among kept entries."),
+    "cosine": ("Cosine similarity", "Cosine similarity between the experts' whole-model task vectors; near 0 means nearly orthogonal updates, negative means opposing ones."),
+    "sign_conflict": ("Sign conflicts by layer", "Share of entries kept by the magnitude trim in two or more experts whose signs disagree, per layer, for all experts and each pair; TIES resolves these by sign election."),
+    "jaccard": ("Kept-entry overlap", "Jaccard overlap between the entries each expert keeps at the current density: 1 means the trims keep the same entries."),
+    "kept_mass": ("Mass kept vs density", "Share of each task vector's L1 mass that the magnitude trim keeps as density varies; the marker is the exact value at the current density."),
+    "merge_distance": ("Distance of the merge", "How far the merged weights moved from the base and from each expert, as L2 distance relative to that model's norm, per layer."),
+    "dare_effect": ("DARE drop and rescale", "Task-vector distribution before and after DARE's random drop at the current density and 1/density rescale (dashed): dropped entries pile up at zero, kept ones spread out."),
+}
+
+
+def _panel(key: str, figure: go.Figure, table: pd.DataFrame) -> Panel:
+    title, caption = _TEXT[key]
+    return Panel(key=key, title=title, caption=caption, figure=figure, table=table)
+
+
+def _placeholder(key: str, message: str) -> Panel:
+    return _panel(key, message_figure(message), pd.DataFrame())
+
+
+_DRAW: dict[str, tuple[Callable[[stats.Scan], pd.DataFrame], Callable[[pd.DataFrame], go.Figure]]] = {
+    "histogram": (stats.histogram, histogram_figure),
+    "layer_norms": (stats.layer_norms, layer_norms_figure),
+    "quantiles": (lambda s: stats.delta_quantiles(s, "layer"), quantiles_figure),
+    "layer_stats": (stats.layer_stats, layer_stats_figure),
+    "cosine": (stats.cosine_similarity, cosine_figure),
+    "sign_conflict": (stats.sign_conflict, sign_conflict_figure),
+    "jaccard": (stats.jaccard, jaccard_figure),
+    "kept_mass": (stats.kept_mass, kept_mass_figure),
+    "merge_distance": (_distance_table, merge_distance_figure),
+    "dare_effect": (stats.dare_effect, lambda t: histogram_figure(t, "DARE: before and after drop + rescale")),
+}
+
+
+def _build(key: str, scan: stats.Scan) -> Panel:
+    table_fn, figure_fn = _DRAW[key]
+    table = table_fn(scan)
+    return _panel(key, figure_fn(table), table)
+
+
+def inspect_panels(
+    source: stats.TaskVectorSource,
+    density: float,
+    merged: Optional[Mapping[str, torch.Tensor]] = None,
+    threshold: float = 0.005,
+    sample: int = stats.DEFAULT_SAMPLE,
+    seed: int = 0,
+    progress: Optional[Progress] = None,
+) -> list[Panel]:
+    """All Inspect panels, in ``PANEL_KEYS`` order, from one ``stats.scan`` of ``source``.
+
+    source: a MergeSession, ``stats.DiskTaskVectors`` or any ``stats.TaskVectorSource``.
+    density: the current trim density in [0, 1]. merged: the current merge {name: tensor} or None.
+    threshold: |delta| threshold for the share-below statistic (DARE's 0.005 and 0.002 are
+    ``stats.DARE_THRESHOLDS``). sample: entries sampled per tensor for histograms and quantiles.
+    Panels that cannot be drawn (no merge yet; merge distances without base weights; a source with
+    no base, hence no task vectors) hold a figure saying why and an empty table, so every key is
+    always present. Raises ValueError on out-of-range arguments (see ``stats.scan``).
+    """
+    if stats.lacks_base(source):
+        return [_placeholder(key, "Choose a base model: these statistics are about task vectors M_i - B.") for key in PANEL_KEYS]
+    has_base = getattr(source, "base", None) is not None
+    missing = {}
+    if merged is None:
+        missing["merge_distance"] = "Merge first: this panel compares the merged weights with the base and each expert."
+    elif not has_base:
+        missing["merge_distance"] = "Distances of the merge need the base weights; this source has none."
+    measured = stats.scan(source, density, merged if has_base else None, (threshold,), sample, seed, progress=progress)
+    return [_placeholder(key, missing[key]) if key in missing else _build(key, measured) for key in PANEL_KEYS]

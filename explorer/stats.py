@@ -1,0 +1,212 @@
+"""Delta and interference statistics for the Inspect view, as pandas DataFrames.
+
+Usage: ``s = scan(source, density, merged)`` reads every tensor once (see ``stats_scan``); the table
+functions below and in ``stats_interference`` then only reshape what it measured:
+
+  delta_summary, layer_norms, layer_stats   exact norms, sparsity, shares below thresholds, kept mass
+  delta_quantiles, histogram, dare_effect   from the per-tensor samples (sampled; exact when every
+                                            tensor was small enough to take whole)
+  kept_mass                                 L1 share kept by the trim vs density (sampled curve,
+                                            exact point at the scan's density)
+  cosine_similarity, jaccard, sign_conflict, sign_agreement, merge_distance   exact
+
+Every table's ``attrs`` say how it was computed (``exact``, ``sample_size``, ``samples``, ``how``).
+Task vectors are x_i = M_i - B (N experts, float32). Papers: TIES (trim, sign election)
+arXiv:2306.01708; DARE (the 0.005 / 0.002 thresholds, drop and rescale) arXiv:2311.03099.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from explorer.stats_interference import cosine_similarity, jaccard, merge_distance, pair_label, sign_agreement, sign_conflict
+from explorer.stats_scan import BY, DEFAULT_CHUNK, DEFAULT_SAMPLE, Scan, below_column, grouped_sum, kth_largest, scan, with_attrs
+from explorer.stats_source import DiskTaskVectors, TaskVectorSource, TensorTaskVectors, expert_labels, lacks_base, layer_of, layer_rank
+
+__all__ = [
+    "BY", "DARE_THRESHOLDS", "DEFAULT_BINS", "DEFAULT_CHUNK", "DEFAULT_SAMPLE", "DENSITY_GRID", "QUANTILES",
+    "DiskTaskVectors", "Scan", "TaskVectorSource", "TensorTaskVectors",
+    "cosine_similarity", "dare_effect", "delta_quantiles", "delta_summary", "expert_labels", "histogram",
+    "jaccard", "kept_mass", "kth_largest", "lacks_base", "layer_norms", "layer_of", "layer_rank", "layer_stats",
+    "merge_distance", "pair_label", "scan", "sign_agreement", "sign_conflict", "weighted_quantiles",
+]
+
+DARE_THRESHOLDS = (0.005, 0.002)  # DARE: fine-tuning deltas mostly lie within these magnitudes
+QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+DENSITY_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_BINS = 101  # odd, so that 0 is the centre of a bin
+
+
+def delta_summary(scan: Scan, by: str = "layer") -> pd.DataFrame:
+    """Exact per-(group, expert) task-vector statistics; ``by`` is "tensor", "layer" or "model".
+
+    Columns: numel; l2 = ||x||_2; mean_abs = ||x||_1 / numel; sparsity = share of exact zeros;
+    share_below_{t} = share of entries with |x| < t for each scan threshold; kept_share = share kept
+    by the magnitude trim at the scan's density (TIES); kept_mass = L1 share of the kept entries.
+    Shares are in [0, 1]; kept_mass is NaN for an all-zero task vector.
+    """
+    below = [below_column(t) for t in scan.thresholds]
+    out = grouped_sum(scan.experts, by, ["expert"], ["numel", "sumsq", "l1", "zeros", *below, "kept", "kept_l1"])
+    table = pd.DataFrame({by: out[by], "expert": out["expert"], "numel": out["numel"], "l2": np.sqrt(out["sumsq"]),
+                          "mean_abs": out["l1"] / out["numel"], "sparsity": out["zeros"] / out["numel"]})
+    for t, column in zip(scan.thresholds, below):
+        table[f"share_below_{t:g}"] = out[column] / out["numel"]
+    table["kept_share"] = out["kept"] / out["numel"]
+    table["kept_mass"] = out["kept_l1"] / out["l1"].where(out["l1"] > 0)
+    return with_attrs(table, scan, True, "exact sums over every entry")
+
+
+def layer_norms(scan: Scan) -> pd.DataFrame:
+    """Exact L2 norm of each expert's task vector per layer: index layer (model order), columns experts."""
+    table = delta_summary(scan, "layer").pivot(index="layer", columns="expert", values="l2")
+    table = table.reindex(index=_layers(scan), columns=scan.labels)
+    return with_attrs(table, scan, True, "exact sums of squares per layer")
+
+
+def layer_stats(scan: Scan) -> pd.DataFrame:
+    """Exact per-layer shares in [0, 1], index layer, one column per statistic (for a heatmap).
+
+    Per expert e: "e: |x|<t" (share below each scan threshold), "e: zeros" (sparsity), "e: kept mass"
+    (L1 share kept by the trim); then "sign conflict" (``sign_conflict`` pair "all") and
+    "sign agreement" (``sign_agreement``), both over the kept entries at the scan's density.
+    """
+    summary = delta_summary(scan, "layer").set_index(["layer", "expert"])
+    columns = {}
+    for label in scan.labels:
+        per = summary.xs(label, level="expert")
+        columns |= {f"{label}: |x|<{t:g}": per[f"share_below_{t:g}"] for t in scan.thresholds}
+        columns |= {f"{label}: zeros": per["sparsity"], f"{label}: kept mass": per["kept_mass"]}
+    conflict = sign_conflict(scan, "layer")
+    columns["sign conflict"] = conflict[conflict["pair"] == "all"].set_index("layer")["conflict_rate"]
+    columns["sign agreement"] = sign_agreement(scan, "layer").set_index("layer")["agreement"]
+    table = pd.DataFrame(columns).reindex(_layers(scan))
+    table.index.name, table.columns.name = "layer", "statistic"
+    return with_attrs(table, scan, True, "exact shares per layer")
+
+
+def _layers(scan: Scan) -> list[str]:
+    return sorted(set(scan.layers), key=layer_rank)
+
+
+def weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
+    """(R, Q) weighted quantiles of each row of ``values`` (R, K), every column weighing ``weights`` (K,).
+
+    Inverse of the weighted empirical CDF: the smallest v with (weight of entries <= v) >= q x total,
+    for q in [0, 1]; with unit weights this is the type-1 sample quantile. K >= 1.
+    """
+    ordered, order = values.sort(dim=1)
+    cumulative = weights.double()[order].cumsum(dim=1)
+    targets = torch.tensor(quantiles, dtype=torch.float64)[None, :] * cumulative[:, -1:]
+    index = torch.searchsorted(cumulative, targets.expand(values.shape[0], -1).contiguous()).clamp(max=values.shape[1] - 1)
+    return ordered.gather(1, index)
+
+
+def _groups(scan: Scan, by: str) -> dict[str, torch.Tensor]:
+    """Sample columns of each ``by`` group, groups in model order."""
+    keys = {"tensor": scan.names, "layer": scan.layers, "model": ["all"] * len(scan.names)}[by]
+    ordered = sorted(dict.fromkeys(keys), key=layer_rank) if by == "layer" else list(dict.fromkeys(keys))
+    code = {g: i for i, g in enumerate(ordered)}
+    owner = torch.tensor([code[k] for k in keys])[scan.sample_tensor]
+    columns = torch.argsort(owner, stable=True).split(torch.bincount(owner, minlength=len(ordered)).tolist())
+    return dict(zip(ordered, columns))
+
+
+def delta_quantiles(scan: Scan, by: str = "layer", quantiles: Sequence[float] = QUANTILES) -> pd.DataFrame:
+    """Quantiles of task-vector values per (group, expert), from the per-tensor samples.
+
+    Each sampled entry weighs numel / sample of its tensor (``weighted_quantiles``), so a layer's
+    quantiles are those of all its entries, estimated. Columns q{q:g}; column ``exact`` is True
+    where every tensor of the group was taken whole.
+    """
+    if by not in BY:
+        raise ValueError(f"by must be one of {BY}; got {by!r}")
+    rows = []
+    for group, columns in _groups(scan, by).items():
+        weights = scan.sample_weight[columns]
+        values = weighted_quantiles(scan.samples[:, columns], weights, quantiles)
+        for label, row in zip(scan.labels, values.tolist()):
+            rows.append({by: group, "expert": label, **{f"q{q:g}": v for q, v in zip(quantiles, row)}, "exact": bool((weights == 1).all())})
+    return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), "weighted uniform samples of entries per tensor")
+
+
+def _all_exact(scan: Scan) -> bool:
+    return bool((scan.sample_weight == 1).all())
+
+
+def _edges(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """``bins`` + 1 equal-width edges symmetric about 0 covering every value (float64)."""
+    reach = float(values.abs().max()) or 1e-12
+    return torch.linspace(-reach, reach, bins + 1, dtype=torch.float64)
+
+
+def _histogram_rows(labels: Sequence[str], values: torch.Tensor, weights: torch.Tensor, edges: torch.Tensor, **extra: str) -> list[dict]:
+    """One row per (label, bin): left, right, count = summed weights of the row's values in the bin."""
+    rows = []
+    for label, row in zip(labels, values.double()):
+        counts = torch.histogram(row, bins=edges, weight=weights.double()).hist
+        rows += [{"expert": label, **extra, "left": lo, "right": hi, "count": c} for lo, hi, c in zip(edges[:-1].tolist(), edges[1:].tolist(), counts.tolist())]
+    return rows
+
+
+def histogram(scan: Scan, bins: int = DEFAULT_BINS) -> pd.DataFrame:
+    """Histogram of each expert's task-vector values over the whole model, on shared bin edges.
+
+    Rows (expert, bin): left, right (edges symmetric about 0, spanning the largest sampled |x|), count
+    = estimated entries in [left, right) (the last bin is closed): each sampled entry counts
+    numel / sample of its tensor. Exact when every tensor was taken whole. bins >= 1.
+    """
+    edges = _edges(scan.samples, bins)
+    rows = _histogram_rows(scan.labels, scan.samples, scan.sample_weight, edges)
+    return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), "weighted uniform samples of entries per tensor")
+
+
+def dare_effect(scan: Scan, bins: int = DEFAULT_BINS) -> pd.DataFrame:
+    """Histograms of each expert's task vector before and after DARE's drop and rescale at the density.
+
+    DARE (arXiv:2311.03099): keep each entry with probability p = density (Bernoulli, a generator
+    seeded with the scan's seed) and divide kept entries by p (the paper's rescale; mergekit's
+    ``rescale=l1`` differs); at p = 0 everything is dropped. Applied to the sampled entries, which is
+    the same distribution as applying it to all entries (the drop is independent per entry).
+    Rows (expert, stage in {"before", "after"}, bin) as in ``histogram``, edges shared by both stages.
+    """
+    generator = torch.Generator().manual_seed(scan.seed)
+    keep = torch.bernoulli(torch.full_like(scan.samples, scan.density), generator=generator)
+    after = scan.samples * keep / scan.density if scan.density > 0 else torch.zeros_like(scan.samples)
+    edges = _edges(torch.cat([scan.samples, after], dim=1), bins)
+    rows = []
+    for stage, values in (("before", scan.samples), ("after", after)):
+        rows += _histogram_rows(scan.labels, values, scan.sample_weight, edges, stage=stage)
+    return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), "seeded drop and 1/density rescale of uniform samples per tensor")
+
+
+def kept_mass(scan: Scan, grid: Sequence[float] = DENSITY_GRID) -> pd.DataFrame:
+    """Share of each expert's L1 mass kept by the per-tensor magnitude trim, as a function of density.
+
+    For density d in (0, 1] and expert e: sum_t ||trim_d(x_e,t)||_1 / sum_t ||x_e,t||_1, the trim
+    keeping the max(1, int(d * n)) largest |x| of each tensor (TIES). Rows (density, expert):
+    kept_mass in [0, 1] (NaN for an all-zero task vector); current = False for the grid, estimated
+    from each tensor's sorted sample weighted by its exact L1 mass (exact only where every tensor was
+    whole); current = True for one exact row per expert at the scan's density.
+    Raises ValueError for a grid value outside (0, 1].
+    """
+    if not all(0 < d <= 1 for d in grid):
+        raise ValueError(f"kept-mass densities must be in (0, 1]; got {list(grid)}")
+    l1 = scan.experts.pivot_table(index="name", columns="expert", values="l1", sort=False).reindex(index=scan.names, columns=scan.labels)
+    counts = torch.bincount(scan.sample_tensor, minlength=len(scan.names)).tolist()
+    kept = torch.zeros(len(scan.labels), len(grid), dtype=torch.float64)
+    for t, values in enumerate(scan.samples.split(counts, dim=1)):
+        ranked = values.abs().double().sort(dim=1, descending=True).values.cumsum(dim=1)
+        take = torch.tensor([max(1, int(d * ranked.shape[1])) - 1 for d in grid])
+        shares = ranked[:, take] / ranked[:, -1:].clamp(min=torch.finfo(torch.float64).tiny)
+        kept += torch.tensor(l1.iloc[t].to_numpy(dtype=float))[:, None] * shares
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = kept.numpy() / l1.sum().to_numpy(dtype=float)[:, None]  # (N, G)
+    exact = _all_exact(scan)
+    rows = [{"density": d, "expert": e, "kept_mass": curve[i, g], "exact": exact, "current": False} for g, d in enumerate(grid) for i, e in enumerate(scan.labels)]
+    now = delta_summary(scan, "model")
+    rows += [{"density": scan.density, "expert": e, "kept_mass": m, "exact": True, "current": True} for e, m in zip(now["expert"], now["kept_mass"])]
+    return with_attrs(pd.DataFrame(rows), scan, exact, "sorted uniform samples per tensor weighted by exact L1 mass; exact at the current density")

@@ -1,0 +1,282 @@
+"""Models whose vocabularies or embedding tying differ, made mergeable row by row.
+
+Views, not copies: ``align_embeddings`` wraps each input in an ``EmbeddingView`` whose ``get`` returns
+its token-indexed tensors (input embedding, output embedding and its bias) laid out in one shared
+vocabulary, so the streaming executor and the interactive session merge them like any other tensor.
+
+Shared vocabulary, ``tokenizer_source``:
+  base   the reference model's tokenizer (the base model, else the first model) and its row count;
+         tokens only other models have are dropped.
+  union  the reference's tokenizer plus every token another model has and it lacks, appended in model
+         order as added tokens (keeping their 'special' flag); the output is written with this tokenizer.
+A model's row for a token is found through its own tokenizer (token string -> id). A token a model
+lacks takes the base model's row when the base has it, else the mean of the rows of the models that
+have it. Rows past the end of a tokenizer (padding to a multiple of 8 or 64) belong to no token: the
+reference's padding rows are kept, other models' are dropped. Models with the same number of rows
+and identical tokenizers (or no tokenizers at all) are left as they are.
+
+Tying: a tied model's output embedding is its input embedding. The output is untied (has its own
+output embedding) when any input is untied; a tied input then contributes its input embedding there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from explorer.formats.base import Checkpoint, CheckpointError, empty_model
+
+TokenizerSource = Literal["base", "union"]
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json")
+
+
+@dataclass(frozen=True)
+class EmbeddingNames:
+    """Tensor names of an architecture's embeddings, e.g. Llama: model.embed_tokens.weight, lm_head.weight."""
+
+    input: str
+    output: Optional[str]  # None for models without an output embedding (encoders)
+    vocab: tuple[str, ...]  # every tensor indexed by token on dim 0
+
+
+def embedding_names(checkpoint: Checkpoint) -> EmbeddingNames:
+    """The embedding tensor names of ``checkpoint``'s architecture, read off an empty (meta) model."""
+    return _embedding_names(checkpoint.architecture, json.dumps(checkpoint.config, sort_keys=True, default=str), checkpoint.path)
+
+
+@lru_cache(maxsize=16)
+def _embedding_names(architecture: str, config_json: str, where: Path) -> EmbeddingNames:
+    from transformers import AutoConfig
+
+    model = empty_model(AutoConfig.for_model(**json.loads(config_json)), architecture, where)
+    module_names = {id(m): n for n, m in model.named_modules()}
+    prefix = module_names[id(model.get_input_embeddings())]
+    out = model.get_output_embeddings()
+    if out is None:
+        return EmbeddingNames(f"{prefix}.weight", None, (f"{prefix}.weight",))
+    out_prefix = module_names[id(out)]
+    out_names = tuple(f"{out_prefix}.{p}" for p, _ in out.named_parameters(recurse=False))
+    return EmbeddingNames(f"{prefix}.weight", f"{out_prefix}.weight", (f"{prefix}.weight",) + out_names)
+
+
+def is_tied(checkpoint: Checkpoint, names: EmbeddingNames) -> bool:
+    """Whether the output embedding is the input one: config says so, or the checkpoint has no output tensor."""
+    return names.output is not None and (bool(checkpoint.hf_config.tie_word_embeddings) or names.output not in checkpoint.files)
+
+
+@dataclass
+class Layout:
+    """Where each model's token rows go in the shared vocabulary of ``rows`` rows."""
+
+    rows: int
+    sources: list[torch.Tensor]  # per member: (rows,) its own row for each shared row, -1 where it has none
+    missing: torch.Tensor  # (M,) shared rows that at least one member lacks, ascending
+    tokenizer: Optional[PreTrainedTokenizerBase]  # the union tokenizer; None with tokenizer_source="base"
+
+
+@dataclass
+class Alignment:
+    """State shared by the views of one merge's inputs (members: base first when there is one)."""
+
+    members: list[Checkpoint]
+    has_base: bool
+    names: EmbeddingNames
+    tied: list[bool]
+    untie: bool
+    layout: Optional[Layout]
+    _fill: tuple[str, torch.Tensor] = field(default=("", torch.empty(0)), repr=False)
+
+    def source(self, index: int, name: str) -> str:
+        """The member's own tensor behind shared tensor ``name`` (a tied member's lm_head is its input embedding)."""
+        return self.names.input if name == self.names.output and self.tied[index] else name
+
+    def gather(self, index: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Member ``index``'s ``tensor`` (V_i, *D) laid out in the shared vocabulary: (rows, *D) float32."""
+        layout = self.layout
+        src = layout.sources[index]
+        out = torch.empty((layout.rows, *tensor.shape[1:]), dtype=torch.float32)
+        have = src >= 0
+        out[have] = tensor[src[have]].to(torch.float32)
+        if not bool(have.all()):
+            lacking = (~have).nonzero().squeeze(1)
+            out[lacking] = self.fill(name)[torch.searchsorted(layout.missing, lacking)]
+        return out
+
+    def fill(self, name: str) -> torch.Tensor:
+        """(M, *D) float32 rows for the shared rows some member lacks: the base's row, else the mean of the
+        rows of the models that have it (0 where none has it). Cached for the last tensor name."""
+        if self._fill[0] == name:
+            return self._fill[1]
+        missing = self.layout.missing
+        done = torch.zeros(len(missing), dtype=torch.bool)
+        total = torch.zeros((len(missing), *self.members[0].shape(self.source(0, name))[1:]))
+        count = torch.zeros(len(missing))
+        for i, member in enumerate(self.members):
+            idx = self.layout.sources[i][missing]
+            use = (idx >= 0) & ~done
+            if not bool(use.any()):
+                continue
+            rows = member.get(self.source(i, name))[idx[use]].to(torch.float32)
+            if i == 0 and self.has_base:
+                total[use], count[use], done = rows, 1.0, use
+            else:
+                total[use] += rows
+                count[use] += 1
+        filled = total / count.clamp(min=1).reshape(-1, *[1] * (total.dim() - 1))
+        self._fill = (name, filled)
+        return filled
+
+
+class EmbeddingView(Checkpoint):
+    """Member ``index`` of an ``Alignment``: its tensors, with token-indexed ones in the shared layout."""
+
+    def __init__(self, alignment: Alignment, index: int):
+        inner, names = alignment.members[index], alignment.names
+        files = dict(inner.files)
+        if alignment.untie and alignment.tied[index]:
+            files[names.output] = inner.files[names.input]
+        config = dict(inner.config)
+        if alignment.untie:
+            config["tie_word_embeddings"] = False
+        if alignment.layout is not None:
+            config["vocab_size"] = alignment.layout.rows
+        super().__init__(inner.path, config, files)
+        self.inner, self.alignment, self.index = inner, alignment, index
+        self.format = inner.format
+
+    def _aligned(self, name: str) -> bool:
+        return self.alignment.layout is not None and name in self.alignment.names.vocab
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.files:
+            raise self._missing(name)
+        inner = self.inner.shape(self.alignment.source(self.index, name))
+        return (self.alignment.layout.rows, *inner[1:]) if self._aligned(name) else inner
+
+    def dtype(self, name: str) -> str:
+        return "F32" if self._aligned(name) else self.inner.dtype(self.alignment.source(self.index, name))
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise self._missing(name)
+        tensor = self.inner.get(self.alignment.source(self.index, name))
+        return self.alignment.gather(self.index, name, tensor) if self._aligned(name) else tensor
+
+    @property
+    def sources(self) -> list[Path]:
+        return self.inner.sources
+
+    @property
+    def assets_dir(self) -> Optional[Path]:
+        return self.inner.assets_dir
+
+    def has_tokenizer(self) -> bool:
+        return self.inner.has_tokenizer()
+
+    def tokenizer(self) -> Optional[PreTrainedTokenizerBase]:
+        layout = self.alignment.layout
+        return layout.tokenizer if layout is not None and layout.tokenizer is not None else self.inner.tokenizer()
+
+    def save_assets(self, dst: Path) -> None:
+        """The inner model's files; with a union vocabulary the union tokenizer replaces its tokenizer files."""
+        self.inner.save_assets(dst)
+        layout = self.alignment.layout
+        if layout is not None and layout.tokenizer is not None:
+            layout.tokenizer.save_pretrained(dst)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def align_embeddings(
+    base: Optional[Checkpoint], models: list[Checkpoint], tokenizer_source: TokenizerSource = "base"
+) -> tuple[Optional[Checkpoint], list[Checkpoint]]:
+    """``base`` and ``models`` as views that agree on vocabulary and tying; unchanged when they already do.
+
+    Call after the architectures are checked equal. Raises CheckpointError naming the model when its
+    rows differ and there is no tokenizer to align them by, or its tokenizer does not fit its rows.
+    """
+    members = ([base] if base else []) + list(models)
+    names = embedding_names(members[0])
+    if any(names.input not in m.files for m in members):
+        return base, list(models)  # not a standard embedding layout; check_compatible reports the missing tensor
+    tied = [is_tied(m, names) for m in members]
+    untie = any(tied) and not all(tied)
+    layout = _layout(members, names, tokenizer_source)
+    if layout is None and not untie:
+        return base, list(models)
+    alignment = Alignment(members, base is not None, names, tied, untie, layout)
+    views = [EmbeddingView(alignment, i) for i in range(len(members))]
+    return (views[0], views[1:]) if base else (None, views)
+
+
+def _layout(members: list[Checkpoint], names: EmbeddingNames, tokenizer_source: TokenizerSource) -> Optional[Layout]:
+    """The shared layout, or None when every member already has the same rows for the same tokens."""
+    rows = [m.shape(names.input)[0] for m in members]
+    if len(set(rows)) == 1 and _same_tokenizer_files(members):
+        return None
+    tokenizers = [m.tokenizer() for m in members]
+    lacking = [m for m, t in zip(members, tokenizers) if t is None]
+    if lacking:
+        if len(set(rows)) == 1:
+            return None  # same size and nothing to align by: rows are taken to mean the same tokens
+        raise CheckpointError(
+            f"{lacking[0].path}: has no tokenizer, and the models' embeddings have different row counts "
+            f"({', '.join(f'{m.name}: {r}' for m, r in zip(members, rows))}); add the tokenizer files so rows can be aligned by token"
+        )
+    vocabs = [t.get_vocab() for t in tokenizers]
+    for member, vocab, count in zip(members, vocabs, rows):
+        if max(vocab.values()) >= count:
+            raise CheckpointError(
+                f"{member.path}: tokenizer has token id {max(vocab.values())} but {names.input!r} has only {count} rows; "
+                "the tokenizer files do not belong to these weights"
+            )
+    if len(set(rows)) == 1 and all(v == vocabs[0] for v in vocabs):
+        return None
+    union = _union(tokenizers, vocabs) if tokenizer_source == "union" else None
+    target = union.get_vocab() if union is not None else vocabs[0]
+    size = max(rows[0], max(target.values()) + 1)
+    tokens: list[Optional[str]] = [None] * size
+    for token, i in target.items():
+        tokens[i] = token
+    sources = [
+        torch.tensor([vocab.get(t, -1) if t is not None else (r if m == 0 and r < rows[0] else -1) for r, t in enumerate(tokens)])
+        for m, vocab in enumerate(vocabs)
+    ]
+    missing = torch.stack(sources).lt(0).any(0).nonzero().squeeze(1)
+    return Layout(size, sources, missing, union)
+
+
+def _union(tokenizers: list[PreTrainedTokenizerBase], vocabs: list[dict[str, int]]) -> PreTrainedTokenizerBase:
+    """The first tokenizer with the tokens of the others that it lacks added, in model then id order."""
+    union, have = tokenizers[0], set(vocabs[0])
+    for tokenizer, vocab in zip(tokenizers[1:], vocabs[1:]):
+        added = tokenizer.added_tokens_decoder
+        for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+            if token not in have:
+                special = i in added and added[i].special
+                union.add_tokens([added.get(i, token)], special_tokens=special)
+                have.add(token)
+    return union
+
+
+def _same_tokenizer_files(members: list[Checkpoint]) -> bool:
+    """True when every member's vocabulary files are byte-identical (so no tokenizer needs loading)."""
+    dirs = [m.assets_dir for m in members]
+    if any(d is None for d in dirs):
+        return False
+
+    def fingerprint(folder: Path) -> tuple:
+        files = tuple((folder / f).read_bytes() if (folder / f).is_file() else None for f in VOCAB_FILES)
+        config = folder / "tokenizer_config.json"
+        added = json.loads(config.read_text()).get("added_tokens_decoder") if config.is_file() else None
+        return files + (json.dumps(added, sort_keys=True),)
+
+    first = fingerprint(dirs[0])
+    return all(fingerprint(d) == first for d in dirs[1:])

@@ -1,0 +1,151 @@
+"""Synthetic tasks for the demo zoo, and their offline lm-eval task files.
+
+Each task maps a prompt ``"<prefix> <input>="`` to a short answer, e.g. ``"add 12+34="`` -> ``"46"``,
+``"rev python="`` -> ``"nohtyp"``, ``"up hello="`` -> ``"HELLO"``. The prefix names the task, so one
+merged model can hold several experts' skills at once.
+
+Every task splits its inputs once, by a fixed seed, into disjoint training and held-out pools: no
+held-out prompt ever appears in training data. The held-out examples are written as a jsonl file plus
+an lm-eval YAML (``output_type: loglikelihood``, metric ``acc``). For loglikelihood tasks lm-eval's
+``acc`` is ``int(is_greedy)``: 1 when the target is exactly the model's greedy continuation of the
+prompt, i.e. exact match (``ConfigurableTask.process_results`` in lm_eval 0.4.13).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+TASK_PREFIX = "zoo_"  # lm-eval task name = TASK_PREFIX + task name
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt/answer pair; the model reads ``prompt`` and must continue with ``answer``."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class TaskSplit:
+    """Disjoint training and held-out examples of one task."""
+
+    name: str
+    train: list[Example]
+    heldout: list[Example]
+
+
+def english_words(text: str, min_len: int = 3, max_len: int = 8) -> list[str]:
+    """Distinct lowercase alphabetic words of ``text`` with ``min_len..max_len`` letters, sorted."""
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
+    return sorted(w for w in words if min_len <= len(w) <= max_len)
+
+
+def _split(items: list, n_heldout: int, seed: int) -> tuple[list, list]:
+    """Shuffle ``items`` with ``seed``; return ``(train_pool, heldout_pool)``."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items[n_heldout:], items[:n_heldout]
+
+
+def _sample(pool: list[Example], n: int, seed: int) -> list[Example]:
+    """``n`` examples drawn from ``pool``: all of it (shuffled) first, then with replacement."""
+    rng = random.Random(seed)
+    out = rng.sample(pool, min(n, len(pool)))
+    out += rng.choices(pool, k=n - len(out))
+    return out
+
+
+def make_add(n_train: int, n_heldout: int, seed: int) -> TaskSplit:
+    """Carry-free addition of numbers below 100: ``"add 12+34="`` -> ``"46"``.
+
+    Only pairs whose units and tens digits each sum to less than 10 are used (3,025 pairs): a
+    ~0.7M-parameter model learns carries too slowly for the zoo's CPU budget. Held-out pairs never
+    appear in training.
+    """
+    pairs = [
+        (a, b)
+        for a in range(100)
+        for b in range(100)
+        if a % 10 + b % 10 < 10 and a // 10 + b // 10 < 10
+    ]
+    train, heldout = _split(pairs, n_heldout, seed)
+    ex = [Example(f"add {a}+{b}=", str(a + b)) for a, b in train]
+    return TaskSplit(
+        "add", _sample(ex, n_train, seed), [Example(f"add {a}+{b}=", str(a + b)) for a, b in heldout]
+    )
+
+
+def make_word_task(
+    name: str, prefix: str, fn, words: list[str], n_train: int, n_heldout: int, seed: int
+) -> TaskSplit:
+    """A word task ``"<prefix> <word>="`` -> ``fn(word)``; held-out words never appear in training."""
+    train, heldout = _split(words, n_heldout, seed)
+    ex = [Example(f"{prefix} {w}=", fn(w)) for w in train]
+    return TaskSplit(
+        name, _sample(ex, n_train, seed), [Example(f"{prefix} {w}=", fn(w)) for w in heldout]
+    )
+
+
+def make_tasks(
+    text: str, n_train: dict[str, int], n_heldout: int, seed: int
+) -> dict[str, TaskSplit]:
+    """The zoo's tasks ``add``, ``reverse``, ``upper``, with ``n_train[name]`` training examples each.
+
+    Args:
+        text: English text whose words feed the word tasks.
+        n_train: training examples per task name.
+        n_heldout: held-out examples per task.
+        seed: fixes every split and sample.
+    """
+    words = english_words(text)
+    return {
+        "add": make_add(n_train["add"], n_heldout, seed),
+        "reverse": make_word_task(
+            "reverse", "rev", lambda w: w[::-1], words, n_train["reverse"], n_heldout, seed + 1
+        ),
+        "upper": make_word_task(
+            "upper", "up", str.upper, words, n_train["upper"], n_heldout, seed + 2
+        ),
+    }
+
+
+def task_yaml(task_name: str, data_file: Path) -> dict:
+    """The lm-eval config of one zoo task reading held-out examples from ``data_file``."""
+    return {
+        "task": task_name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{answer}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def write_task(task_dir: Path, split: TaskSplit) -> str:
+    """Write ``split.heldout`` as ``<task>.jsonl`` plus ``<task>.yaml`` into ``task_dir``.
+
+    The YAML holds the jsonl's absolute path: lm-eval hands ``data_files`` to ``datasets``, which
+    resolves relative paths against the working directory, not the YAML's folder.
+
+    Returns:
+        The lm-eval task name, e.g. ``"zoo_add"``.
+    """
+    task_dir.mkdir(parents=True, exist_ok=True)
+    name = TASK_PREFIX + split.name
+    data_file = (task_dir / f"{name}.jsonl").resolve()
+    with data_file.open("w") as f:
+        for ex in split.heldout:
+            f.write(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n")
+    (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(task_yaml(name, data_file), sort_keys=False))
+    return name
