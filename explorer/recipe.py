@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from explorer import registry
 from explorer.registry import ParamValue
 
+MERGEKIT_ONLY = ("int8_mask",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,9 +50,20 @@ class MergeRecipe(BaseModel):
     # "clamp" it to the largest finite value.
     out_of_range: Literal["refuse", "clamp"] = "refuse"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_mergekit(cls, data: dict) -> dict:
+        """Accept mergekit's spellings: drop ``int8_mask`` (a memory option with no effect on the math)."""
+        if isinstance(data, dict) and isinstance(data.get("parameters"), dict):
+            data = {**data, "parameters": {k: v for k, v in data["parameters"].items() if k not in MERGEKIT_ONLY}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "MergeRecipe":
         spec = registry.get(self.merge_method)
+        if spec.needs_base and self.base_model:
+            # mergekit lists the base among the models too (e.g. slerp); it is the base, not an input.
+            self.models = [e for e in self.models if e.model != self.base_model]
         if not self.models:
             raise ValueError("a recipe needs at least one model under 'models'")
         if spec.needs_base and not self.base_model:

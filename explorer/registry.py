@@ -50,6 +50,7 @@ class Param:
     step: Optional[float] = None
     choices: tuple[str, ...] = ()
     setup: bool = False  # read by the executor before merging (e.g. Fisher estimation), not passed to fn
+    aliases: tuple[tuple[ParamValue, str], ...] = ()  # other spellings of a choice, e.g. mergekit's (True, "l1")
 
     def check(self, value: ParamValue, where: str) -> ParamValue:
         """Return ``value`` coerced to this param's type; raise ValueError naming ``where`` if invalid."""
@@ -58,6 +59,7 @@ class Param:
                 raise ValueError(f"{where}: {self.name} must be true or false, got {value!r}")
             return value
         if self.choices:
+            value = dict(self.aliases).get(value, value)
             if value not in self.choices:
                 raise ValueError(f"{where}: {self.name} must be one of {list(self.choices)}, got {value!r}")
             return value

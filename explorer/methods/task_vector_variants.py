@@ -24,7 +24,7 @@ def _params(sparsification: str, consensus: str, normalize: bool, rescale: str) 
     ]
     if sparsification != "none":
         params.append(Param("density", 1.0, "Fraction of task-vector entries kept.", per_model=True, low=0.0, high=1.0, step=0.01))
-        params.append(Param("rescale", rescale, "Rescale kept entries: l1 norm (mergekit) or 1/density (DARE paper).", choices=tuple(r.value for r in Rescale)))
+        params.append(Param("rescale", rescale, "Rescale kept entries: l1 norm (mergekit) or 1/density (DARE paper).", choices=tuple(r.value for r in Rescale), aliases=((True, "l1"), (False, "none"))))
     if sparsification in _MAGNITUDE_RANKED:
         params.append(Param("trim_scope", "tensor", "Rank magnitudes per tensor (mergekit) or over the whole model (TIES paper).", choices=("tensor", "model")))
     if sparsification == "magnitude_outliers":
