@@ -7,6 +7,7 @@ same bytes for the same recipe. Compute is float32; the output is cast to ``reci
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol
@@ -55,7 +56,7 @@ def merge_tensor(
     """
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     if spec.space == "delta":
-        return base + registry.call(spec, models - base, base, generator, params, extra)
+        return registry.call(spec, models - base, base, generator, params, extra).add_(base)
     return registry.call(spec, models, base, generator, params, extra)
 
 
@@ -138,7 +139,7 @@ class MergePlan:
         return read_float(self.base, name) if self.base else None
 
     def read_models(self, name: str) -> torch.Tensor:
-        return torch.stack([read_float(m, name) for m in self.models])
+        return read_stacked(self.models, name)
 
 
 def plan(recipe: MergeRecipe) -> MergePlan:
@@ -160,10 +161,35 @@ def read_float(checkpoint: Checkpoint, name: str) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor
     tensor = tensor.to(torch.float32)
-    if not torch.isfinite(tensor).all():
+    _check_finite(checkpoint, name, tensor)
+    return tensor
+
+
+def read_stacked(checkpoints: list[Checkpoint], name: str) -> torch.Tensor:
+    """Tensor ``name`` of every checkpoint stacked: (N, *S) float32 (non-float tensors: stored dtype).
+
+    Each tensor is read and converted straight into its slot of the result, so reading holds the
+    result plus one tensor as stored, not N float32 copies and then their stack. Raises CheckpointError
+    naming model and tensor if one holds NaN or inf.
+    """
+    stacked: Optional[torch.Tensor] = None
+    for i, checkpoint in enumerate(checkpoints):
+        tensor = checkpoint.get(name)
+        if i == 0 and not tensor.is_floating_point():
+            return torch.stack([tensor] + [c.get(name) for c in checkpoints[1:]])
+        if stacked is None:
+            stacked = torch.empty((len(checkpoints), *tensor.shape), dtype=torch.float32)
+        stacked[i].copy_(tensor)
+        del tensor
+        _check_finite(checkpoint, name, stacked[i])
+    return stacked
+
+
+def _check_finite(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> None:
+    """CheckpointError if ``tensor`` holds NaN or inf (one aminmax pass: NaN propagates into min and max)."""
+    if tensor.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(tensor)):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{checkpoint.path}: tensor {name!r} has {bad} NaN/inf values; this checkpoint is corrupt or diverged; re-export or drop it")
-    return tensor
 
 
 def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_range: str = "refuse") -> torch.Tensor:
@@ -174,7 +200,8 @@ def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_rang
     are clamped to +/- that largest value first.
     """
     limit = torch.finfo(dtype).max
-    peak = max(-tensor.min().item(), tensor.max().item()) if tensor.numel() else 0.0
+    lo, hi = torch.aminmax(tensor) if tensor.numel() else (torch.zeros(()), torch.zeros(()))
+    peak = max(-lo.item(), hi.item())
     if peak > limit:
         if out_of_range != "clamp":
             raise ValueError(

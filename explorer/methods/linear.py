@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from explorer.methods.weighted_sum import weighted_sum
 from explorer.registry import MethodSpec, Param, register
 
 
@@ -32,8 +33,7 @@ def linear(
     total = float(w.sum())
     if normalize and abs(total) < 1e-8:
         raise ValueError(f"linear: weights {w.tolist()} sum to zero with normalize on; change a weight or turn normalize off")
-    merged = torch.tensordot(w, x, dims=1)
-    return merged / total if normalize else merged
+    return weighted_sum(w, x, 1.0 / total if normalize else 1.0)
 
 
 register(

@@ -24,6 +24,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from explorer.methods.weighted_sum import weighted_sum
 from explorer.methods.sparsify import Rescale, Sparsification, sparsify
 
 
@@ -64,27 +65,28 @@ def generalized_task_arithmetic(
     n = x.shape[0]
     method = Sparsification(sparsification)
     density, gamma, epsilon = (per_model_floats(v, n) for v in (1.0 if density is None else density, gamma, epsilon))
-    deltas = torch.stack(
-        [
-            sparsify(x[i], density[i], method, Rescale(rescale), generator, gamma[i], epsilon[i],
-                     None if bands is None else (float(bands[i, 0]), float(bands[i, 1])))
-            for i in range(n)
-        ]
-    )
+    if method == Sparsification.none or min(density) >= 1:
+        deltas = x
+    else:
+        deltas = torch.stack(
+            [
+                sparsify(x[i], density[i], method, Rescale(rescale), generator, gamma[i], epsilon[i],
+                         None if bands is None else (float(bands[i, 0]), float(bands[i, 1])))
+                for i in range(n)
+            ]
+        )
+    if consensus == "none":
+        total = float(weight.sum())
+        return weighted_sum(weight, deltas, lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0))
     w = weight.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
     weighted = deltas * w
-    if consensus == "none":
-        mixed = weighted.sum(dim=0)
-        total = w.sum(dim=0).expand_as(mixed).clone()
-        total[total.abs() < 1e-8] = 1
-    else:
-        mask = _agreement_mask(weighted if election == "weighted" else deltas, consensus)
-        mixed = (weighted * mask).sum(dim=0)
+    mask = _agreement_mask(weighted if election == "weighted" else deltas, consensus)
+    mixed = (weighted * mask).sum(dim=0)
+    if normalize:
         total = ((w if divisor == "weights" else torch.ones_like(w)) * mask).sum(dim=0)
         total[total == 0] = 1
-    if normalize:
-        mixed = mixed / total
-    return mixed * lambda_
+        mixed = mixed.div_(total)
+    return mixed.mul_(lambda_)
 
 
 def per_model_floats(value: Union[float, torch.Tensor], n: int) -> list[float]:
