@@ -46,7 +46,12 @@ def scan(bench: Workbench, folder: str):
     labels = [bench.label(p) for p in bench.checkpoints()]
     base = next((lab for lab in labels if Path(lab).name == "base"), None)
     experts = [lab for lab in labels if Path(lab).name.startswith("expert")][:2]
-    message = f"Found {len(labels)} checkpoint(s) in {folder}." if labels else f"No checkpoints in {folder}."
+    if not bench.models_dir.is_dir():
+        message = _error(f"folder {folder} does not exist; give the folder that holds your checkpoints")
+    elif labels:
+        message = f"Found {len(labels)} checkpoint(s) in {folder}."
+    else:
+        message = f"No checkpoints in {folder}: a checkpoint is a folder with config.json and safetensors weights."
     tasks = gr.update(choices=evals.list_tasks(evals.task_dirs(bench.models_dir)))
     return bench, gr.update(choices=[""] + labels, value=base), gr.update(choices=labels, value=experts), message, tasks
 
@@ -78,14 +83,14 @@ def merge(bench: Workbench, method: str, dtype: str, seed: float, *values, progr
 
 def inspect(bench: Workbench, density: float, threshold: float):
     if bench.session is None or bench.session.base is None:
-        empty = [None] * (2 * len(plots.PANEL_KEYS))
+        empty = [None] * (3 * len(plots.PANEL_KEYS))
         return ["Load a base and experts to inspect their task vectors."] + empty
-    panels = plots.inspect_panels(bench.session, density=density, merged=bench.merged, threshold=threshold)
+    panels = plots.inspect_panels(bench.session, density=density, merged=bench.merged, threshold=float(threshold))
     outputs = ["Task vectors of " + ", ".join(bench.label(p) for p in bench.session.model_paths) + "."]
     for panel in panels:
         csv = CSV_DIR / f"{panel.key}.csv"
         panel.table.to_csv(csv, index=False)
-        outputs += [panel.figure, str(csv)]
+        outputs += [f"#### {panel.title}\n{panel.caption}", panel.figure, str(csv)]
     return outputs
 
 
@@ -155,7 +160,11 @@ def build_demo(models_dir: Path = DEFAULT_MODELS) -> gr.Blocks:
             inspect_status = gr.Markdown(elem_id="inspect-status")
             inspect_outputs = [inspect_status]
             for key in plots.PANEL_KEYS:
-                inspect_outputs += [gr.Plot(label=key, elem_id=f"plot-{key}"), gr.DownloadButton("CSV", elem_id=f"csv-{key}", size="sm")]
+                inspect_outputs += [
+                    gr.Markdown(elem_id=f"caption-{key}"),
+                    gr.Plot(show_label=False, elem_id=f"plot-{key}"),
+                    gr.DownloadButton("Download CSV", elem_id=f"csv-{key}", size="sm"),
+                ]
         with gr.Tab("Evaluate", id="evaluate"):
             tasks = gr.CheckboxGroup([], label="lm-eval tasks", elem_id="tasks")
             with gr.Row():
@@ -177,6 +186,8 @@ def build_demo(models_dir: Path = DEFAULT_MODELS) -> gr.Blocks:
         scan_btn.click(scan, *scan_args)
         load_btn.click(load, [bench, base, experts], [bench, loaded, models_status])
         inspect_btn.click(inspect, [bench, density, threshold], inspect_outputs)
+        density.release(inspect, [bench, density, threshold], inspect_outputs)
+        threshold.change(inspect, [bench, density, threshold], inspect_outputs)
         eval_btn.click(evaluate, [bench, tasks, limit, include], [eval_status, table, chart])
         save_btn.click(export, [bench, out_folder, overwrite], [export_status, recipe_view])
     return demo

@@ -6,6 +6,7 @@ exceptions into messages. A notebook can drive the same object directly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -37,9 +38,9 @@ class Workbench:
 
     def label(self, path: Path | str) -> str:
         """Short display name of a checkpoint: its path relative to ``models_dir`` when inside it."""
-        path = Path(path)
+        path = Path(os.path.abspath(path))
         try:
-            return str(path.resolve().relative_to(self.models_dir.resolve()))
+            return str(path.relative_to(os.path.abspath(self.models_dir)))
         except ValueError:
             return str(path)
 

@@ -4,7 +4,6 @@ evaluate with lm-eval, export; then the exported folder must load in transformer
 from __future__ import annotations
 
 import os
-import re
 import socket
 from pathlib import Path
 
@@ -14,11 +13,13 @@ from playwright.sync_api import expect, sync_playwright
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import app
+from tests.tiny import save_tiny_gpt2
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 TIMEOUT = 180_000  # ms; lm-eval on CPU dominates
+expect.set_options(timeout=TIMEOUT)
 
 
 def _free_port() -> int:
@@ -31,6 +32,7 @@ def _free_port() -> int:
 def served(zoo_dir, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     (models / "zoo").symlink_to(zoo_dir, target_is_directory=True)
+    save_tiny_gpt2(models / "other" / "gpt2-tiny")
     port = _free_port()
     demo = app.build_demo(models)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -79,11 +81,13 @@ def test_merge_inspect_evaluate_export(served, page, tmp_path):
     page.locator("#limit input").fill("20")
     page.locator("#eval-btn").click()
     expect(page.locator("#eval-status")).to_contain_text("Evaluated", timeout=TIMEOUT)
-    cells = page.locator("#eval-table td").all_inner_texts()
-    numbers = [float(c) for c in cells if re.fullmatch(r"\d+(\.\d+)?", c.strip())]
-    assert numbers and all(0 <= x <= 1 for x in numbers), cells
-    assert any("merge (ties)" in c for c in cells), cells
+    expect(page.locator("#eval-table")).to_contain_text("merge (ties)")
     page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
+    cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()]
+    assert cells[:3] == ["model", "zoo_add", "zoo_reverse"], cells
+    body = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
+    assert set(body) == {"zoo/base", "zoo/expert-add", "zoo/expert-reverse", "merge (ties)"}, rows
+    assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in body.values()), cells
 
     _tab(page, "Export")
     page.locator("#save").click()
@@ -101,7 +105,28 @@ def test_merge_inspect_evaluate_export(served, page, tmp_path):
 def test_bad_input_is_reported_in_the_ui(served, page, tmp_path):
     url, models = served
     page.goto(url)
-    expect(page.locator("#models-status")).to_contain_text("Found", timeout=60_000)
+    expect(page.locator("#models-status")).to_contain_text("Found")
+    # Two architectures: refused on Load, before any merge.
+    page.locator("#experts label", has_text="zoo/expert-reverse").click()
+    page.locator("#experts label", has_text="other/gpt2-tiny").click()
+    page.locator("#load").click()
+    expect(page.locator("#models-status")).to_contain_text("architecture GPT2LMHeadModel differs")
+    # Output folder equal to an input: refused on Save, nothing written there.
+    page.locator("#experts label", has_text="other/gpt2-tiny").click()
+    page.locator("#experts label", has_text="zoo/expert-reverse").click()
+    page.locator("#load").click()
+    expect(page.locator("#models-status")).to_contain_text("all compatible")
+    _tab(page, "Merge")
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("Merged")
+    _tab(page, "Export")
+    before = sorted(p.name for p in (models / "zoo" / "expert-add").iterdir())
+    page.locator("#export-folder textarea, #export-folder input").first.fill("zoo/expert-add")
+    page.locator("#save").click()
+    expect(page.locator("#export-status")).to_contain_text("overlaps input")
+    assert sorted(p.name for p in (models / "zoo" / "expert-add").iterdir()) == before
+    # A folder that does not exist: reported on Scan.
+    _tab(page, "Models")
     page.locator("#models-folder textarea, #models-folder input").first.fill(str(tmp_path / "missing"))
     page.locator("#scan").click()
-    expect(page.locator("#models-status")).to_contain_text("No checkpoints")
+    expect(page.locator("#models-status")).to_contain_text("does not exist")
