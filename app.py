@@ -6,6 +6,10 @@ Handlers are a few lines each: they call ``explorer``/``evals`` and turn errors 
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting threads stall a loaded 2-core machine
+
 import argparse
 import tempfile
 from pathlib import Path

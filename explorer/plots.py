@@ -6,8 +6,8 @@ values unchanged. Sampled tables say their sample size in the figure title.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -41,7 +41,7 @@ def _title(text: str, table: pd.DataFrame) -> str:
 
 
 def _layout(fig: go.Figure, title: str, **axes: str) -> go.Figure:
-    fig.update_layout(title=title, template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), legend_title_text="")
+    fig.update_layout(title=title, margin={"l": 60, "r": 20, "t": 60, "b": 50}, legend_title_text="")
     fig.update_xaxes(title=axes.get("x"))
     fig.update_yaxes(title=axes.get("y"))
     return fig
@@ -62,10 +62,10 @@ def _heatmap(table: pd.DataFrame, title: str, zmin: float, zmax: float, colorsca
 def message_figure(message: str) -> go.Figure:
     """An empty figure that says ``message`` (a panel with nothing to draw yet)."""
     fig = go.Figure()
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font={"size": 14})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return fig.update_layout(template="plotly_white")
+    return fig
 
 
 def histogram_figure(table: pd.DataFrame, title: str = "Task-vector values") -> go.Figure:
@@ -131,10 +131,9 @@ def kept_mass_figure(table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for expert, rows in table.groupby("expert", sort=False):
         curve, now = rows[~rows["current"]], rows[rows["current"]]
-        line = go.Scatter(x=curve["density"], y=curve["kept_mass"], name=expert, mode="lines+markers", legendgroup=expert)
-        fig.add_trace(line)
+        fig.add_trace(go.Scatter(x=curve["density"], y=curve["kept_mass"], name=expert, mode="lines+markers", legendgroup=expert))
         fig.add_trace(go.Scatter(x=now["density"], y=now["kept_mass"], name=f"{expert} (exact, current)", mode="markers",
-                                 marker=dict(size=11, symbol="diamond"), legendgroup=expert))
+                                 marker={"size": 11, "symbol": "diamond"}, legendgroup=expert))
     density = table.attrs["density"]
     fig.add_vline(x=density, line_dash="dot", annotation_text=f"density {density:g}")
     fig = _layout(fig, _title("L1 mass kept by the magnitude trim", table), x="density (share of entries kept)", y="share of L1 mass kept")
@@ -153,8 +152,9 @@ def merge_distance_figure(table: pd.DataFrame) -> go.Figure:
     return fig.update_xaxes(type="category")
 
 
-def _distance_table(scan: stats.Scan) -> pd.DataFrame:
-    """Per-layer rows then the whole-model rows (layer "all") of ``stats.merge_distance``."""
+def merge_distance_table(scan: stats.Scan) -> pd.DataFrame:
+    """``stats.merge_distance`` per layer, then its whole-model rows (layer "all"); raises ValueError
+    when the scan had no merge."""
     total = stats.merge_distance(scan, "model").rename(columns={"model": "layer"})
     table = pd.concat([stats.merge_distance(scan, "layer"), total], ignore_index=True)
     table.attrs = dict(total.attrs)
@@ -193,7 +193,7 @@ _DRAW: dict[str, tuple[Callable[[stats.Scan], pd.DataFrame], Callable[[pd.DataFr
     "sign_conflict": (stats.sign_conflict, sign_conflict_figure),
     "jaccard": (stats.jaccard, jaccard_figure),
     "kept_mass": (stats.kept_mass, kept_mass_figure),
-    "merge_distance": (_distance_table, merge_distance_figure),
+    "merge_distance": (merge_distance_table, merge_distance_figure),
     "dare_effect": (stats.dare_effect, lambda t: histogram_figure(t, "DARE: before and after drop + rescale")),
 }
 
@@ -207,11 +207,11 @@ def _build(key: str, scan: stats.Scan) -> Panel:
 def inspect_panels(
     source: stats.TaskVectorSource,
     density: float,
-    merged: Optional[Mapping[str, torch.Tensor]] = None,
+    merged: Mapping[str, torch.Tensor] | None = None,
     threshold: float = 0.005,
     sample: int = stats.DEFAULT_SAMPLE,
     seed: int = 0,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> list[Panel]:
     """All Inspect panels, in ``PANEL_KEYS`` order, from one ``stats.scan`` of ``source``.
 

@@ -17,27 +17,54 @@ arXiv:2306.01708; DARE (the 0.005 / 0.002 thresholds, drop and rescale) arXiv:23
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from explorer.stats_interference import cosine_similarity, jaccard, merge_distance, pair_label, sign_agreement, sign_conflict
-from explorer.stats_scan import BY, DEFAULT_CHUNK, DEFAULT_SAMPLE, Scan, below_column, grouped_sum, kth_largest, scan, with_attrs
-from explorer.stats_source import DiskTaskVectors, TaskVectorSource, TensorTaskVectors, expert_labels, lacks_base, layer_of, layer_rank
+from explorer.stats_interference import (
+    cosine_similarity,
+    jaccard,
+    merge_distance,
+    pair_label,
+    sign_agreement,
+    sign_conflict,
+)
+from explorer.stats_scan import (
+    BY,
+    DEFAULT_CHUNK,
+    DEFAULT_SAMPLE,
+    DENSITY_GRID,
+    Scan,
+    below_column,
+    grid_shares,
+    grouped_sum,
+    kth_largest,
+    scan,
+    sorted_descending,
+    with_attrs,
+)
+from explorer.stats_source import (
+    DiskTaskVectors,
+    TaskVectorSource,
+    TensorTaskVectors,
+    expert_labels,
+    lacks_base,
+    layer_of,
+    layer_rank,
+)
 
 __all__ = [
     "BY", "DARE_THRESHOLDS", "DEFAULT_BINS", "DEFAULT_CHUNK", "DEFAULT_SAMPLE", "DENSITY_GRID", "QUANTILES",
     "DiskTaskVectors", "Scan", "TaskVectorSource", "TensorTaskVectors",
-    "cosine_similarity", "dare_effect", "delta_quantiles", "delta_summary", "expert_labels", "histogram",
+    "cosine_similarity", "dare_effect", "delta_quantiles", "delta_summary", "expert_labels", "grid_shares", "histogram",
     "jaccard", "kept_mass", "kth_largest", "lacks_base", "layer_norms", "layer_of", "layer_rank", "layer_stats",
-    "merge_distance", "pair_label", "scan", "sign_agreement", "sign_conflict", "weighted_quantiles",
+    "merge_distance", "pair_label", "scan", "sign_agreement", "sign_conflict", "sorted_descending", "weighted_histogram", "weighted_quantiles",
 ]
 
 DARE_THRESHOLDS = (0.005, 0.002)  # DARE: fine-tuning deltas mostly lie within these magnitudes
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
-DENSITY_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_BINS = 101  # odd, so that 0 is the centre of a bin
 
 
@@ -45,7 +72,7 @@ def delta_summary(scan: Scan, by: str = "layer") -> pd.DataFrame:
     """Exact per-(group, expert) task-vector statistics; ``by`` is "tensor", "layer" or "model".
 
     Columns: numel; l2 = ||x||_2; mean_abs = ||x||_1 / numel; sparsity = share of exact zeros;
-    share_below_{t} = share of entries with |x| < t for each scan threshold; kept_share = share kept
+    share_below_{t:g} = share of entries with |x| < t for each scan threshold; kept_share = share kept
     by the magnitude trim at the scan's density (TIES); kept_mass = L1 share of the kept entries.
     Shares are in [0, 1]; kept_mass is NaN for an all-zero task vector.
     """
@@ -54,7 +81,7 @@ def delta_summary(scan: Scan, by: str = "layer") -> pd.DataFrame:
     table = pd.DataFrame({by: out[by], "expert": out["expert"], "numel": out["numel"], "l2": np.sqrt(out["sumsq"]),
                           "mean_abs": out["l1"] / out["numel"], "sparsity": out["zeros"] / out["numel"]})
     for t, column in zip(scan.thresholds, below):
-        table[f"share_below_{t:g}"] = out[column] / out["numel"]
+        table["share_" + column] = out[column] / out["numel"]
     table["kept_share"] = out["kept"] / out["numel"]
     table["kept_mass"] = out["kept_l1"] / out["l1"].where(out["l1"] > 0)
     return with_attrs(table, scan, True, "exact sums over every entry")
@@ -78,7 +105,7 @@ def layer_stats(scan: Scan) -> pd.DataFrame:
     columns = {}
     for label in scan.labels:
         per = summary.xs(label, level="expert")
-        columns |= {f"{label}: |x|<{t:g}": per[f"share_below_{t:g}"] for t in scan.thresholds}
+        columns |= {f"{label}: |x|<{t:g}": per["share_" + below_column(t)] for t in scan.thresholds}
         columns |= {f"{label}: zeros": per["sparsity"], f"{label}: kept mass": per["kept_mass"]}
     conflict = sign_conflict(scan, "layer")
     columns["sign conflict"] = conflict[conflict["pair"] == "all"].set_index("layer")["conflict_rate"]
@@ -98,17 +125,17 @@ def weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, quantiles: S
     Inverse of the weighted empirical CDF: the smallest v with (weight of entries <= v) >= q x total,
     for q in [0, 1]; with unit weights this is the type-1 sample quantile. K >= 1.
     """
-    ordered, order = values.sort(dim=1)
-    cumulative = weights.double()[order].cumsum(dim=1)
-    targets = torch.tensor(quantiles, dtype=torch.float64)[None, :] * cumulative[:, -1:]
-    index = torch.searchsorted(cumulative, targets.expand(values.shape[0], -1).contiguous()).clamp(max=values.shape[1] - 1)
-    return ordered.gather(1, index)
+    order = np.argsort(values.numpy(), axis=1)
+    ordered = np.take_along_axis(values.numpy(), order, axis=1)
+    cumulative = np.cumsum(weights.double().numpy()[order], axis=1)
+    out = [row[np.searchsorted(cum, np.asarray(quantiles) * cum[-1]).clip(max=len(row) - 1)] for row, cum in zip(ordered, cumulative)]
+    return torch.from_numpy(np.stack(out))
 
 
 def _groups(scan: Scan, by: str) -> dict[str, torch.Tensor]:
     """Sample columns of each ``by`` group, groups in model order."""
     keys = {"tensor": scan.names, "layer": scan.layers, "model": ["all"] * len(scan.names)}[by]
-    ordered = sorted(dict.fromkeys(keys), key=layer_rank) if by == "layer" else list(dict.fromkeys(keys))
+    ordered = _layers(scan) if by == "layer" else list(dict.fromkeys(keys))
     code = {g: i for i, g in enumerate(ordered)}
     owner = torch.tensor([code[k] for k in keys])[scan.sample_tensor]
     columns = torch.argsort(owner, stable=True).split(torch.bincount(owner, minlength=len(ordered)).tolist())
@@ -138,18 +165,27 @@ def _all_exact(scan: Scan) -> bool:
 
 
 def _edges(values: torch.Tensor, bins: int) -> torch.Tensor:
-    """``bins`` + 1 equal-width edges symmetric about 0 covering every value (float64)."""
+    """``bins`` + 1 equal-width edges symmetric about 0 covering every value (float64); bins >= 1."""
+    if bins < 1:
+        raise ValueError(f"a histogram needs at least one bin; got bins={bins}")
     reach = float(values.abs().max()) or 1e-12
     return torch.linspace(-reach, reach, bins + 1, dtype=torch.float64)
 
 
+def weighted_histogram(values: torch.Tensor, weights: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """(R, B) summed ``weights`` (K,) of each row of ``values`` (R, K) per bin of the equal-width
+    ``edges`` (B + 1,): bin floor((v - edges[0]) / width) computed in the values' dtype, values
+    beyond the edges counted in the first or last bin (so the last bin is closed)."""
+    bins, scale = edges.numel() - 1, 1 / float(edges[1] - edges[0])
+    index = ((values - float(edges[0])) * scale).floor_().clamp_(0, bins - 1).long()
+    return torch.stack([torch.bincount(row, weights=weights.double(), minlength=bins) for row in index])
+
+
 def _histogram_rows(labels: Sequence[str], values: torch.Tensor, weights: torch.Tensor, edges: torch.Tensor, **extra: str) -> list[dict]:
     """One row per (label, bin): left, right, count = summed weights of the row's values in the bin."""
-    rows = []
-    for label, row in zip(labels, values.double()):
-        counts = torch.histogram(row, bins=edges, weight=weights.double()).hist
-        rows += [{"expert": label, **extra, "left": lo, "right": hi, "count": c} for lo, hi, c in zip(edges[:-1].tolist(), edges[1:].tolist(), counts.tolist())]
-    return rows
+    counts = weighted_histogram(values, weights, edges).tolist()
+    lefts, rights = edges[:-1].tolist(), edges[1:].tolist()
+    return [{"expert": label, **extra, "left": lo, "right": hi, "count": c} for label, row in zip(labels, counts) for lo, hi, c in zip(lefts, rights, row)]
 
 
 def histogram(scan: Scan, bins: int = DEFAULT_BINS) -> pd.DataFrame:
@@ -183,30 +219,21 @@ def dare_effect(scan: Scan, bins: int = DEFAULT_BINS) -> pd.DataFrame:
     return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), "seeded drop and 1/density rescale of uniform samples per tensor")
 
 
-def kept_mass(scan: Scan, grid: Sequence[float] = DENSITY_GRID) -> pd.DataFrame:
+def kept_mass(scan: Scan) -> pd.DataFrame:
     """Share of each expert's L1 mass kept by the per-tensor magnitude trim, as a function of density.
 
     For density d in (0, 1] and expert e: sum_t ||trim_d(x_e,t)||_1 / sum_t ||x_e,t||_1, the trim
     keeping the max(1, int(d * n)) largest |x| of each tensor (TIES). Rows (density, expert):
-    kept_mass in [0, 1] (NaN for an all-zero task vector); current = False for the grid, estimated
-    from each tensor's sorted sample weighted by its exact L1 mass (exact only where every tensor was
-    whole); current = True for one exact row per expert at the scan's density.
-    Raises ValueError for a grid value outside (0, 1].
+    kept_mass in [0, 1] (NaN for an all-zero task vector); current = False for the scan's grid,
+    each tensor's share estimated from its sorted sample and weighted by its exact L1 mass (exact
+    only where every tensor was whole); current = True for one exact row per expert at the scan's
+    density.
     """
-    if not all(0 < d <= 1 for d in grid):
-        raise ValueError(f"kept-mass densities must be in (0, 1]; got {list(grid)}")
     l1 = scan.experts.pivot_table(index="name", columns="expert", values="l1", sort=False).reindex(index=scan.names, columns=scan.labels)
-    counts = torch.bincount(scan.sample_tensor, minlength=len(scan.names)).tolist()
-    kept = torch.zeros(len(scan.labels), len(grid), dtype=torch.float64)
-    for t, values in enumerate(scan.samples.split(counts, dim=1)):
-        ranked = values.abs().double().sort(dim=1, descending=True).values.cumsum(dim=1)
-        take = torch.tensor([max(1, int(d * ranked.shape[1])) - 1 for d in grid])
-        shares = ranked[:, take] / ranked[:, -1:].clamp(min=torch.finfo(torch.float64).tiny)
-        kept += torch.tensor(l1.iloc[t].to_numpy(dtype=float))[:, None] * shares
-    with np.errstate(invalid="ignore", divide="ignore"):
-        curve = kept.numpy() / l1.sum().to_numpy(dtype=float)[:, None]  # (N, G)
+    l1 = torch.tensor(l1.to_numpy(dtype=float))  # (T, N)
+    curve = ((l1[:, :, None] * scan.grid_shares).sum(0) / l1.sum(0)[:, None]).numpy()  # (N, G); NaN for 0 / 0
     exact = _all_exact(scan)
-    rows = [{"density": d, "expert": e, "kept_mass": curve[i, g], "exact": exact, "current": False} for g, d in enumerate(grid) for i, e in enumerate(scan.labels)]
+    rows = [{"density": d, "expert": e, "kept_mass": curve[i, g], "exact": exact, "current": False} for g, d in enumerate(scan.grid) for i, e in enumerate(scan.labels)]
     now = delta_summary(scan, "model")
     rows += [{"density": scan.density, "expert": e, "kept_mass": m, "exact": True, "current": True} for e, m in zip(now["expert"], now["kept_mass"])]
     return with_attrs(pd.DataFrame(rows), scan, exact, "sorted uniform samples per tensor weighted by exact L1 mass; exact at the current density")

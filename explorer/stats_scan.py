@@ -20,17 +20,19 @@ Conventions: N experts, a task vector is x_i = M_i - B; "kept" means kept by the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
 from explorer.executor import Progress, tensor_seed
 from explorer.stats_source import TaskVectorSource, expert_labels, layer_of, layer_rank
 
-DEFAULT_SAMPLE = 8192  # sampled entries per tensor
-DEFAULT_CHUNK = 1 << 20  # entries per expert per work chunk (4 MiB float32)
+DEFAULT_SAMPLE = 4096  # sampled entries per tensor
+DENSITY_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_CHUNK = 1 << 18  # entries per expert per work chunk (1 MiB float32: chunks stay in cache)
 _COLUMNS = {"pairs": ["name", "layer", "a", "b", "dot", "both_kept", "sign_dot"]}  # may have no rows (N = 1)
 _TINY = float(torch.finfo(torch.float32).tiny) * torch.finfo(torch.float32).eps  # smallest subnormal > 0
 
@@ -50,6 +52,8 @@ class Scan:
         name, layer, target, dist_sq (||merged - target||^2), ref_sq (||target||^2).
     samples: (N, K) sampled task-vector entries, all tensors concatenated; sample_weight (K,) entries
         each stands for; sample_tensor (K,) index into ``names`` of the tensor it came from.
+    grid, grid_shares: densities in (0, 1] and (T, N, G) the share of each tensor's sampled L1 mass
+        held by its largest max(1, int(d * s)) sampled |x| (``grid_shares``).
     """
 
     labels: list[str]
@@ -61,10 +65,12 @@ class Scan:
     experts: pd.DataFrame
     entries: pd.DataFrame
     pairs: pd.DataFrame
-    distances: Optional[pd.DataFrame]
+    distances: pd.DataFrame | None
     samples: torch.Tensor
     sample_weight: torch.Tensor
     sample_tensor: torch.Tensor
+    grid: tuple[float, ...]
+    grid_shares: torch.Tensor
 
     @property
     def layers(self) -> list[str]:
@@ -109,144 +115,179 @@ def below_column(threshold: float) -> str:
     return f"below_{threshold:g}"
 
 
-class _Buffers:
-    """Reused float32 work buffers of N x chunk entries; ``get(key, c)`` is an (N, c) view."""
+class Workspace:
+    """Grow-only work buffers reused across chunks and tensors (fresh large allocations are slow on
+    CPU: every page is faulted in again). ``get(key, *shape)`` is a view of the buffer ``key``."""
 
-    def __init__(self, n: int, chunk: int):
-        self.n, self.chunk, self._flat = n, chunk, {}
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
 
-    def get(self, key: str, c: int) -> torch.Tensor:
-        if key not in self._flat:
-            self._flat[key] = torch.empty(self.n * self.chunk)
-        return self._flat[key][: self.n * c].view(self.n, c)
+    def get(self, key: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        size = math.prod(shape)
+        if key not in self._flat or self._flat[key].numel() < size:
+            self._flat[key] = torch.empty(size, dtype=dtype)
+        return self._flat[key][:size].view(shape)
 
 
-class _Tensor:
-    """One tensor name of a source, flattened: task-vector chunks (N, c) and samples (N, k).
+ChunkReader = Callable[[int, int], torch.Tensor]  # (a, b) -> task vectors (N, b - a) of columns [a, b)
 
-    With a source's weights (``models`` and ``base``) chunks are M_i - B computed into a buffer;
-    otherwise they are views of ``source.task_vectors(name)``. Both give the same float32 values.
+
+class _TaskVectors:
+    """Task vectors (N, numel) of one tensor, flattened, read by column chunks.
+
+    With the source's weights (``models`` and ``base``) a chunk is M_i - B computed into a reused
+    buffer (nothing of tensor size is allocated); otherwise chunks are views of
+    ``source.task_vectors(name)``. Both give the same float32 values.
     """
 
-    def __init__(self, source: TaskVectorSource, name: str):
-        models, base = getattr(source, "models", None), getattr(source, "base", None)
-        self.base = base[name].reshape(-1) if base is not None else None
+    def __init__(self, source: TaskVectorSource, name: str, work: Workspace):
+        models, bases = getattr(source, "models", None), getattr(source, "base", None)
+        self.base = bases[name].reshape(-1) if bases is not None else None
+        self._work, self._weights, self._stack = work, None, None
         if models is not None and self.base is not None:
-            self.weights, self.stack = [m[name].reshape(-1) for m in models], None
+            self._weights = [m[name].reshape(-1) for m in models]
+            self.n_experts, self.numel = len(self._weights), self.base.numel()
+            self.is_float = self.base.is_floating_point()
         else:
-            self.weights, self.stack = None, source.task_vectors(name).float()
-            self.stack = self.stack.reshape(self.stack.shape[0], -1)
-        self.n_experts = len(self.weights) if self.weights is not None else self.stack.shape[0]
-        self.numel = self.base.numel() if self.weights is not None else self.stack.shape[1]
-        self.is_float = self.base.is_floating_point() if self.weights is not None else True
+            stack = source.task_vectors(name).float()
+            self._stack = stack.reshape(stack.shape[0], -1)
+            (self.n_experts, self.numel), self.is_float = self._stack.shape, True
 
-    def chunk(self, a: int, b: int, buffers: _Buffers) -> torch.Tensor:
-        if self.stack is not None:
-            return self.stack[:, a:b]
-        out = buffers.get("x", b - a)
-        torch.stack([w[a:b] for w in self.weights], out=out)
+    def read(self, a: int, b: int) -> torch.Tensor:
+        if self._stack is not None:
+            return self._stack[:, a:b]
+        out = self._work.get("x", self.n_experts, b - a)
+        torch.stack([w[a:b] for w in self._weights], out=out)
         return out.sub_(self.base[a:b])
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
-        if self.stack is not None:
-            return self.stack[:, index]
-        return torch.stack([w[index] for w in self.weights]) - self.base[index]
+        if self._stack is not None:
+            return self._stack[:, index]
+        return torch.stack([w[index] for w in self._weights]) - self.base[index]
 
 
-def kth_largest(abs_chunks: Callable[[], Iterator[torch.Tensor]], numel: int, k: int, sample: torch.Tensor) -> torch.Tensor:
-    """(N,) exact k-th largest entry of each row of a non-negative (N, numel) matrix given as chunks.
+def _chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for a in range(0, numel, chunk):
+        yield a, min(a + chunk, numel)
 
-    ``abs_chunks()`` yields the matrix as (N, c) column chunks (it may reuse one buffer); ``sample``
-    (N, s) holds uniform samples of each row. Floyd-Rivest selection: the sample brackets the answer
-    within +/- (3 binomial standard deviations + 2) ranks; one pass counts entries above the bracket
-    and keeps those inside it; the answer is a kthvalue over the few kept. A row whose bracket
-    misses (rare) gets an exact kthvalue over its whole row in a second pass. 1 <= k <= numel.
+
+def kth_largest(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chunk: int = DEFAULT_CHUNK, work: Workspace | None = None) -> torch.Tensor:
+    """(N,) exact k-th largest |value| in each row of an (N, numel) matrix, for 1 <= k <= numel.
+
+    ``read(a, b)`` returns the matrix's columns [a, b) (it may reuse a buffer); ``ranked`` (N, s):
+    uniform samples of each row's |values|, sorted descending. Floyd-Rivest selection: the sample
+    brackets the answer within +/- (3 binomial standard deviations + 2) ranks; one pass over column
+    chunks counts entries above the bracket and collects those inside it (a few percent); the answer
+    is a kthvalue over those. A row whose bracket misses (rare) falls back to kthvalue over the row.
     """
-    s = sample.shape[1]
-    ranked = sample.sort(dim=1, descending=True).values
+    work = work or Workspace()
+    n_rows, s = ranked.shape
     share = k / numel
     spread = 3 * math.sqrt(s * share * (1 - share)) + 2
     top, bottom = math.floor(share * s - spread), math.ceil(share * s + spread)
-    hi = ranked[:, top] if top >= 0 else torch.full((sample.shape[0],), math.inf)
-    lo = ranked[:, bottom] if bottom < s else torch.zeros(sample.shape[0])
-    above = torch.zeros(sample.shape[0], dtype=torch.long)
-    inside: list[list[torch.Tensor]] = [[] for _ in range(sample.shape[0])]
-    for c in abs_chunks():
-        above += (c > hi[:, None]).sum(1)
-        keep = (c >= lo[:, None]) & (c <= hi[:, None])
-        for row, kept in zip(inside, c[keep].split(keep.sum(1).tolist())):
+    hi = (ranked[:, top] if top >= 0 else torch.full((n_rows,), math.inf))[:, None]
+    lo = (ranked[:, bottom] if bottom < s else torch.zeros(n_rows))[:, None]
+    above = torch.zeros(n_rows, dtype=torch.float64)
+    inside: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
+    for a, b in _chunks(numel, chunk):
+        ax = torch.abs(read(a, b), out=work.get("abs", n_rows, b - a))
+        above += torch.gt(ax, hi, out=work.get("tmp", n_rows, b - a)).sum(1)
+        clamped = torch.clamp(ax, lo, hi, out=work.get("tmp", n_rows, b - a))
+        keep = torch.eq(clamped, ax, out=work.get("keep", n_rows, b - a, dtype=torch.bool))  # lo <= |x| <= hi
+        for row, kept in zip(inside, ax[keep].split(keep.sum(1).tolist())):
             row.append(kept)
-    out = torch.empty(sample.shape[0])
+    out = torch.empty(n_rows)
     for i, row in enumerate(inside):
-        values, rank = torch.cat(row), k - int(above[i])
-        if 1 <= rank <= values.numel():
-            out[i] = torch.kthvalue(values, values.numel() - rank + 1).values
+        candidates, rank = torch.cat(row), k - int(above[i])
+        if 1 <= rank <= candidates.numel():
+            out[i] = torch.kthvalue(candidates, candidates.numel() - rank + 1).values
         else:
-            full = torch.cat([c[i].clone() for c in abs_chunks()])
-            out[i] = torch.kthvalue(full, numel - k + 1).values
+            row = torch.cat([read(a, b)[i].abs() for a, b in _chunks(numel, chunk)])
+            out[i] = torch.kthvalue(row, numel - k + 1).values
     return out
 
 
-def _abs_chunks(tensor: _Tensor, chunk: int, buffers: _Buffers) -> Callable[[], Iterator[torch.Tensor]]:
-    def chunks() -> Iterator[torch.Tensor]:
-        for a in range(0, tensor.numel, chunk):
-            b = min(a + chunk, tensor.numel)
-            yield torch.abs(tensor.chunk(a, b, buffers), out=buffers.get("abs", b - a))
-
-    return chunks
+def sorted_descending(values: torch.Tensor) -> torch.Tensor:
+    """Each row of ``values`` (R, K) sorted descending (numpy's sort: several times torch's on CPU)."""
+    return torch.from_numpy(np.ascontiguousarray(np.sort(values.numpy(), axis=1)[:, ::-1]))
 
 
-def _thresholds(tensor: _Tensor, density: float, sample: torch.Tensor, exact_sample: bool, chunk: int, buffers: _Buffers) -> torch.Tensor:
-    """(N,) smallest |x| each expert keeps at ``density`` (inf: nothing; the smallest subnormal: all nonzero)."""
+def _cutoffs(x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, work: Workspace) -> torch.Tensor:
+    """(N,) smallest |x| each expert keeps at ``density``: the k-th largest |x|, at least the smallest
+    positive float (so zeros are never kept); inf at density 0 (nothing kept). ``ranked``: the
+    sampled |x| sorted descending."""
+    numel = x.numel
     if density <= 0:
-        return torch.full((tensor.n_experts,), math.inf)
-    k = max(1, int(density * tensor.numel))
-    if exact_sample:
-        kth = torch.kthvalue(sample.abs(), tensor.numel - k + 1, dim=1).values
+        return torch.full((x.n_experts,), math.inf)
+    k = max(1, int(density * numel))
+    if ranked.shape[1] == numel:  # the sample is the whole tensor
+        kth = ranked[:, k - 1]
     else:
-        kth = kth_largest(_abs_chunks(tensor, chunk, buffers), tensor.numel, k, sample.abs())
+        kth = kth_largest(x.read, numel, k, ranked, chunk, work)
     return kth.clamp(min=_TINY)
 
 
-def _accumulate(tensor: _Tensor, cutoff: torch.Tensor, thresholds: Sequence[float], merged: Optional[torch.Tensor], chunk: int, buffers: _Buffers) -> dict[str, torch.Tensor]:
-    """Exact sums over one tensor's entries, chunk by chunk (see ``Scan`` for their meaning)."""
-    n = tensor.n_experts
-    acc = {key: torch.zeros(n, dtype=torch.float64) for key in ("l1", "zeros", "kept_l1")}
+def grid_shares(ranked: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
+    """(N, G) share of the L1 mass of each row of ``ranked`` (N, s; |values| sorted descending) held
+    by its max(1, int(d * s)) largest entries, for each d in ``grid``; 0 for an all-zero row."""
+    cumulative = ranked.double().cumsum(dim=1)
+    take = torch.tensor([max(1, int(d * ranked.shape[1])) - 1 for d in grid])
+    return cumulative[:, take] / cumulative[:, -1:].clamp(min=torch.finfo(torch.float64).tiny)
+
+
+def _accumulate(x: _TaskVectors, cutoff: torch.Tensor, thresholds: Sequence[float], merged: torch.Tensor | None, chunk: int, work: Workspace) -> dict[str, torch.Tensor]:
+    """Exact sums over the task vectors ``x`` of one tensor, chunk by chunk (see ``Scan``).
+
+    All temporaries live in ``work``; 0/1 indicators are float32 (exact: a chunk has < 2^24 entries).
+    """
+    n = x.n_experts
+    acc = {key: torch.zeros(n, dtype=torch.float64) for key in ("l1", "zeros", "kept_l1", "xb", "dist_sq")}
     acc |= {key: torch.zeros(n, n, dtype=torch.float64) for key in ("gram", "inter", "sdot")}
-    acc |= {key: torch.zeros((), dtype=torch.float64) for key in ("kept_any", "kept_2plus", "conflicts", "agreement_sum")}
+    acc |= {key: torch.zeros((), dtype=torch.float64) for key in ("kept_any", "kept_2plus", "conflicts", "agreement_sum", "bb", "moved_sq")}
     acc["below"] = torch.zeros(len(thresholds), n, dtype=torch.float64)
-    acc["dist_sq"], acc["ref_sq"] = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
-    for a in range(0, tensor.numel, chunk):
-        b = min(a + chunk, tensor.numel)
-        x = tensor.chunk(a, b, buffers)  # (N, c)
-        ax, tmp = torch.abs(x, out=buffers.get("abs", b - a)), buffers.get("tmp", b - a)
-        acc["gram"] += x @ x.T
+    cutoff = cutoff[:, None]
+    for a, b in _chunks(x.numel, chunk):
+        xc, c = x.read(a, b), b - a  # (N, c)
+        ax, tmp = torch.abs(xc, out=work.get("abs", n, c)), work.get("tmp", n, c)
+        acc["gram"] += xc @ xc.T
         acc["l1"] += ax.sum(1)
         acc["zeros"] += torch.eq(ax, 0, out=tmp).sum(1)
         for j, t in enumerate(thresholds):
             acc["below"][j] += torch.lt(ax, t, out=tmp).sum(1)
-        kept = torch.ge(ax, cutoff[:, None], out=buffers.get("kept", b - a))  # 1.0 where kept
-        signs = torch.sign(x, out=buffers.get("sign", b - a)).mul_(kept)  # -1/0/+1 on kept entries
+        kept = torch.ge(ax, cutoff, out=work.get("kept", n, c))  # 1.0 where kept
+        signs = torch.sign(xc, out=work.get("signs", n, c)).mul_(kept)  # -1/0/+1 on kept entries
         acc["inter"] += kept @ kept.T
         acc["sdot"] += signs @ signs.T
-        acc["kept_l1"] += torch.mul(ax, kept, out=tmp).sum(1)
-        count, net = kept.sum(0), signs.sum(0).abs_()  # (c,) experts keeping, |sum of their signs|
-        acc["kept_any"] += (count > 0).sum()
-        acc["kept_2plus"] += (count >= 2).sum()
-        acc["conflicts"] += (net < count).sum()
-        acc["agreement_sum"] += (net / count.clamp(min=1)).sum()
+        acc["kept_l1"] += torch.mul(signs, xc, out=tmp).sum(1)
+        _entries(acc, kept, signs, work)
         if merged is not None:
-            _distances(acc, x, merged[a:b].float() - tensor.base[a:b], tensor.base[a:b], tmp)
+            _distances(acc, xc, merged[a:b], x.base[a:b], work)
+    acc["ref_sq"] = torch.cat([acc["bb"] + 2 * acc["xb"] + acc["gram"].diagonal(), acc["bb"][None]])  # ||B + x_i||^2, ||B||^2
+    acc["dist_sq"] = torch.cat([acc["dist_sq"], acc["moved_sq"][None]])
     return acc
 
 
-def _distances(acc: dict[str, torch.Tensor], x: torch.Tensor, moved: torch.Tensor, base: torch.Tensor, tmp: torch.Tensor) -> None:
-    """Add squared distances of the merge (base + ``moved``) from each expert (B + x_i) and the base."""
-    n = x.shape[0]
-    acc["dist_sq"][:n] += torch.sub(x, moved, out=tmp).square_().sum(1)
-    acc["dist_sq"][n] += moved.dot(moved)
-    acc["ref_sq"][:n] += torch.add(x, base, out=tmp).square_().sum(1)
-    acc["ref_sq"][n] += base.dot(base)
+def _entries(acc: dict[str, torch.Tensor], kept: torch.Tensor, signs: torch.Tensor, work: Workspace) -> None:
+    """Add per-entry cross-expert counts: an entry conflicts when its kept signs are not all equal,
+    i.e. |sum of signs| < number of experts keeping it."""
+    c = kept.shape[1]
+    count = torch.sum(kept, 0, out=work.get("count", c))
+    net = torch.sum(signs, 0, out=work.get("net", c)).abs_()
+    flag = work.get("flag", c)
+    acc["kept_any"] += torch.gt(count, 0.5, out=flag).sum()
+    acc["kept_2plus"] += torch.gt(count, 1.5, out=flag).sum()
+    acc["conflicts"] += torch.lt(net, count, out=flag).sum()
+    acc["agreement_sum"] += torch.div(net, count.clamp_(min=1), out=flag).sum()
+
+
+def _distances(acc: dict[str, torch.Tensor], x: torch.Tensor, merged: torch.Tensor, base: torch.Tensor, work: Workspace) -> None:
+    """Add squared distances of the merge (B + moved) from each expert (B + x_i) and from the base,
+    and the dot products that give the experts' norms (||B + x_i||^2 = ||B||^2 + 2 B.x_i + ||x_i||^2)."""
+    moved = torch.sub(merged, base, out=work.get("moved", base.shape[0]))
+    acc["dist_sq"] += torch.linalg.vector_norm(torch.sub(x, moved, out=work.get("tmp", *x.shape)), dim=1).double().square()
+    acc["moved_sq"] += moved.dot(moved)
+    acc["xb"] += x @ base
+    acc["bb"] += base.dot(base)
 
 
 def _sample_index(numel: int, sample: int, generator: torch.Generator) -> torch.Tensor:
@@ -255,11 +296,13 @@ def _sample_index(numel: int, sample: int, generator: torch.Generator) -> torch.
     return torch.randint(numel, (sample,), generator=generator)
 
 
-def _check(density: float, thresholds: Sequence[float], sample: int, chunk: int) -> None:
+def _check(density: float, thresholds: Sequence[float], sample: int, grid: Sequence[float], chunk: int) -> None:
     if not 0 <= density <= 1:
         raise ValueError(f"density must be in [0, 1] (the fraction of entries a trim keeps); got {density}")
     if any(t <= 0 for t in thresholds):
         raise ValueError(f"thresholds must be positive magnitudes; got {list(thresholds)}")
+    if not all(0 < d <= 1 for d in grid):
+        raise ValueError(f"kept-mass densities must be in (0, 1]; got {list(grid)}")
     if sample < 1 or chunk < 1:
         raise ValueError(f"sample and chunk must be >= 1; got sample={sample}, chunk={chunk}")
 
@@ -267,41 +310,46 @@ def _check(density: float, thresholds: Sequence[float], sample: int, chunk: int)
 def scan(
     source: TaskVectorSource,
     density: float,
-    merged: Optional[Mapping[str, torch.Tensor]] = None,
+    merged: Mapping[str, torch.Tensor] | None = None,
     thresholds: Sequence[float] = (0.005,),
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
+    grid: Sequence[float] = DENSITY_GRID,
     chunk: int = DEFAULT_CHUNK,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> Scan:
     """Measure ``source`` in one pass over its tensor names (non-float tensors are skipped).
 
     density: fraction of each task vector the magnitude trim keeps, in [0, 1].
     merged: {name: merged weights} of the current merge (any float dtype) or None.
     thresholds: magnitudes t > 0 for the share of |x| < t (DARE, arXiv:2311.03099, reports most
-        |delta| below 0.005 and 0.002). sample: entries sampled per tensor (>= 1). chunk: entries per
-        expert per work step (memory: about 5 x N x chunk x 4 bytes besides the tensor itself).
+        |delta| below 0.005 and 0.002). sample: entries sampled per tensor (>= 1). grid: densities
+        in (0, 1] for the kept-mass curve (``stats.kept_mass``). chunk: entries per
+        expert per work step. Memory besides the source: the task vectors of one tensor (N x its size)
+        and about 6 x N x chunk x 4 bytes of work buffers.
     Raises ValueError on out-of-range arguments, a source without task vectors, or a ``merged``
     that lacks a tensor or has another size; CheckpointError from a disk source's bad tensor.
     """
-    _check(density, thresholds, sample, chunk)
+    _check(density, thresholds, sample, grid, chunk)
     if merged is not None and getattr(source, "base", None) is None:
         raise ValueError("distances of a merge need the base weights; this source has none")
     rows: dict[str, list] = {"experts": [], "entries": [], "pairs": [], "distances": []}
-    samples, weights, owners, names, labels, buffers = [], [], [], [], None, None
+    samples, weights, owners, shares, names, labels, work = [], [], [], [], [], None, Workspace()
     for t, name in enumerate(source.names):
-        tensor = _Tensor(source, name)
-        if tensor.is_float and tensor.numel:
-            labels = labels or expert_labels(source, tensor.n_experts)
-            buffers = buffers or _Buffers(tensor.n_experts, chunk)
-            moved = _merged_flat(merged, name, tensor.numel) if merged is not None else None
+        x = _TaskVectors(source, name, work)
+        if x.is_float and x.numel:
+            labels = labels or expert_labels(source, x.n_experts)
+            numel = x.numel
+            moved = _merged_flat(merged, name, numel) if merged is not None else None
             generator = torch.Generator().manual_seed(tensor_seed(seed, name))
-            values = tensor.take(_sample_index(tensor.numel, sample, generator))
-            cutoff = _thresholds(tensor, density, values, values.shape[1] == tensor.numel, chunk, buffers)
-            acc = _accumulate(tensor, cutoff, thresholds, moved, chunk, buffers)
-            _add_rows(rows, name, tensor.numel, labels, thresholds, cutoff, acc, moved is not None)
+            values = x.take(_sample_index(numel, sample, generator))
+            ranked = sorted_descending(values.abs())
+            cutoff = _cutoffs(x, density, ranked, chunk, work)
+            shares.append(grid_shares(ranked, grid))
+            acc = _accumulate(x, cutoff, thresholds, moved, chunk, work)
+            _add_rows(rows, name, numel, labels, thresholds, cutoff, acc, moved is not None)
             samples.append(values)
-            weights.append(torch.full((values.shape[1],), tensor.numel / values.shape[1], dtype=torch.float64))
+            weights.append(torch.full((values.shape[1],), numel / values.shape[1], dtype=torch.float64))
             owners.append(torch.full((values.shape[1],), len(names), dtype=torch.long))
             names.append(name)
         if progress:
@@ -314,6 +362,7 @@ def scan(
         experts=frames["experts"], entries=frames["entries"], pairs=frames["pairs"],
         distances=frames["distances"] if merged is not None else None,
         samples=torch.cat(samples, dim=1), sample_weight=torch.cat(weights), sample_tensor=torch.cat(owners),
+        grid=tuple(grid), grid_shares=torch.stack(shares),
     )
 
 
@@ -330,14 +379,15 @@ def _add_rows(rows: dict[str, list], name: str, numel: int, labels: list[str], t
     """Append one tensor's accumulated sums as table rows (see ``Scan``)."""
     layer, n = layer_of(name), len(labels)
     for i, label in enumerate(labels):
-        row = dict(name=name, layer=layer, expert=label, numel=numel, sumsq=float(acc["gram"][i, i]), l1=float(acc["l1"][i]), zeros=int(acc["zeros"][i]))
+        row = {"name": name, "layer": layer, "expert": label, "numel": numel, "sumsq": float(acc["gram"][i, i]), "l1": float(acc["l1"][i]), "zeros": int(acc["zeros"][i])}
         row |= {below_column(t): int(acc["below"][j, i]) for j, t in enumerate(thresholds)}
-        row |= dict(kept=int(acc["inter"][i, i]), kept_l1=float(acc["kept_l1"][i]), threshold=float(cutoff[i]))
+        row |= {"kept": int(acc["inter"][i, i]), "kept_l1": float(acc["kept_l1"][i]), "threshold": float(cutoff[i])}
         rows["experts"].append(row)
-    rows["entries"].append(dict(name=name, layer=layer, numel=numel, **{k: float(acc[k]) for k in ("kept_any", "kept_2plus", "conflicts", "agreement_sum")}))
+    counts = {k: int(acc[k]) for k in ("kept_any", "kept_2plus", "conflicts")}
+    rows["entries"].append(dict(name=name, layer=layer, numel=numel, **counts, agreement_sum=float(acc["agreement_sum"])))
     for a in range(n):
         for b in range(a + 1, n):
-            rows["pairs"].append(dict(name=name, layer=layer, a=labels[a], b=labels[b], dot=float(acc["gram"][a, b]), both_kept=int(acc["inter"][a, b]), sign_dot=int(acc["sdot"][a, b])))
+            rows["pairs"].append({"name": name, "layer": layer, "a": labels[a], "b": labels[b], "dot": float(acc["gram"][a, b]), "both_kept": int(acc["inter"][a, b]), "sign_dot": int(acc["sdot"][a, b])})
     if has_merge:
         for i, target in enumerate([*labels, "base"]):
-            rows["distances"].append(dict(name=name, layer=layer, target=target, dist_sq=float(acc["dist_sq"][i]), ref_sq=float(acc["ref_sq"][i])))
+            rows["distances"].append({"name": name, "layer": layer, "target": target, "dist_sq": float(acc["dist_sq"][i]), "ref_sq": float(acc["ref_sq"][i])})

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 
@@ -106,7 +106,7 @@ class DiskTaskVectors:
     architecture, tensor names or shapes.
     """
 
-    def __init__(self, base: str | Path, models: Sequence[str | Path], labels: Optional[Sequence[str]] = None):
+    def __init__(self, base: str | Path, models: Sequence[str | Path], labels: Sequence[str] | None = None):
         base_ckpt = open_checkpoint(base)
         model_ckpts = [open_checkpoint(m) for m in models]
         self.names = check_compatible(base_ckpt, model_ckpts)
@@ -124,10 +124,11 @@ class TensorTaskVectors:
     """Task vectors already in memory: ``vectors`` maps name -> (N, *S) tensor; ``base`` (optional)
     maps name -> (*S) base weights, needed only for distances of a merge from its inputs."""
 
-    def __init__(self, vectors: Mapping[str, torch.Tensor], labels: Optional[Sequence[str]] = None, base: Optional[Mapping[str, torch.Tensor]] = None):
+    def __init__(self, vectors: Mapping[str, torch.Tensor], labels: Sequence[str] | None = None, base: Mapping[str, torch.Tensor] | None = None):
         self.vectors, self.base = dict(vectors), base
         self.names = list(self.vectors)
         self.labels = list(labels) if labels is not None else None
 
     def task_vectors(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 task vectors of tensor ``name`` (KeyError if unknown)."""
         return self.vectors[name].float()
