@@ -21,12 +21,14 @@ from explorer import registry
 from explorer.executor import merge_tensor
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
+def median_seconds(fn, repeats: int, setup=lambda: None) -> float:
+    """Median wall time of fn(setup()) over ``repeats`` runs after one warm-up; setup is not timed."""
+    fn(setup())
     times = []
     for _ in range(repeats):
+        arg = setup()
         start = time.perf_counter()
-        fn()
+        fn(arg)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -35,7 +37,7 @@ def copy_bandwidth(repeats: int) -> float:
     """Bytes per second of a large float32 copy (read + write counted)."""
     src = torch.randn(64 * 1024 * 1024)
     dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), repeats)
+    seconds = median_seconds(lambda _: dst.copy_(src), repeats)
     return 2 * src.numel() * 4 / seconds
 
 
@@ -64,10 +66,11 @@ def main() -> None:
         spec = registry.get(method)
         params = {p.name: p.default for p in spec.params if not p.setup}
         params.update({k: torch.tensor(v) for k, v in per_model.items()})
-        ours = median_seconds(lambda: merge_tensor(spec, params, "w", base if with_base else None, models, 0), args.repeats)
+        # merge_tensor consumes its stacked input (the executor's fresh read), so each run gets a copy
+        ours = median_seconds(lambda m: merge_tensor(spec, params, "w", base if with_base else None, m, 0), args.repeats, models.clone)
         inputs = [base, *models] if with_base else list(models)
         kwargs = {"base_index": 0} if with_base else {}
-        theirs = median_seconds(lambda: merge_tensors(inputs, method, parameters=per_model, **kwargs), args.repeats)
+        theirs = median_seconds(lambda _: merge_tensors(inputs, method, parameters=per_model, **kwargs), args.repeats)
         print(f"{method:16s} {ours * 1e3:9.0f} {theirs * 1e3:12.0f} {ours / theirs:14.2f} {ours / floor:11.1f}")
 
 

@@ -52,11 +52,13 @@ def merge_tensor(
 ) -> torch.Tensor:
     """Merge one tensor: ``models`` (N, *S) and ``base`` (*S) float32 -> merged (*S) float32.
 
-    Delta-space methods see task vectors ``models - base`` and get ``base`` added back.
+    Delta-space methods see task vectors ``models - base`` and get ``base`` added back. ``models`` is
+    overwritten (the task vectors are formed in place, and methods may thin them in place): pass a
+    tensor this call may consume.
     """
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
     if spec.space == "delta":
-        return registry.call(spec, models - base, base, generator, params, extra).add_(base)
+        return registry.call(spec, models.sub_(base), base, generator, params, extra).add_(base)
     return registry.call(spec, models, base, generator, params, extra)
 
 

@@ -18,7 +18,8 @@ ParamValue = Union[float, bool, str]
 Space = Literal["delta", "weight"]
 
 # Signature of a method: fn(x, *, base, generator, **params) -> Tensor (*S)
-#   x:         (N, *S) float32; task vectors M_i - B when space == "delta", else the model weights
+#   x:         (N, *S) float32; task vectors M_i - B when space == "delta", else the model weights;
+#              a fresh tensor per call that the method may overwrite (it is never an input's storage)
 #   base:      (*S) float32 base weights, or None when the recipe has no base model
 #   generator: torch.Generator seeded from the recipe seed and the tensor name (random methods only)
 #   params:    per-model params as float32 tensors of shape (N,), global params as Python scalars

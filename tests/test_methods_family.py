@@ -20,7 +20,7 @@ def _run(method: str, deltas: torch.Tensor, seed: int = 0, extra: dict | None = 
     for p in spec.per_model_params:
         if not isinstance(full[p.name], torch.Tensor):
             full[p.name] = torch.full((deltas.shape[0],), float(full[p.name]))
-    return registry.call(spec, deltas, None, torch.Generator().manual_seed(seed), full, extra)
+    return registry.call(spec, deltas.clone(), None, torch.Generator().manual_seed(seed), full, extra)  # methods may overwrite x
 
 
 def _deltas(n: int = 3, shape=(12, 10), seed: int = 0) -> torch.Tensor:

@@ -87,7 +87,7 @@ def test_ties_peft_conventions_differ_from_mergekit_only_where_documented():
     common = {"weight": torch.tensor([1.0, 1.0]), "density": torch.tensor([1.0, 1.0]), "lambda": 1.0,
               "normalize": True, "rescale": "none", "trim_scope": "tensor"}
     # With equal unit weights, weighted and unweighted election coincide, and so do both divisors.
-    a = registry.call(spec, deltas, base, None, {**common, "election": "weighted", "divisor": "weights"})
+    a = registry.call(spec, deltas.clone(), base, None, {**common, "election": "weighted", "divisor": "weights"})
     b = registry.call(spec, deltas, base, None, {**common, "election": "unweighted", "divisor": "count"})
     assert_expected(a, b)
 

@@ -26,7 +26,7 @@ def _call(method: str, deltas: torch.Tensor, weights: torch.Tensor, density: flo
     spec = registry.get(method)
     full = {p.name: p.default for p in spec.params}
     full.update(weight=weights, density=torch.full((deltas.shape[0],), density), **params)
-    return registry.call(spec, deltas, None, torch.Generator().manual_seed(0), full)
+    return registry.call(spec, deltas.clone(), None, torch.Generator().manual_seed(0), full)  # methods may overwrite x
 
 
 @pytest.mark.filterwarnings("ignore:The density 1.0 is greater")

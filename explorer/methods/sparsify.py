@@ -76,9 +76,9 @@ def magnitude_mask(delta: torch.Tensor, density: float, *_: object) -> torch.Ten
 
 
 def topk_mask(t: torch.Tensor, k: int) -> torch.Tensor:
-    """(*S) mask of t's dtype: 1 on the k largest |t| entries (0 <= k <= numel), 0 elsewhere."""
-    flat = torch.zeros(t.numel(), dtype=t.dtype)
-    flat[torch.topk(t.abs().reshape(-1), k, sorted=False).indices] = 1
+    """(*S) bool mask: True on the k largest |t| entries (0 <= k <= numel), False elsewhere."""
+    flat = torch.zeros(t.numel(), dtype=torch.bool)
+    flat[torch.topk(t.abs().reshape(-1), k, sorted=False).indices] = True
     return flat.reshape(t.shape)
 
 

@@ -47,7 +47,10 @@ def generalized_task_arithmetic(
     trim_scope: str = "tensor",
     bands: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Merge task vectors ``x`` (N, *S) float32 into one task vector (*S).
+    """Merge task vectors ``x`` (N, *S) float32 into one task vector (*S); ``x`` is overwritten.
+
+    The executor passes a fresh ``x`` per call (see ``explorer.registry``), so thinning and weighting
+    happen in place: peak memory is about (N/4 + 3) tensors of size S beyond ``x``.
 
     weight, density: (N,) per-model; density in [0, 1] is the fraction of each task vector kept
     (None keeps everything). gamma, epsilon: (N,) per-model or one float (see ``sparsify``).
@@ -65,28 +68,48 @@ def generalized_task_arithmetic(
     n = x.shape[0]
     method = Sparsification(sparsification)
     density, gamma, epsilon = (per_model_floats(v, n) for v in (1.0 if density is None else density, gamma, epsilon))
-    if method == Sparsification.none or min(density) >= 1:
-        deltas = x
-    else:
-        deltas = torch.stack(
-            [
-                sparsify(x[i], density[i], method, Rescale(rescale), generator, gamma[i], epsilon[i],
-                         None if bands is None else (float(bands[i, 0]), float(bands[i, 1])))
-                for i in range(n)
-            ]
-        )
+    deltas = x
+    if method != Sparsification.none and min(density) < 1:
+        for i in range(n):
+            band = None if bands is None else (float(bands[i, 0]), float(bands[i, 1]))
+            deltas[i] = sparsify(x[i], density[i], method, Rescale(rescale), generator, gamma[i], epsilon[i], band)
     if consensus == "none":
         total = float(weight.sum())
         return weighted_sum(weight, deltas, lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0))
-    w = weight.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
-    weighted = deltas * w
-    mask = _agreement_mask(weighted if election == "weighted" else deltas, consensus)
-    mixed = (weighted * mask).sum(dim=0)
-    if normalize:
-        total = ((w if divisor == "weights" else torch.ones_like(w)) * mask).sum(dim=0)
-        total[total == 0] = 1
-        mixed = mixed.div_(total)
+    mixed = disjoint_sum_(deltas, weight.tolist(), consensus, election, divisor if normalize else None)
     return mixed.mul_(lambda_)
+
+
+def disjoint_sum_(
+    deltas: torch.Tensor, weights: list[float], consensus: str, election: str, divisor: Optional[str]
+) -> torch.Tensor:
+    """TIES sign election and disjoint sum of (thinned) task vectors ``deltas`` (N, *S), overwritten.
+
+    The elected sign per entry is that of sum_i v_i ("sum") or of sum_i sign(v_i) ("count"), with
+    v_i = w_i d_i ("weighted") or d_i ("unweighted"); zero votes elect +. Entry i agrees when v_i has
+    the elected sign (zeros never agree). Returns sum_i [agree_i] w_i d_i, divided, when ``divisor``
+    is "weights" or "count", by sum_i [agree_i] w_i or sum_i [agree_i] (a zero divisor counts as 1).
+    Works model by model with boolean masks: about N/4 + 2 tensors of size S beyond ``deltas``.
+    """
+    scale = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
+    if election == "weighted":
+        deltas.mul_(scale)
+    votes = deltas.sum(dim=0) if consensus == "sum" else sum(d.sign() for d in deltas)
+    positive = votes >= 0
+    del votes
+    agree = torch.stack([torch.where(positive, d > 0, d < 0) for d in deltas])
+    if election != "weighted":
+        deltas.mul_(scale)
+    mixed = torch.zeros_like(deltas[0])
+    for d, a in zip(deltas, agree):
+        mixed.add_(d.mul_(a))
+    if divisor is None:
+        return mixed
+    total = torch.zeros_like(mixed)
+    for w, a in zip(weights, agree):
+        total.add_(a, alpha=w if divisor == "weights" else 1.0)
+    total[total == 0] = 1
+    return mixed.div_(total)
 
 
 def per_model_floats(value: Union[float, torch.Tensor], n: int) -> list[float]:
@@ -98,11 +121,3 @@ def per_model_floats(value: Union[float, torch.Tensor], n: int) -> list[float]:
     if isinstance(value, torch.Tensor):
         return [float(str(np.float32(v))) for v in value.tolist()]
     return [float(value)] * n
-
-
-def _agreement_mask(deltas: torch.Tensor, consensus: str) -> torch.Tensor:
-    """(N, *S) 1.0 where an entry's sign equals the elected sign (ties elect +), else 0.0."""
-    signs = deltas.sign()
-    votes = deltas.sum(dim=0) if consensus == "sum" else signs.sum(dim=0)
-    elected = torch.where(votes >= 0, 1.0, -1.0)
-    return (signs == elected).to(deltas.dtype)
