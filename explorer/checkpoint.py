@@ -127,8 +127,7 @@ def check_compatible(base: Optional[Checkpoint], models: Iterable[Checkpoint]) -
             if reference.shape(name) != other.shape(name):
                 raise CheckpointError(
                     f"{other.path}: tensor {name!r} has shape {list(other.shape(name))} but {reference.path} has "
-                    f"{list(reference.shape(name))}; only models fine-tuned from the same base can be merged "
-                    "(a different vocabulary size needs its embeddings aligned first)"
+                    f"{list(reference.shape(name))}; only models fine-tuned from the same base can be merged"
                 )
     return names
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from explorer.formats.base import Checkpoint, CheckpointError, empty_model
+from explorer.formats.base import TOKENIZER_FILES, Checkpoint, CheckpointError, empty_model
 
 TokenizerSource = Literal["base", "union"]
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json")
@@ -45,24 +44,23 @@ class EmbeddingNames:
     vocab: tuple[str, ...]  # every tensor indexed by token on dim 0
 
 
+_NAMES: dict[tuple[str, str], EmbeddingNames] = {}  # (architecture, config JSON) -> names
+
+
 def embedding_names(checkpoint: Checkpoint) -> EmbeddingNames:
     """The embedding tensor names of ``checkpoint``'s architecture, read off an empty (meta) model."""
-    return _embedding_names(checkpoint.architecture, json.dumps(checkpoint.config, sort_keys=True, default=str), checkpoint.path)
-
-
-@lru_cache(maxsize=16)
-def _embedding_names(architecture: str, config_json: str, where: Path) -> EmbeddingNames:
-    from transformers import AutoConfig
-
-    model = empty_model(AutoConfig.for_model(**json.loads(config_json)), architecture, where)
-    module_names = {id(m): n for n, m in model.named_modules()}
-    prefix = module_names[id(model.get_input_embeddings())]
-    out = model.get_output_embeddings()
-    if out is None:
-        return EmbeddingNames(f"{prefix}.weight", None, (f"{prefix}.weight",))
-    out_prefix = module_names[id(out)]
-    out_names = tuple(f"{out_prefix}.{p}" for p, _ in out.named_parameters(recurse=False))
-    return EmbeddingNames(f"{prefix}.weight", f"{out_prefix}.weight", (f"{prefix}.weight",) + out_names)
+    key = (checkpoint.architecture, json.dumps(checkpoint.config, sort_keys=True, default=str))
+    if key not in _NAMES:
+        model = empty_model(checkpoint.hf_config, checkpoint.architecture, checkpoint.path)
+        module_names = {id(m): n for n, m in model.named_modules()}
+        inp = f"{module_names[id(model.get_input_embeddings())]}.weight"
+        out = model.get_output_embeddings()
+        if out is None:
+            _NAMES[key] = EmbeddingNames(inp, None, (inp,))
+        else:
+            prefix = module_names[id(out)]
+            _NAMES[key] = EmbeddingNames(inp, f"{prefix}.weight", (inp,) + tuple(f"{prefix}.{p}" for p, _ in out.named_parameters(recurse=False)))
+    return _NAMES[key]
 
 
 def is_tied(checkpoint: Checkpoint, names: EmbeddingNames) -> bool:
@@ -188,6 +186,8 @@ class EmbeddingView(Checkpoint):
         self.inner.save_assets(dst)
         layout = self.alignment.layout
         if layout is not None and layout.tokenizer is not None:
+            for name in TOKENIZER_FILES:
+                (dst / name).unlink(missing_ok=True)
             layout.tokenizer.save_pretrained(dst)
 
     def close(self) -> None:
@@ -203,6 +203,8 @@ def align_embeddings(
     rows differ and there is no tokenizer to align them by, or its tokenizer does not fit its rows.
     """
     members = ([base] if base else []) + list(models)
+    if len(members) == 1:
+        return base, list(models)
     names = embedding_names(members[0])
     if any(names.input not in m.files for m in members):
         return base, list(models)  # not a standard embedding layout; check_compatible reports the missing tensor

@@ -68,7 +68,8 @@ def write_checkpoint(
         _replace(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"writing {out} failed ({e.strerror or e}); nothing was written: free disk space or choose another output folder") from e
+        where = f" ({e.filename})" if e.filename else ""
+        raise CheckpointError(f"writing {out} failed: {e.strerror or e}{where}; nothing was written. If the disk is full, free space or choose another output folder") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

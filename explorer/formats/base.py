@@ -48,6 +48,10 @@ def read_json(file: Path, what: str = "JSON file") -> dict:
         raise CheckpointError(f"{file}: unreadable {what} ({e}); re-download or re-save it") from None
 
 
+def has_tokenizer_files(folder: Optional[Path]) -> bool:
+    return folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
 def empty_model(config: PretrainedConfig, architecture: str, where: Path) -> torch.nn.Module:
     """An ``architecture`` model on the meta device (no memory, no weights): its module tree and shapes."""
     cls = getattr(transformers, architecture, None)
@@ -134,7 +138,7 @@ class Checkpoint:
         return CheckpointError(f"{self.path}: no tensor {name!r}; the checkpoint has {len(self.files)} tensors")
 
     def has_tokenizer(self) -> bool:
-        return self.assets_dir is not None and any((self.assets_dir / f).is_file() for f in TOKENIZER_FILES)
+        return has_tokenizer_files(self.assets_dir)
 
     def tokenizer(self) -> Optional[PreTrainedTokenizerBase]:
         """A freshly loaded tokenizer of this model, or None when it ships none."""

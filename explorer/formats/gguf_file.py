@@ -1,11 +1,11 @@
 """GGUF files (llama.cpp): each tensor dequantized to float32 when read, under its Hugging Face name.
 
-Chosen approach: per-tensor reading, no converted copy on disk. transformers' own GGUF support gives
-the pieces: ``load_gguf_checkpoint`` (config and tokenizer metadata), ``get_gguf_hf_weights_map``
-(GGUF name -> HF name, from an empty meta-device model of the architecture) and the per-architecture
-``TENSOR_PROCESSORS`` that undo llama.cpp's layout changes (e.g. Llama q/k weights, which llama.cpp
-stores with the rotary halves interleaved, are permuted back). ``gguf.dequantize`` turns one quantized
-tensor into float32. Memory stays one tensor at a time and nothing is written next to the input.
+Chosen approach: per-tensor reading, no converted copy on disk. transformers' GGUF support gives the
+config (``load_gguf_checkpoint``) and the per-architecture ``TENSOR_PROCESSORS`` that undo llama.cpp's
+layout changes (e.g. Llama q/k weights, which llama.cpp stores with the rotary halves interleaved, are
+permuted back); the gguf package gives the name map (``get_tensor_name_map``: HF module name -> GGUF
+name, applied to the names of an empty meta-device model of the architecture) and ``dequantize``,
+which turns one quantized tensor into float32. Memory stays one tensor at a time and nothing is written next to the input.
 Architectures whose GGUF tensors do not map one-to-one onto HF tensors (e.g. stacked MoE experts) are
 refused with a conversion hint.
 """
@@ -35,9 +35,7 @@ class GgufCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint, read_field,
-        )
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint, read_field
 
         if "-of-" in path.stem:
             raise CheckpointError(f"{path}: is one part of a split GGUF; join the parts first (llama-gguf-split --merge) and give the joined file")
@@ -56,8 +54,8 @@ class GgufCheckpoint(Checkpoint):
         model = empty_model(AutoConfig.for_model(**config), config["architectures"][0], path)
         gguf_arch = read_field(self._reader, "general.architecture")[0]
         self._processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=gguf_config)
-        self._mapping = get_gguf_hf_weights_map(model, self._processor)
         self._shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        self._mapping = self._name_map(path, gguf_arch, config.get("num_hidden_layers", 0))
         self._tensors = {self._mapping[t.name]: t for t in self._reader.tensors if t.name in self._mapping}
         super().__init__(path, config, {name: path for name in self._tensors})
         unmapped = [n for n in self._shapes if n not in self._tensors and not (n in TIED_NAMES and self.tied_embeddings)]
@@ -69,6 +67,21 @@ class GgufCheckpoint(Checkpoint):
             )
         kinds = Counter(t.tensor_type.name for t in self._tensors.values() if len(t.shape) > 1)
         self.format = f"gguf ({kinds.most_common(1)[0][0]})" if kinds else "gguf"
+
+    def _name_map(self, path: Path, gguf_arch: str, layers: int) -> dict[str, str]:
+        """GGUF tensor name -> HF tensor name, for the HF tensors of this architecture."""
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+        arch = next((a for a, n in MODEL_ARCH_NAMES.items() if n == gguf_arch), None)
+        if arch is None:
+            raise CheckpointError(f"{path}: GGUF architecture {gguf_arch!r} is unknown to the installed gguf package; convert the file to safetensors first")
+        names, mapping = get_tensor_name_map(arch, layers), {}
+        for hf_name in self._shapes:
+            module, _, suffix = self._processor.preprocess_name(hf_name).rpartition(".")
+            gguf_name = names.get_name(module)
+            if gguf_name is not None:
+                mapping[f"{gguf_name}.{suffix}"] = hf_name
+        return mapping
 
     @property
     def assets_dir(self) -> Optional[Path]:

@@ -22,10 +22,11 @@ from typing import Optional
 import torch
 from peft.utils.other import get_pattern_key
 
-from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, read_json
+from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, has_tokenizer_files, read_json
 from explorer.formats.bin import PickleFile
 from explorer.formats.hf_cache import hub_snapshot
 from explorer.formats.safetensors_io import SafetensorsFile
+from explorer.vocab import embedding_names
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -74,8 +75,8 @@ class LoraCheckpoint(Checkpoint):
         super().__init__(path, config, files)
         if any(n in TIED_NAMES for n in self._whole):
             self.config["tie_word_embeddings"] = False
-        embed = next((n for n in self._whole if n.endswith("embed_tokens.weight")), None)
-        if embed is not None:
+        embed = embedding_names(base).input
+        if embed in self._whole:  # a resized embedding (tokens added during fine-tuning)
             self.config["vocab_size"] = self.shape(embed)[0]
         self._check_fits_base()
 
@@ -106,7 +107,7 @@ class LoraCheckpoint(Checkpoint):
             out_in = self._delta_shape(entry)
             if self.shape(target) != out_in:
                 raise CheckpointError(
-                    f"{self.path}: LoRA for {target!r} makes shape {list(out_in)} but base {self.base.path} has {list(self.base.shape(target))}; "
+                    f"{self.path}: LoRA for {target!r} makes shape {list(out_in)} but base {self.base.path} has {list(self.shape(target))}; "
                     "this adapter was trained on another base model: give the right one as BASE+ADAPTER"
                 )
 
@@ -130,7 +131,7 @@ class LoraCheckpoint(Checkpoint):
     @property
     def assets_dir(self) -> Optional[Path]:
         """The adapter's own tokenizer files when it has them (added tokens), else the base's."""
-        return self.path if Checkpoint.has_tokenizer(self) else self.base.assets_dir
+        return self.path if has_tokenizer_files(self.path) else self.base.assets_dir
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._whole:

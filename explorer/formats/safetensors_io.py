@@ -37,11 +37,14 @@ class SafetensorsFile:
                 if not 2 <= n <= MAX_HEADER:
                     raise ValueError(f"header length {n}")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it") from None
-        header.pop("__metadata__", None)
+            header.pop("__metadata__", None)
+            expected = 8 + n + max((e["data_offsets"][1] for e in header.values()), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); re-download or re-save it") from None
         self.entries: dict[str, dict] = header
         self.data_start = 8 + n
+        if path.stat().st_size < expected:
+            raise CheckpointError(f"{path}: file is truncated ({path.stat().st_size} of {expected} bytes); the download is incomplete, fetch the file again")
 
     def keys(self) -> list[str]:
         return list(self.entries)
