@@ -36,13 +36,20 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool) -> int:
         return _fail(f"{recipe_path}: recipe file not found")
     except (ValidationError, ValueError, KeyError) as e:
         return _fail(f"{recipe_path}: invalid recipe: {e}")
-    bar = tqdm(total=100, unit="%", desc=recipe.merge_method)
+    bars: list[tqdm] = []  # created on the first progress report, after every input passed its checks
+
+    def progress(fraction: float, _name: str) -> None:
+        if not bars:
+            bars.append(tqdm(total=100, unit="%", desc=recipe.merge_method))
+        bars[0].update(round(100 * fraction) - bars[0].n)
+
     try:
-        merge_to_folder(recipe, out, progress=lambda f, _: bar.update(round(100 * f) - bar.n), overwrite=overwrite)
+        merge_to_folder(recipe, out, progress=progress, overwrite=overwrite)
     except (CheckpointError, ValueError) as e:
-        bar.close()
         return _fail(str(e))
-    bar.close()
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"wrote {out}")
     return 0
 
