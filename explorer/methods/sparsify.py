@@ -42,6 +42,7 @@ def sparsify(
     gamma: float = 0.01,
     epsilon: float = 0.15,
     band: Optional[tuple[float, float]] = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Return ``delta`` (*S) thinned to ``density`` by ``method`` and rescaled by ``rescale``.
 
@@ -50,23 +51,25 @@ def sparsify(
     unless 0 < density - epsilon and density + epsilon < 1.
     band: (low, high) magnitude thresholds from a whole-model pre-pass (``trim_scope="model"``, see
     ``explorer.methods.trim_scope``): keep low <= |delta| < high instead of ranking within this tensor.
+    inplace: thin ``delta`` itself and return it (saves one tensor of size S).
     """
     if method == Sparsification.none or density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
+        return delta.zero_() if inplace else torch.zeros_like(delta)
     if band is not None:
-        mask = ((delta.abs() >= band[0]) & (delta.abs() < band[1])).to(delta.dtype)
+        mask = (delta.abs() >= band[0]) & (delta.abs() < band[1])
     else:
         mask = _MASKS[method](delta, density, generator, gamma, epsilon)
-    kept = delta * mask
+    before = delta.abs().sum() if rescale == Rescale.l1 else None
+    kept = delta.mul_(mask) if inplace else delta * mask
     if rescale == Rescale.inverse_density:
-        return kept / density
+        return kept.div_(density)
     if rescale == Rescale.l1:
-        before, after = delta.abs().sum(), kept.abs().sum()
+        after = kept.abs().sum()
         if before < 1e-7 or after < 1e-7:
             return kept
-        return kept * (before / after)
+        return kept.mul_(before / after)
     return kept
 
 

@@ -72,7 +72,7 @@ def generalized_task_arithmetic(
     if method != Sparsification.none and min(density) < 1:
         for i in range(n):
             band = None if bands is None else (float(bands[i, 0]), float(bands[i, 1]))
-            deltas[i] = sparsify(x[i], density[i], method, Rescale(rescale), generator, gamma[i], epsilon[i], band)
+            sparsify(deltas[i], density[i], method, Rescale(rescale), generator, gamma[i], epsilon[i], band, inplace=True)
     if consensus == "none":
         total = float(weight.sum())
         return weighted_sum(weight, deltas, lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0))
