@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 TASK_PREFIX = "zoo_"  # lm-eval task name = TASK_PREFIX + task name
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,27 +50,36 @@ def english_words(text: str, min_len: int = 3, max_len: int = 8) -> list[str]:
     return sorted(w for w in words if min_len <= len(w) <= max_len)
 
 
-def _split(items: list, n_heldout: int, seed: int) -> tuple[list, list]:
-    """Shuffle ``items`` with ``seed``; return ``(train_pool, heldout_pool)``."""
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items[n_heldout:], items[:n_heldout]
+def make_split(
+    name: str,
+    items: Sequence[T],
+    to_example: Callable[[T], Example],
+    n_train: int,
+    n_heldout: int,
+    seed: int,
+) -> TaskSplit:
+    """Shuffle ``items`` with ``seed``; the first ``n_heldout`` become held-out examples and
+    ``n_train`` distinct others the training examples, so no held-out prompt is ever trained on.
 
-
-def _sample(pool: list[Example], n: int, seed: int) -> list[Example]:
-    """``n`` examples drawn from ``pool``: all of it (shuffled) first, then with replacement."""
-    rng = random.Random(seed)
-    out = rng.sample(pool, min(n, len(pool)))
-    out += rng.choices(pool, k=n - len(out))
-    return out
+    Raises:
+        ValueError: ``n_heldout + n_train`` exceeds ``len(items)``.
+    """
+    if n_heldout + n_train > len(items):
+        raise ValueError(
+            f"task {name!r} has {len(items)} distinct inputs: too few for {n_heldout} held-out "
+            f"and {n_train} training examples; lower n_train or n_heldout"
+        )
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    heldout, train = shuffled[:n_heldout], shuffled[n_heldout : n_heldout + n_train]
+    return TaskSplit(name, [to_example(x) for x in train], [to_example(x) for x in heldout])
 
 
 def make_add(n_train: int, n_heldout: int, seed: int) -> TaskSplit:
     """Carry-free addition of numbers below 100: ``"add 12+34="`` -> ``"46"``.
 
     Only pairs whose units and tens digits each sum to less than 10 are used (3,025 pairs): a
-    ~0.7M-parameter model learns carries too slowly for the zoo's CPU budget. Held-out pairs never
-    appear in training.
+    ~0.7M-parameter model learns carries too slowly for the zoo's CPU budget.
     """
     pairs = [
         (a, b)
@@ -75,21 +87,28 @@ def make_add(n_train: int, n_heldout: int, seed: int) -> TaskSplit:
         for b in range(100)
         if a % 10 + b % 10 < 10 and a // 10 + b // 10 < 10
     ]
-    train, heldout = _split(pairs, n_heldout, seed)
-    ex = [Example(f"add {a}+{b}=", str(a + b)) for a, b in train]
-    return TaskSplit(
-        "add", _sample(ex, n_train, seed), [Example(f"add {a}+{b}=", str(a + b)) for a, b in heldout]
+    return make_split(
+        "add",
+        pairs,
+        lambda p: Example(f"add {p[0]}+{p[1]}=", str(sum(p))),
+        n_train,
+        n_heldout,
+        seed,
     )
 
 
 def make_word_task(
-    name: str, prefix: str, fn, words: list[str], n_train: int, n_heldout: int, seed: int
+    name: str,
+    prefix: str,
+    fn: Callable[[str], str],
+    words: Sequence[str],
+    n_train: int,
+    n_heldout: int,
+    seed: int,
 ) -> TaskSplit:
-    """A word task ``"<prefix> <word>="`` -> ``fn(word)``; held-out words never appear in training."""
-    train, heldout = _split(words, n_heldout, seed)
-    ex = [Example(f"{prefix} {w}=", fn(w)) for w in train]
-    return TaskSplit(
-        name, _sample(ex, n_train, seed), [Example(f"{prefix} {w}=", fn(w)) for w in heldout]
+    """A word task ``"<prefix> <word>="`` -> ``fn(word)``, e.g. ``"up hello="`` -> ``"HELLO"``."""
+    return make_split(
+        name, words, lambda w: Example(f"{prefix} {w}=", fn(w)), n_train, n_heldout, seed
     )
 
 
@@ -100,7 +119,7 @@ def make_tasks(
 
     Args:
         text: English text whose words feed the word tasks.
-        n_train: training examples per task name.
+        n_train: distinct training examples per task name.
         n_heldout: held-out examples per task.
         seed: fixes every split and sample.
     """
@@ -108,7 +127,13 @@ def make_tasks(
     return {
         "add": make_add(n_train["add"], n_heldout, seed),
         "reverse": make_word_task(
-            "reverse", "rev", lambda w: w[::-1], words, n_train["reverse"], n_heldout, seed + 1
+            "reverse",
+            "rev",
+            lambda w: w[::-1],
+            words,
+            n_train["reverse"],
+            n_heldout,
+            seed + 1,
         ),
         "upper": make_word_task(
             "upper", "up", str.upper, words, n_train["upper"], n_heldout, seed + 2
@@ -147,5 +172,7 @@ def write_task(task_dir: Path, split: TaskSplit) -> str:
     with data_file.open("w") as f:
         for ex in split.heldout:
             f.write(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n")
-    (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(task_yaml(name, data_file), sort_keys=False))
+    (task_dir / f"{name}.yaml").write_text(
+        yaml.safe_dump(task_yaml(name, data_file), sort_keys=False)
+    )
     return name

@@ -1,0 +1,40 @@
+"""Shared pytest fixtures and hooks. Keep each section small and say what it builds and how long."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Markers -------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``slow`` unless the ``-m`` expression names them (``pytest -m slow``)."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow (minutes): run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# Demo zoo ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo zoo (tiny Llama base, three experts, lm-eval tasks), built once per session.
+
+    Building takes about 2 CPU minutes. Set ``MERGE_EXPLORER_ZOO=/some/folder`` to keep it between
+    sessions: the zoo there is reused when complete and built with today's ``ZooConfig``, and built
+    there otherwise.
+    """
+    from explorer.zoo import build_zoo, zoo_is_built
+
+    prebuilt = os.environ.get("MERGE_EXPLORER_ZOO")
+    if not prebuilt:
+        return build_zoo(tmp_path_factory.mktemp("zoo"))
+    path = Path(prebuilt).expanduser().resolve()
+    return path if zoo_is_built(path) else build_zoo(path)
