@@ -7,19 +7,6 @@ from pathlib import Path
 
 import pytest
 
-# Markers -------------------------------------------------------------------------------------
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``slow`` unless the ``-m`` expression names them (``pytest -m slow``)."""
-    if "slow" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow (minutes): run with -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
 # Demo zoo ------------------------------------------------------------------------------------
 
 

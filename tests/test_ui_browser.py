@@ -86,7 +86,7 @@ def test_merge_inspect_evaluate_export(served, page, tmp_path):
     cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()]
     assert cells[:3] == ["model", "zoo_add", "zoo_reverse"], cells
     body = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
-    assert set(body) == {"zoo/base", "zoo/expert-add", "zoo/expert-reverse", "merge (ties)"}, rows
+    assert set(body) == {"zoo/base", "zoo/expert-add", "zoo/expert-reverse", "merge (ties)"}, cells
     assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in body.values()), cells
 
     _tab(page, "Export")
@@ -96,7 +96,7 @@ def test_merge_inspect_evaluate_export(served, page, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("add 12+34=", return_tensors="pt").input_ids
-    generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    generated = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 3
     assert "merge_method: ties" in (out / "merge_recipe.yaml").read_text()
     assert torch.isfinite(model.lm_head.weight).all()
