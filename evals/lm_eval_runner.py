@@ -179,7 +179,7 @@ def compare(
     """Score several in-memory models on the same tasks.
 
     Args:
-        models: ``{label: (model, tokenizer)}``, e.g. ``{"base": ..., "expert-add": ..., "merge": ...}``.
+        models: ``{label: (model, tokenizer)}``, e.g. ``{"base": ..., "merge": ...}``.
         tasks, task_dir, limit, batch_size: as in ``evaluate_model``.
 
     Returns:

@@ -4,17 +4,17 @@
 
 - ``OUT/base``: a character-level ``LlamaForCausalLM`` (~0.7M parameters, untied ``lm_head``)
   pre-trained on Python's own documentation (``pydoc_data.topics``, ~465k characters of English);
-- ``OUT/expert-add``, ``OUT/expert-reverse``, ``OUT/expert-upper``: full fine-tunes of the base, each on
-  one synthetic task (``explorer.zoo_tasks``), with a ``zoo_info.json`` (task, number of training
-  examples, steps, final train loss: what FedAvg weighting needs);
+- ``OUT/expert-add``, ``OUT/expert-reverse``, ``OUT/expert-upper``: full fine-tunes of the base,
+  each on one synthetic task (``explorer.zoo_tasks``), with a ``zoo_info.json`` (task, number of
+  training examples, steps, final train loss: what FedAvg weighting needs);
 - ``OUT/tasks``: one offline lm-eval task per expert (``zoo_add``, ``zoo_reverse``, ``zoo_upper``);
 - ``OUT/zoo_config.json``: the settings used.
 
 ``python -m explorer.zoo --smollm2 OUT`` converts the packaged SmolLM2-135M-Instruct to
 ``OUT/smollm2-135m-instruct``; ``--smollm2-expert`` also fine-tunes ``OUT/smollm2-135m-upper``.
 
-Every checkpoint is a normal Hugging Face folder (float32 safetensors, tokenizer, generation config).
-Seeds are fixed: a rebuild on the same machine gives the same weights.
+Every checkpoint is a normal Hugging Face folder (float32 safetensors, tokenizer, generation
+config). Seeds are fixed: a rebuild on the same machine gives the same weights.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def build_zoo(
     cfg = cfg or ZooConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "zoo_config.json").unlink(missing_ok=True)  # written again last: marks a finished zoo
+    (out_dir / "zoo_config.json").unlink(missing_ok=True)  # written last: marks a finished zoo
     timings: dict[str, float] = {}
     text = pydoc_text()
     with torch_threads(cfg.num_threads):

@@ -2,8 +2,8 @@
 expert fine-tuned from it.
 
 The package ships the model as a Q4_1 GGUF file. ``transformers`` reads it (with ``gguf`` and
-``accelerate``) as a dequantized float32 ``LlamaForCausalLM`` with tied embeddings and a 49,152-token
-vocabulary; we save that as a normal safetensors checkpoint. Nothing is downloaded.
+``accelerate``) as a dequantized float32 ``LlamaForCausalLM`` with tied embeddings and a
+49,152-token vocabulary; we save that as a normal safetensors checkpoint. Nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Synthetic tasks for the demo zoo, and their offline lm-eval task files.
 
-Each task maps a prompt ``"<prefix> <input>="`` to a short answer, e.g. ``"add 12+34="`` -> ``"46"``,
-``"rev python="`` -> ``"nohtyp"``, ``"up hello="`` -> ``"HELLO"``. The prefix names the task, so one
-merged model can hold several experts' skills at once.
+Each task maps a prompt ``"<prefix> <input>="`` to a short answer, e.g. ``"add 12+34="`` ->
+``"46"``, ``"rev qzkt="`` -> ``"tkzq"``, ``"up hello="`` -> ``"HELLO"``. The prefix names the task,
+so one merged model can hold several experts' skills at once.
 
 Every task splits its inputs once, by a fixed seed, into disjoint training and held-out pools: no
-held-out prompt ever appears in training data. The held-out examples are written as a jsonl file plus
-an lm-eval YAML (``output_type: loglikelihood``, metric ``acc``). For loglikelihood tasks lm-eval's
-``acc`` is ``int(is_greedy)``: 1 when the target is exactly the model's greedy continuation of the
-prompt, i.e. exact match (``ConfigurableTask.process_results`` in lm_eval 0.4.13).
+held-out prompt ever appears in training data. The held-out examples are written as a jsonl file
+plus an lm-eval YAML (``output_type: loglikelihood``, metric ``acc``). For loglikelihood tasks
+lm-eval's ``acc`` is ``int(is_greedy)``: 1 when the target is exactly the model's greedy
+continuation of the prompt, i.e. exact match (``ConfigurableTask.process_results``, lm_eval 0.4.13).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,16 @@ def english_words(text: str, min_len: int = 3, max_len: int = 8) -> list[str]:
     """Distinct lowercase alphabetic words of ``text`` with ``min_len..max_len`` letters, sorted."""
     words = {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
     return sorted(w for w in words if min_len <= len(w) <= max_len)
+
+
+def random_strings(n: int, min_len: int, max_len: int, seed: int) -> list[str]:
+    """``n`` distinct random lowercase strings of ``min_len..max_len`` letters, sorted."""
+    rng = random.Random(seed)
+    found: set[str] = set()
+    while len(found) < n:
+        length = rng.randint(min_len, max_len)
+        found.add("".join(rng.choice(string.ascii_lowercase) for _ in range(length)))
+    return sorted(found)
 
 
 def make_split(
@@ -115,28 +126,33 @@ def make_word_task(
 def make_tasks(
     text: str, n_train: dict[str, int], n_heldout: int, seed: int
 ) -> dict[str, TaskSplit]:
-    """The zoo's tasks ``add``, ``reverse``, ``upper``, with ``n_train[name]`` training examples each.
+    """The zoo's tasks, with ``n_train[name]`` distinct training examples each.
+
+    - ``add``: carry-free addition (``make_add``);
+    - ``reverse``: ``"rev qzkt="`` -> ``"tkzq"`` over random strings of 3-7 letters (English
+      words are too few: the tiny model memorised them instead of learning to reverse);
+    - ``upper``: ``"up hello="`` -> ``"HELLO"`` over English words of ``text``.
 
     Args:
-        text: English text whose words feed the word tasks.
+        text: English text whose words feed ``upper``.
         n_train: distinct training examples per task name.
         n_heldout: held-out examples per task.
-        seed: fixes every split and sample.
+        seed: fixes every split.
     """
-    words = english_words(text)
+    n_reverse = n_train["reverse"] + n_heldout
     return {
         "add": make_add(n_train["add"], n_heldout, seed),
         "reverse": make_word_task(
             "reverse",
             "rev",
             lambda w: w[::-1],
-            words,
+            random_strings(n_reverse, 3, 7, seed + 1),
             n_train["reverse"],
             n_heldout,
             seed + 1,
         ),
         "upper": make_word_task(
-            "upper", "up", str.upper, words, n_train["upper"], n_heldout, seed + 2
+            "upper", "up", str.upper, english_words(text), n_train["upper"], n_heldout, seed + 2
         ),
     }
 

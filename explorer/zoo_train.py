@@ -1,4 +1,4 @@
-"""Training pieces of the demo zoo: character tokenizer, tiny Llama, pre-training, fine-tuning, saving.
+"""Training pieces of the demo zoo: char tokenizer, tiny Llama, pre-training, fine-tuning, saving.
 
 Everything runs on CPU in float32 and is seeded, so the same settings give the same weights on the
 same machine.
@@ -52,12 +52,12 @@ class ZooConfig:
     base_lr: float = 3e-3  # peak AdamW learning rate of pre-training
     base_batch: int = 8  # sequences per pre-training step
     block_size: int = 128  # characters per pre-training sequence
-    expert_steps: int = 300  # fine-tuning steps per expert
+    expert_steps: int = 400  # fine-tuning steps per expert
     expert_lr: float = 3e-3  # peak AdamW learning rate of fine-tuning
     expert_batch: int = 64  # examples per fine-tuning step
     n_heldout: int = 150  # held-out eval examples per task
     n_train: dict[str, int] = field(  # distinct training examples per task (differ: FedAvg demos)
-        default_factory=lambda: {"add": 2800, "reverse": 1800, "upper": 1200}
+        default_factory=lambda: {"add": 2800, "reverse": 4000, "upper": 1200}
     )
 
 
