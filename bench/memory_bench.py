@@ -33,6 +33,7 @@ from transformers import LlamaConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME = "/usr/bin/time"
+MERGEKIT_YAML = str(Path(sys.executable).parent / "mergekit-yaml")  # the environment running this script
 
 
 def llama_config(hidden: int, layers: int, vocab: int) -> LlamaConfig:
@@ -147,8 +148,8 @@ def main() -> None:
     outs = {label: args.dir / name for label, name in outs.items()}
     runs = {
         "ours": [sys.executable, "-m", "explorer", "merge", str(recipe), "--out", str(outs["ours"])],
-        "mergekit (default)": ["mergekit-yaml", str(recipe), str(outs["mergekit (default)"]), "--no-cuda", "--quiet"],
-        "mergekit (low mem)": ["mergekit-yaml", str(recipe), str(outs["mergekit (low mem)"]), "--no-cuda", "--quiet",
+        "mergekit (default)": [MERGEKIT_YAML, str(recipe), str(outs["mergekit (default)"]), "--no-cuda", "--quiet"],
+        "mergekit (low mem)": [MERGEKIT_YAML, str(recipe), str(outs["mergekit (low mem)"]), "--no-cuda", "--quiet",
                                "--lazy-unpickle", "--out-shard-size", "100M"],
     }
     overhead = fixed_overhead(args.dir / "tiny", args.method)

@@ -1,5 +1,8 @@
+import os
 import sys
 
-from explorer.cli import main
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall a shared machine
+
+from explorer.cli import main  # noqa: E402
 
 sys.exit(main())

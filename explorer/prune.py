@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from explorer.methods.sparsify import topk_mask
+from explorer.selection import topk_mask
 
 
 def magnitude_prune(t: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -50,11 +50,14 @@ class MergeSession:
         return torch.stack([m[name] for m in self.models]) - self.base[name]
 
     def recipe(self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0) -> MergeRecipe:
-        """A validated recipe over this session's inputs (what the app exports and the CLI replays)."""
+        """A validated recipe over this session's inputs (what the app exports and the CLI replays).
+
+        Inputs are named by ``Checkpoint.spec``: a LoRA adapter as ``BASE+ADAPTER`` with its base explicit.
+        """
         return MergeRecipe(
             merge_method=method,
-            base_model=str(self.base_ckpt.path) if self.base_ckpt else None,
-            models=[{"model": str(p), "parameters": pm} for p, pm in zip(self.model_paths, per_model)],
+            base_model=self.base_ckpt.spec if self.base_ckpt else None,
+            models=[{"model": c.spec, "parameters": pm} for c, pm in zip(self.model_ckpts, per_model)],
             parameters=parameters,
             dtype=dtype,
             seed=seed,
@@ -68,9 +71,20 @@ class MergeSession:
         return torch.stack([m[name] for m in self.models])
 
     def merge(self, recipe: MergeRecipe, progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
-        """{name: merged tensor in recipe.dtype}; raises ValueError if the recipe names other models."""
-        if [Path(e.model).resolve() for e in recipe.models] != [p.resolve() for p in self.model_paths]:
+        """{name: merged tensor in recipe.dtype}.
+
+        Raises ValueError when the recipe names other inputs (models or base) or another
+        tokenizer_source than the one this session aligned its vocabularies with.
+        """
+        if [_resolved(e.model) for e in recipe.models] != [_resolved(c.spec) for c in self.model_ckpts]:
             raise ValueError("the recipe's models differ from this session's; start a new session for them")
+        if (recipe.base_model and _resolved(recipe.base_model)) != (self.base_ckpt and _resolved(self.base_ckpt.spec)):
+            raise ValueError(f"the recipe's base_model {recipe.base_model!r} differs from this session's; start a new session for it")
+        if recipe.tokenizer_source != self.tokenizer_source:
+            raise ValueError(
+                f"this session aligned vocabularies with tokenizer_source={self.tokenizer_source!r}, the recipe asks for "
+                f"{recipe.tokenizer_source!r}; start a new session with tokenizer_source={recipe.tokenizer_source!r}"
+            )
         if registry.get(recipe.merge_method).needs_base and self.base is None:
             raise ValueError(f"{recipe.merge_method} needs a base model; choose one in the Models tab")
         return dict(merge_stream(self, recipe, progress))
@@ -92,3 +106,11 @@ class MergeSession:
         out = check_output_dir(out_dir, inputs, overwrite)
         ordered = ((n, state_dict[n]) for n in self.names)
         return write_checkpoint(out, ordered, self.reference, recipe, overwrite)
+
+
+def _resolved(spec: str) -> str:
+    """A recipe's name for an input with each path made absolute (``BASE+ADAPTER`` part by part)."""
+    if not Path(spec).expanduser().exists() and "+" in spec:
+        return "+".join(_resolved(part) for part in spec.rsplit("+", 1))
+    return str(Path(spec).expanduser().resolve())
+

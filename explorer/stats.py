@@ -40,9 +40,7 @@ from explorer.stats_scan import (
     below_column,
     grid_shares,
     grouped_sum,
-    kth_largest,
     scan,
-    sorted_descending,
     with_attrs,
 )
 from explorer.stats_source import (
@@ -59,8 +57,8 @@ __all__ = [
     "BY", "DARE_THRESHOLDS", "DEFAULT_BINS", "DEFAULT_CHUNK", "DEFAULT_SAMPLE", "DENSITY_GRID", "QUANTILES",
     "DiskTaskVectors", "Scan", "TaskVectorSource", "TensorTaskVectors",
     "cosine_similarity", "dare_effect", "delta_quantiles", "delta_summary", "expert_labels", "grid_shares", "histogram",
-    "jaccard", "kept_mass", "kth_largest", "lacks_base", "layer_norms", "layer_of", "layer_rank", "layer_stats",
-    "merge_distance", "pair_label", "scan", "sign_agreement", "sign_conflict", "sorted_descending", "weighted_histogram", "weighted_quantiles",
+    "jaccard", "kept_mass", "lacks_base", "layer_norms", "layer_of", "layer_rank", "layer_stats",
+    "merge_distance", "pair_label", "scan", "sign_agreement", "sign_conflict", "weighted_histogram", "weighted_quantiles",
 ]
 
 DARE_THRESHOLDS = (0.005, 0.002)  # DARE: fine-tuning deltas mostly lie within these magnitudes

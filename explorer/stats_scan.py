@@ -20,19 +20,18 @@ Conventions: N experts, a task vector is x_i = M_i - B; "kept" means kept by the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import torch
 
 from explorer.executor import Progress, tensor_seed
+from explorer.selection import DEFAULT_CHUNK, Workspace, chunks, kth_largest, sorted_descending
 from explorer.stats_source import TaskVectorSource, expert_labels, layer_of, layer_rank
 
 DEFAULT_SAMPLE = 4096  # sampled entries per tensor
 DENSITY_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-DEFAULT_CHUNK = 1 << 18  # entries per expert per work chunk (1 MiB float32: chunks stay in cache)
 _COLUMNS = {"pairs": ["name", "layer", "a", "b", "dot", "both_kept", "sign_dot"]}  # may have no rows (N = 1)
 _TINY = float(torch.finfo(torch.float32).tiny) * torch.finfo(torch.float32).eps  # smallest subnormal > 0
 
@@ -115,23 +114,6 @@ def below_column(threshold: float) -> str:
     return f"below_{threshold:g}"
 
 
-class Workspace:
-    """Grow-only work buffers reused across chunks and tensors (fresh large allocations are slow on
-    CPU: every page is faulted in again). ``get(key, *shape)`` is a view of the buffer ``key``."""
-
-    def __init__(self) -> None:
-        self._flat: dict[str, torch.Tensor] = {}
-
-    def get(self, key: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        size = math.prod(shape)
-        if key not in self._flat or self._flat[key].numel() < size:
-            self._flat[key] = torch.empty(size, dtype=dtype)
-        return self._flat[key][:size].view(shape)
-
-
-ChunkReader = Callable[[int, int], torch.Tensor]  # (a, b) -> task vectors (N, b - a) of columns [a, b)
-
-
 class _TaskVectors:
     """Task vectors (N, numel) of one tensor, flattened, read by column chunks.
 
@@ -164,52 +146,6 @@ class _TaskVectors:
         if self._stack is not None:
             return self._stack[:, index]
         return torch.stack([w[index] for w in self._weights]) - self.base[index]
-
-
-def _chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
-    for a in range(0, numel, chunk):
-        yield a, min(a + chunk, numel)
-
-
-def kth_largest(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chunk: int = DEFAULT_CHUNK, work: Workspace | None = None) -> torch.Tensor:
-    """(N,) exact k-th largest |value| in each row of an (N, numel) matrix, for 1 <= k <= numel.
-
-    ``read(a, b)`` returns the matrix's columns [a, b) (it may reuse a buffer); ``ranked`` (N, s):
-    uniform samples of each row's |values|, sorted descending. Floyd-Rivest selection: the sample
-    brackets the answer within +/- (3 binomial standard deviations + 2) ranks; one pass over column
-    chunks counts entries above the bracket and collects those inside it (a few percent); the answer
-    is a kthvalue over those. A row whose bracket misses (rare) falls back to kthvalue over the row.
-    """
-    work = work or Workspace()
-    n_rows, s = ranked.shape
-    share = k / numel
-    spread = 3 * math.sqrt(s * share * (1 - share)) + 2
-    top, bottom = math.floor(share * s - spread), math.ceil(share * s + spread)
-    hi = (ranked[:, top] if top >= 0 else torch.full((n_rows,), math.inf))[:, None]
-    lo = (ranked[:, bottom] if bottom < s else torch.zeros(n_rows))[:, None]
-    above = torch.zeros(n_rows, dtype=torch.float64)
-    inside: list[list[torch.Tensor]] = [[] for _ in range(n_rows)]
-    for a, b in _chunks(numel, chunk):
-        ax = torch.abs(read(a, b), out=work.get("abs", n_rows, b - a))
-        above += torch.gt(ax, hi, out=work.get("tmp", n_rows, b - a)).sum(1)
-        clamped = torch.clamp(ax, lo, hi, out=work.get("tmp", n_rows, b - a))
-        keep = torch.eq(clamped, ax, out=work.get("keep", n_rows, b - a, dtype=torch.bool))  # lo <= |x| <= hi
-        for row, kept in zip(inside, ax[keep].split(keep.sum(1).tolist())):
-            row.append(kept)
-    out = torch.empty(n_rows)
-    for i, row in enumerate(inside):
-        candidates, rank = torch.cat(row), k - int(above[i])
-        if 1 <= rank <= candidates.numel():
-            out[i] = torch.kthvalue(candidates, candidates.numel() - rank + 1).values
-        else:
-            row = torch.cat([read(a, b)[i].abs() for a, b in _chunks(numel, chunk)])
-            out[i] = torch.kthvalue(row, numel - k + 1).values
-    return out
-
-
-def sorted_descending(values: torch.Tensor) -> torch.Tensor:
-    """Each row of ``values`` (R, K) sorted descending (numpy's sort: several times torch's on CPU)."""
-    return torch.from_numpy(np.ascontiguousarray(np.sort(values.numpy(), axis=1)[:, ::-1]))
 
 
 def _cutoffs(x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, work: Workspace) -> torch.Tensor:
@@ -246,7 +182,7 @@ def _accumulate(x: _TaskVectors, cutoff: torch.Tensor, thresholds: Sequence[floa
     acc |= {key: torch.zeros((), dtype=torch.float64) for key in ("kept_any", "kept_2plus", "conflicts", "agreement_sum", "bb", "moved_sq")}
     acc["below"] = torch.zeros(len(thresholds), n, dtype=torch.float64)
     cutoff = cutoff[:, None]
-    for a, b in _chunks(x.numel, chunk):
+    for a, b in chunks(x.numel, chunk):
         xc, c = x.read(a, b), b - a  # (N, c)
         ax, tmp = torch.abs(xc, out=work.get("abs", n, c)), work.get("tmp", n, c)
         acc["gram"] += xc @ xc.T

@@ -171,6 +171,10 @@ class EmbeddingView(Checkpoint):
         return self.inner.sources
 
     @property
+    def spec(self) -> str:
+        return self.inner.spec
+
+    @property
     def assets_dir(self) -> Optional[Path]:
         return self.inner.assets_dir
 

@@ -18,6 +18,7 @@ from explorer.session import MergeSession
 from explorer.writer import write_checkpoint
 from tests.helpers import assert_expected
 from tests.tiny import save_tiny_gpt2, save_tiny_llama, tiny_family
+from tests.tiny_formats import save_lora
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,34 @@ def test_session_builds_model_in_memory(family):
     model = session.build_model(session.merge(recipe))
     expected = (_state(experts[0])["model.norm.weight"] + _state(experts[1])["model.norm.weight"]) / 2
     assert_expected(model.state_dict()["model.norm.weight"], expected)
+
+
+def test_session_recipe_names_an_adapter_with_its_base_and_replays(family, tmp_path):
+    """A LoRA adapter given as BASE+ADAPTER (its config names no reachable base) stays BASE+ADAPTER in
+    the session's recipe, so the CLI replays the export exactly."""
+    base, experts = family
+    save_lora(base, tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "someone/not-here"}))
+    session = MergeSession(base, [f"{base}+{tmp_path / 'adapter'}", experts[0]])
+    recipe = session.recipe("task_arithmetic", {}, [{"weight": 0.7}, {"weight": 0.3}])
+    assert recipe.models[0].model == f"{base}+{tmp_path / 'adapter'}"
+    session.export(recipe, session.merge(recipe), tmp_path / "ui")
+    replayed = merge_to_folder(MergeRecipe.load(tmp_path / "ui" / "merge_recipe.yaml"), tmp_path / "cli")
+    a, b = _state(tmp_path / "ui"), _state(replayed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_session_refuses_a_recipe_for_other_inputs_or_vocabulary(family):
+    base, experts = family
+    session = MergeSession(base, experts)
+    recipe = session.recipe("linear", {}, [{}, {}])
+    with pytest.raises(ValueError, match="tokenizer_source='base', the recipe asks for 'union'; start a new session"):
+        session.merge(recipe.model_copy(update={"tokenizer_source": "union"}))
+    with pytest.raises(ValueError, match="base_model .* differs from this session's"):
+        session.merge(recipe.model_copy(update={"base_model": str(experts[0])}))
+    with pytest.raises(ValueError, match="the recipe's models differ"):
+        session.merge(recipe.model_copy(update={"models": recipe.models[::-1]}))
 
 
 def test_sharded_output_and_input(family, tmp_path):

@@ -90,18 +90,6 @@ def test_three_experts_all_versus_pairs():
     assert stats.jaccard(s).loc["a", "b"] == pytest.approx(2 / 3)
 
 
-def test_kth_largest_is_exact_and_falls_back():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 20_000, generator=g)
-    for k in (1, 137, 10_000, 20_000):
-        ranked = stats.sorted_descending(x[:, torch.randint(20_000, (256,), generator=g)].abs())
-        got = stats.kth_largest(lambda a, b: x[:, a:b], 20_000, k, ranked, chunk=3000)
-        assert torch.equal(got, torch.kthvalue(x.abs(), 20_000 - k + 1, dim=1).values)
-    wrong = torch.full((3, 256), 10.0)  # a bracket that misses: the fallback still answers exactly
-    got = stats.kth_largest(lambda a, b: x[:, a:b], 20_000, 500, wrong, chunk=3000)
-    assert torch.equal(got, torch.kthvalue(x.abs(), 20_000 - 500 + 1, dim=1).values)
-
-
 @pytest.mark.parametrize("density", [0.03, 0.5])
 def test_trim_matches_magnitude_mask(density):
     """Sampled tensors (bracketed selection) keep exactly the entries sparsify.magnitude_mask keeps."""

@@ -111,6 +111,11 @@ class Checkpoint:
         return [self.path]
 
     @property
+    def spec(self) -> str:
+        """How a recipe names this checkpoint so that ``open_checkpoint(spec)`` opens it again."""
+        return str(self.path)
+
+    @property
     def assets_dir(self) -> Optional[Path]:
         """Folder holding this model's tokenizer and generation config files, if any."""
         return self.path if self.path.is_dir() else None

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from explorer.selection import topk_mask
+
 
 class Sparsification(str, Enum):
     """How a task vector is thinned before merging."""
@@ -61,12 +63,15 @@ def sparsify(
         mask = (delta.abs() >= band[0]) & (delta.abs() < band[1])
     else:
         mask = _MASKS[method](delta, density, generator, gamma, epsilon)
-    before = delta.abs().sum() if rescale == Rescale.l1 else None
-    kept = delta.mul_(mask) if inplace else delta * mask
+    before = torch.linalg.vector_norm(delta, 1) if rescale == Rescale.l1 else None
+    if mask.dtype == torch.bool:  # masked_fill_: multiplying by a bool tensor copies it to float
+        kept = (delta if inplace else delta.clone()).masked_fill_(mask.logical_not_(), 0)
+    else:
+        kept = delta.mul_(mask) if inplace else delta * mask
     if rescale == Rescale.inverse_density:
         return kept.div_(density)
     if rescale == Rescale.l1:
-        after = kept.abs().sum()
+        after = torch.linalg.vector_norm(kept, 1)
         if before < 1e-7 or after < 1e-7:
             return kept
         return kept.mul_(before / after)
@@ -74,15 +79,8 @@ def sparsify(
 
 
 def magnitude_mask(delta: torch.Tensor, density: float, *_: object) -> torch.Tensor:
-    """1 on the k = max(1, int(density * numel)) largest |delta| entries, 0 elsewhere."""
+    """True on the k = max(1, int(density * numel)) largest |delta| entries (see ``topk_mask``)."""
     return topk_mask(delta, max(1, int(density * delta.numel())))
-
-
-def topk_mask(t: torch.Tensor, k: int) -> torch.Tensor:
-    """(*S) bool mask: True on the k largest |t| entries (0 <= k <= numel), False elsewhere."""
-    flat = torch.zeros(t.numel(), dtype=torch.bool)
-    flat[torch.topk(t.abs().reshape(-1), k, sorted=False).indices] = True
-    return flat.reshape(t.shape)
 
 
 def random_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Generator], *_: object) -> torch.Tensor:
@@ -91,15 +89,15 @@ def random_mask(delta: torch.Tensor, density: float, generator: Optional[torch.G
 
 
 def outlier_mask(delta: torch.Tensor, density: float, _generator: object, gamma: float, _epsilon: float) -> torch.Tensor:
-    """Keep int(density * numel) entries just below the top int(gamma * numel) by |delta|."""
+    """Keep int(density * numel) entries just below the top int(gamma * numel) by |delta|.
+
+    As mergekit's ascending-order slice [n - keep - top, n - keep) with the start clamped at 0: when
+    keep + top > n the top shrinks to n - keep. Two ``topk_mask`` selections, no sort.
+    """
     n = delta.numel()
     keep = int(density * n)
-    top = int(gamma * n)
-    bottom = max(0, n - keep - top)
-    order = torch.argsort(delta.abs().reshape(-1))
-    flat = torch.zeros(n, dtype=delta.dtype)
-    flat[order[bottom : bottom + keep]] = 1
-    return flat.reshape(delta.shape)
+    top = min(int(gamma * n), n - keep)
+    return topk_mask(delta, top + keep) & ~topk_mask(delta, top)
 
 
 def della_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Generator], _gamma: float, epsilon: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 
 from explorer.methods.weighted_sum import weighted_sum
 from explorer.methods.sparsify import Rescale, Sparsification, sparsify
+from explorer.selection import MERGE_CHUNK, chunks
 
 
 def generalized_task_arithmetic(
@@ -50,7 +51,8 @@ def generalized_task_arithmetic(
     """Merge task vectors ``x`` (N, *S) float32 into one task vector (*S); ``x`` is overwritten.
 
     The executor passes a fresh ``x`` per call (see ``explorer.registry``), so thinning and weighting
-    happen in place: peak memory is about (N/4 + 3) tensors of size S beyond ``x``.
+    happen in place: peak memory is about N/4 + 1.5 tensors of size S beyond ``x`` (the trim's
+    ``topk_mask`` needs only S/4 bytes at a time).
 
     weight, density: (N,) per-model; density in [0, 1] is the fraction of each task vector kept
     (None keeps everything). gamma, epsilon: (N,) per-model or one float (see ``sparsify``).
@@ -89,7 +91,7 @@ def disjoint_sum_(
     v_i = w_i d_i ("weighted") or d_i ("unweighted"); zero votes elect +. Entry i agrees when v_i has
     the elected sign (zeros never agree). Returns sum_i [agree_i] w_i d_i, divided, when ``divisor``
     is "weights" or "count", by sum_i [agree_i] w_i or sum_i [agree_i] (a zero divisor counts as 1).
-    Works model by model with boolean masks: about N/4 + 2 tensors of size S beyond ``deltas``.
+    Works model by model with boolean masks: about N/4 + 1.5 tensors of size S beyond ``deltas``.
     """
     scale = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
     if election == "weighted":
@@ -97,19 +99,30 @@ def disjoint_sum_(
     votes = deltas.sum(dim=0) if consensus == "sum" else sum(d.sign() for d in deltas)
     positive = votes >= 0
     del votes
-    agree = torch.stack([torch.where(positive, d > 0, d < 0) for d in deltas])
+    agree = torch.empty(deltas.shape, dtype=torch.bool)
+    for d, a in zip(deltas, agree):
+        torch.where(positive, torch.gt(d, 0, out=a), d < 0, out=a)
+    del positive
     if election != "weighted":
         deltas.mul_(scale)
     mixed = torch.zeros_like(deltas[0])
     for d, a in zip(deltas, agree):
-        mixed.add_(d.mul_(a))
+        mixed.add_(d.masked_fill_(~a, 0))  # masked_fill_: multiplying by a bool tensor copies it to float
     if divisor is None:
         return mixed
-    total = torch.zeros_like(mixed)
-    for w, a in zip(weights, agree):
-        total.add_(a, alpha=w if divisor == "weights" else 1.0)
-    total[total == 0] = 1
-    return mixed.div_(total)
+    total = deltas[0].zero_()  # the task vectors are spent: reuse their memory for the divisor
+    add_masks_(total, agree, weights if divisor == "weights" else [1.0] * len(weights))
+    return mixed.div_(total.masked_fill_(total == 0, 1))
+
+
+def add_masks_(out: torch.Tensor, masks: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """out (*S) += sum_i weights[i] * masks[i] for bool ``masks`` (N, *S), chunk by chunk: adding a whole
+    bool tensor to a float one first copies it to float (S x 4 bytes)."""
+    flat, rows = out.view(-1), masks.view(len(weights), -1)
+    for a, b in chunks(flat.numel(), MERGE_CHUNK):
+        for w, row in zip(weights, rows):
+            flat[a:b].add_(row[a:b], alpha=w)
+    return out
 
 
 def per_model_floats(value: Union[float, torch.Tensor], n: int) -> list[float]:
