@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 import plotly.express as px
 
 import evals

@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer merge RECIPE.yaml --out DIR`` and ``python -m explorer methods``."""
+"""Command line: ``python -m explorer merge RECIPE.yaml --out DIR``, ``merge-adapters ADAPTER ... --out DIR``, ``methods``."""
 
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--out", type=Path, required=True, help="output folder (must not be an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder when done")
     sub.add_parser("methods", help="list the merge methods and their parameters")
+    _add_merge_adapters(sub)
     args = parser.parse_args(argv)
     if args.command == "methods":
         return _methods()
+    if args.command == "merge-adapters":
+        return _merge_adapters(args)
     return _merge(args.recipe, args.out, args.overwrite)
 
 
@@ -51,6 +54,31 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool) -> int:
         for bar in bars:
             bar.close()
     print(f"wrote {out}")
+    return 0
+
+
+def _add_merge_adapters(sub) -> None:
+    merge = sub.add_parser("merge-adapters", help="merge PEFT LoRA adapters of one base into a new LoRA adapter")
+    merge.add_argument("adapters", type=Path, nargs="+", help="LoRA adapter folders (adapter_config.json + weights)")
+    merge.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
+    merge.add_argument("--method", default="cat", help="cat (exact, rank = sum of ranks) or a task-vector method: task_arithmetic, ties, dare_ties, ...")
+    merge.add_argument("--density", type=float, help="fraction of each task vector kept (ties, dare_*, breadcrumbs, della)")
+    merge.add_argument("--rank", type=int, help="rank of the result for a task-vector method (default: the largest input rank)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of random methods (dare_*)")
+    merge.add_argument("--base", help="the shared base model (path or hub id), when the adapters name it differently")
+    merge.add_argument("--out", type=Path, required=True, help="output adapter folder (must not be an input)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder when done")
+
+
+def _merge_adapters(args: argparse.Namespace) -> int:
+    from explorer.adapter_merge import merge_adapters
+
+    params = {} if args.density is None else {"density": args.density}
+    try:
+        merge_adapters(args.adapters, args.out, args.weights, args.method, params, args.rank, args.seed, args.base, args.overwrite)
+    except (CheckpointError, ValueError) as e:
+        return _fail(str(e))
+    print(f"wrote {args.out}")
     return 0
 
 

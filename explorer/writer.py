@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -57,14 +58,26 @@ def write_checkpoint(
     CheckpointError; any failure leaves nothing at ``out`` and removes the temporary folder.
     """
     source = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
+    with staged_folder(out, overwrite) as tmp:
         dtype = _write_shards(tmp, tensors, shard_bytes)
         _write_config(tmp, source.config, dtype)
         source.save_assets(tmp)
         (tmp / "merge_recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(recipe))
+    return out
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new hidden temporary folder beside ``out``; on success rename it to ``out``.
+
+    Any failure inside the block removes the temporary folder and leaves ``out`` as it was; an
+    OSError (e.g. a full disk) becomes a CheckpointError that says nothing was written.
+    """
+    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
         _replace(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +86,6 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int) -> Optional[torch.dtype]:

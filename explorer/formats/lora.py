@@ -53,23 +53,80 @@ def adapter_base(path: Path) -> Path:
     return snapshot
 
 
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json of the adapter folder ``path``; CheckpointError (with the fix) if it is not plain LoRA."""
+    config = read_json(path / ADAPTER_CONFIG, ADAPTER_CONFIG)
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise CheckpointError(f"{path}: {what} adapters are not folded here; merge it with PEFT (merge_and_unload(), then save_pretrained) and use that folder")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{path}: a {config['peft_type']} adapter, not LoRA; merge it with PEFT (merge_and_unload) first")
+    return config
+
+
+def open_adapter(path: Path) -> SafetensorsFile | PickleFile:
+    """The weights file of the adapter folder ``path`` (safetensors, else a weights-only .bin)."""
+    for name in ADAPTER_FILES:
+        if (path / name).is_file():
+            return SafetensorsFile(path / name) if name.endswith(".safetensors") else PickleFile(path / name)
+    raise CheckpointError(f"{path}: adapter_config.json but no {' or '.join(ADAPTER_FILES)}; copy the adapter weights")
+
+
+def index_adapter(path: Path, adapter: SafetensorsFile | PickleFile) -> tuple[dict[str, dict], dict[str, str]]:
+    """Sort the adapter's keys: (lora, whole).
+
+    lora: target weight name -> {"module": str, "embedding": bool, "A": key, "B": key}. whole: base
+    tensor name -> adapter key of a tensor that replaces it (modules_to_save, a resized embedding).
+    CheckpointError for a "lora_" tensor that is not A or B, or a module with only one of them.
+    """
+    lora: dict[str, dict] = {}
+    whole: dict[str, str] = {}
+    for key in adapter.keys():
+        name = key.removeprefix(PREFIX)
+        for suffix, (part, embedding) in LORA_KEYS.items():
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                lora.setdefault(module + ".weight", {"module": module, "embedding": embedding})[part] = key
+                break
+        else:
+            if "lora_" in name:
+                raise CheckpointError(f"{path}: adapter tensor {key!r} is not a plain LoRA A/B matrix (DoRA or LoRA bias?); merge it with PEFT (merge_and_unload) first")
+            whole[name.replace(".base_layer.", ".")] = key
+    for entry in lora.values():
+        if "A" not in entry or "B" not in entry:
+            raise CheckpointError(f"{path}: adapter has only one of lora_A/lora_B for {entry['module']!r}; the adapter file is incomplete")
+    return lora, whole
+
+
+def lora_scale(config: dict, module: str) -> float:
+    """lora_alpha / r (or / sqrt(r) with use_rslora), per module when rank_pattern/alpha_pattern match it."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r = ranks.get(get_pattern_key(list(ranks), module), config["r"])
+    alpha = alphas.get(get_pattern_key(list(alphas), module), config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def fold_delta(adapter: SafetensorsFile | PickleFile, entry: dict, config: dict) -> torch.Tensor:
+    """scale * B @ A for one ``index_adapter`` entry, float32, in the weight's layout.
+
+    (out, r) @ (r, in) -> (out, in); transposed for embeddings and fan_in_fan_out layers.
+    """
+    a, b = adapter.read(entry["A"]).float(), adapter.read(entry["B"]).float()
+    delta = b @ a
+    if entry["embedding"] or config.get("fan_in_fan_out"):
+        delta = delta.T
+    return delta.mul_(lora_scale(config, entry["module"]))
+
+
 class LoraCheckpoint(Checkpoint):
     """``base`` with the adapter at ``path`` folded in; reads the base tensor and the adapter's A and B per get."""
 
     format = "lora"
 
     def __init__(self, path: Path, base: Checkpoint):
-        self.base, self.adapter_config = base, read_json(path / ADAPTER_CONFIG, ADAPTER_CONFIG)
-        for key, what in UNSUPPORTED.items():
-            if self.adapter_config.get(key):
-                raise CheckpointError(f"{path}: {what} adapters are not folded here; merge it with PEFT (merge_and_unload(), then save_pretrained) and use that folder")
-        if self.adapter_config.get("peft_type", "LORA") != "LORA":
-            raise CheckpointError(f"{path}: a {self.adapter_config['peft_type']} adapter, not LoRA; merge it with PEFT (merge_and_unload) first")
-        self._adapter = self._open_adapter(path)
-        self._lora: dict[str, dict] = {}  # target weight name -> {"A": key, "B": key, "embedding": bool, "module": str}
-        self._whole: dict[str, str] = {}  # tensor name -> adapter key that replaces it
-        for key in self._adapter.keys():
-            self._index(path, key)
+        self.base, self.adapter_config = base, read_adapter_config(path)
+        self._adapter = open_adapter(path)
+        self._lora, self._whole = index_adapter(path, self._adapter)
         config = dict(base.config)
         files = dict(base.files) | {name: self._adapter.path for name in self._whole if name not in base.files}
         super().__init__(path, config, files)
@@ -80,28 +137,8 @@ class LoraCheckpoint(Checkpoint):
             self.config["vocab_size"] = self.shape(embed)[0]
         self._check_fits_base()
 
-    def _open_adapter(self, path: Path) -> SafetensorsFile | PickleFile:
-        for name in ADAPTER_FILES:
-            if (path / name).is_file():
-                return SafetensorsFile(path / name) if name.endswith(".safetensors") else PickleFile(path / name)
-        raise CheckpointError(f"{path}: adapter_config.json but no {' or '.join(ADAPTER_FILES)}; copy the adapter weights")
-
-    def _index(self, path: Path, key: str) -> None:
-        name = key.removeprefix(PREFIX)
-        for suffix, (part, embedding) in LORA_KEYS.items():
-            if name.endswith(suffix):
-                module = name[: -len(suffix)]
-                entry = self._lora.setdefault(module + ".weight", {"module": module, "embedding": embedding})
-                entry[part] = key
-                return
-        if "lora_" in name:
-            raise CheckpointError(f"{path}: adapter tensor {key!r} is not a plain LoRA A/B matrix (DoRA or LoRA bias?); merge it with PEFT (merge_and_unload) first")
-        self._whole[name.replace(".base_layer.", ".")] = key
-
     def _check_fits_base(self) -> None:
         for target, entry in self._lora.items():
-            if "A" not in entry or "B" not in entry:
-                raise CheckpointError(f"{self.path}: adapter has only one of lora_A/lora_B for {entry['module']!r}; the adapter file is incomplete")
             if target not in self.files:
                 raise CheckpointError(f"{self.path}: adapts {target!r}, which base {self.base.path} does not have; give the right base as BASE+ADAPTER")
             out_in = self._delta_shape(entry)
@@ -116,17 +153,14 @@ class LoraCheckpoint(Checkpoint):
         shape = (b[0], a[1])
         return shape[::-1] if entry["embedding"] or self.adapter_config.get("fan_in_fan_out") else shape
 
-    def _scale(self, entry: dict) -> float:
-        """lora_alpha / r (or / sqrt(r) with use_rslora), per module when rank_pattern/alpha_pattern match it."""
-        cfg, module = self.adapter_config, entry["module"]
-        ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-        r = ranks.get(get_pattern_key(list(ranks), module), cfg["r"])
-        alpha = alphas.get(get_pattern_key(list(alphas), module), cfg["lora_alpha"])
-        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
     @property
     def sources(self) -> list[Path]:
         return [self.path] + self.base.sources
+
+    @property
+    def spec(self) -> str:
+        """``BASE+ADAPTER``: the base this adapter was folded into, explicitly (found or given)."""
+        return f"{self.base.spec}+{self.path}"
 
     @property
     def assets_dir(self) -> Optional[Path]:
@@ -151,11 +185,7 @@ class LoraCheckpoint(Checkpoint):
         entry = self._lora.get(name)
         if entry is None:
             return tensor
-        a, b = self._adapter.read(entry["A"]).float(), self._adapter.read(entry["B"]).float()
-        delta = b @ a  # (out, r) @ (r, in) -> (out, in)
-        if entry["embedding"] or self.adapter_config.get("fan_in_fan_out"):
-            delta = delta.T
-        return tensor.float() + self._scale(entry) * delta
+        return tensor.float() + fold_delta(self._adapter, entry, self.adapter_config)
 
     def close(self) -> None:
         self.base.close()
