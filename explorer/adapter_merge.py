@@ -52,7 +52,9 @@ from explorer.executor import merge_stream
 from explorer.formats.base import DTYPES, CheckpointError
 from explorer.formats.bin import PickleFile
 from explorer.formats.hf_cache import hub_snapshot
+from explorer.checkpoint import open_checkpoint
 from explorer.formats.lora import (
+    LoraCheckpoint,
     ADAPTER_CONFIG,
     adapter_base,
     fold_delta,
@@ -135,7 +137,8 @@ def open_adapters(paths: Sequence[str | Path], base: str | None = None) -> list[
     """Open the adapters and check that they merge into one adapter; raises CheckpointError naming the fix.
 
     Checked: one base (the names in adapter_config.json agree, unless ``base`` is given), the same
-    adapted modules with the same shapes, the same fan_in_fan_out, whole tensors identical in all.
+    adapted modules with the same shapes, the same fan_in_fan_out, whole tensors identical in all;
+    with ``base`` given and on this machine, that every adapted module fits its shapes.
     """
     if not paths:
         raise ValueError("merge-adapters needs at least one adapter folder")
@@ -149,7 +152,19 @@ def open_adapters(paths: Sequence[str | Path], base: str | None = None) -> list[
             )
         _check_same_modules(first, other)
         _check_same_whole(first, other)
+    if base is not None:
+        _check_fits(adapters, base)
     return adapters
+
+
+def _check_fits(adapters: Sequence[LoraAdapter], base: str) -> None:
+    """When the given ``base`` is on this machine (a folder or in the HF cache), every adapted module must
+    fit its shapes: the check folding does (``LoraCheckpoint``), raising CheckpointError naming the fix."""
+    if not Path(base).expanduser().exists() and hub_snapshot(base) is None:
+        return  # a hub name that is not downloaded: nothing to check against
+    base_checkpoint = open_checkpoint(base)
+    for adapter in adapters:
+        LoraCheckpoint(adapter.path, base_checkpoint)
 
 
 def _check_same_modules(first: LoraAdapter, other: LoraAdapter) -> None:

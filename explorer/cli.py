@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
 
@@ -37,7 +38,9 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool) -> int:
         recipe = MergeRecipe.load(recipe_path)
     except FileNotFoundError:
         return _fail(f"{recipe_path}: recipe file not found")
-    except (ValidationError, ValueError, KeyError) as e:
+    except OSError as e:
+        return _fail(f"{recipe_path}: cannot read the recipe file ({e.strerror}); give the path of a YAML file")
+    except (ValidationError, ValueError, KeyError, yaml.YAMLError) as e:
         return _fail(f"{recipe_path}: invalid recipe: {e}")
     bars: list[tqdm] = []  # created on the first progress report, after every input passed its checks
 
@@ -46,13 +49,16 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool) -> int:
             bars.append(tqdm(total=100, unit="%", desc=recipe.merge_method))
         bars[0].update(round(100 * fraction) - bars[0].n)
 
+    error = None
     try:
         merge_to_folder(recipe, out, progress=progress, overwrite=overwrite)
     except (CheckpointError, ValueError) as e:
-        return _fail(str(e))
+        error = str(e)
     finally:
-        for bar in bars:
+        for bar in bars:  # closed first, so that an error is the last thing printed
             bar.close()
+    if error:
+        return _fail(error)
     print(f"wrote {out}")
     return 0
 

@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from explorer import fisher, registry
-from explorer.checkpoint import Checkpoint, CheckpointError
+from explorer.checkpoint import Checkpoint
+from explorer.finite import check_finite
 from explorer.inputs import open_inputs
 from explorer.recipe import MergeRecipe
 from explorer.registry import MethodSpec
@@ -163,7 +164,7 @@ def read_float(checkpoint: Checkpoint, name: str) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor
     tensor = tensor.to(torch.float32)
-    _check_finite(checkpoint, name, tensor)
+    check_finite(checkpoint, name, tensor)
     return tensor
 
 
@@ -183,15 +184,8 @@ def read_stacked(checkpoints: list[Checkpoint], name: str) -> torch.Tensor:
             stacked = torch.empty((len(checkpoints), *tensor.shape), dtype=torch.float32)
         stacked[i].copy_(tensor)
         del tensor
-        _check_finite(checkpoint, name, stacked[i])
+        check_finite(checkpoint, name, stacked[i])
     return stacked
-
-
-def _check_finite(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> None:
-    """CheckpointError if ``tensor`` holds NaN or inf (one aminmax pass: NaN propagates into min and max)."""
-    if tensor.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(tensor)):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} has {bad} NaN/inf values; this checkpoint is corrupt or diverged; re-export or drop it")
 
 
 def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_range: str = "refuse") -> torch.Tensor:
@@ -199,10 +193,16 @@ def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_rang
 
     A value beyond ``dtype``'s largest finite value (float16: 65504) would become inf: with
     ``out_of_range="refuse"`` that raises ValueError naming the tensor; with ``"clamp"`` such values
-    are clamped to +/- that largest value first.
+    are clamped to +/- that largest value first. A merged inf or NaN (float32 overflow) always raises
+    ValueError: no output dtype or clamp can repair it.
     """
     limit = torch.finfo(dtype).max
     lo, hi = torch.aminmax(tensor) if tensor.numel() else (torch.zeros(()), torch.zeros(()))
+    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+        raise ValueError(
+            f"merged tensor {name!r} holds inf or NaN even in float32 (its values reach {lo.item():.4g}..{hi.item():.4g}): "
+            "the merge arithmetic overflowed; lower the weights, lambda or scale of the recipe"
+        )
     peak = max(-lo.item(), hi.item())
     if peak > limit:
         if out_of_range != "clamp":

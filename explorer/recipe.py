@@ -63,7 +63,8 @@ class MergeRecipe(BaseModel):
         spec = registry.get(self.merge_method)
         if spec.needs_base and self.base_model:
             # mergekit lists the base among the models too (e.g. slerp); it is the base, not an input.
-            self.models = [e for e in self.models if e.model != self.base_model]
+            base = _normalized(self.base_model)
+            self.models = [e for e in self.models if _normalized(e.model) != base]
         if not self.models:
             raise ValueError("a recipe needs at least one model under 'models'")
         if spec.needs_base and not self.base_model:
@@ -116,3 +117,9 @@ class MergeRecipe(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "MergeRecipe":
         return cls.from_yaml(Path(path).read_text())
+
+
+def _normalized(model: str) -> Path:
+    """A recipe's model reference as an absolute path, so that "x", "x/" and "./x" compare equal."""
+    return Path(model).expanduser().resolve()
+

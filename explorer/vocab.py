@@ -29,6 +29,7 @@ from typing import Literal, Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from explorer.finite import check_finite
 from explorer.formats.base import TOKENIZER_FILES, Checkpoint, CheckpointError, empty_model
 
 TokenizerSource = Literal["base", "union"]
@@ -121,6 +122,7 @@ class Alignment:
             if not bool(use.any()):
                 continue
             rows = member.get(self.source(i, name))[idx[use]].to(torch.float32)
+            check_finite(member, self.source(i, name), rows)  # blame the model the rows come from
             if i == 0 and self.has_base:
                 total[use], count[use], done = rows, 1.0, use
             else:

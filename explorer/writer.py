@@ -29,17 +29,28 @@ SHARD_BYTES = 2 * 1024**3
 def check_output_dir(out_dir: str | Path, inputs: Iterable[Path], overwrite: bool = False) -> Path:
     """Resolve ``out_dir`` and refuse it (CheckpointError) if it would touch an input or hold data.
 
-    Refused: an input folder itself, a folder inside an input, a folder that contains an input, an
-    existing non-empty folder unless ``overwrite``.
+    Refused: an input location itself, a folder inside one, a folder that contains one, an existing
+    non-empty folder unless ``overwrite``. Input locations are each input resolved and, for files an
+    input folder reaches through symlinks (the Hugging Face cache: snapshots/ -> blobs/), the folders
+    those files really live in.
     """
     out = Path(out_dir).expanduser().resolve()
     for src in inputs:
-        src = Path(src).expanduser().resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise CheckpointError(f"output folder {out} overlaps input {src}; choose an output folder outside every input")
+        for place in input_locations(Path(src)):
+            if out == place or place in out.parents or out in place.parents:
+                raise CheckpointError(f"output folder {out} overlaps input {src} (at {place}); choose an output folder outside every input")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"output folder {out} already exists and is not empty; choose a new folder or allow overwrite")
     return out
+
+
+def input_locations(src: Path) -> set[Path]:
+    """``src`` resolved, plus the real folder of every symlinked file under it."""
+    src = src.expanduser()
+    places = {src.resolve()}
+    if src.is_dir():
+        places |= {link.resolve().parent for link in src.rglob("*") if link.is_symlink()}
+    return places
 
 
 def write_checkpoint(
@@ -140,7 +151,10 @@ def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         os.replace(tmp, out)
 

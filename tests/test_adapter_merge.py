@@ -189,6 +189,14 @@ def test_base_named_differently_or_nan_is_refused(lora_family, tmp_path):
     assert not (tmp_path / "nan").exists()
 
 
+def test_given_base_the_adapters_do_not_fit_is_refused(lora_family, tmp_path):
+    _, adapters = lora_family
+    wide = save_tiny_llama(tmp_path / "wide", hidden_size=32)
+    with pytest.raises(CheckpointError, match=r"LoRA for .* makes shape .* but base .*wide has .*trained on another base"):
+        merge_adapters(adapters, tmp_path / "out", base=str(wide))
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_overlapping_an_input_is_refused_and_nothing_written(lora_family, tmp_path):
     _, adapters = lora_family
     before = {p: p.read_bytes() for a in adapters for p in a.iterdir()}

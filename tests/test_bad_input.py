@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import hashlib
 import subprocess
 import sys
@@ -13,12 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from explorer.checkpoint import CheckpointError, discover, open_checkpoint
-from explorer.executor import merge_to_folder
+from explorer.executor import cast_output, merge_to_folder
 from explorer.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
 from tests.helpers import assert_expected
 from tests.tiny import tiny_family
-from tests.tiny_formats import save_lora, save_sharded, state, to_bin
+from tests.tiny_formats import hub_cache, save_lora, save_sharded, state, to_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 NORM = "model.norm.weight"
@@ -198,3 +199,56 @@ def test_not_a_checkpoint_refused(family, tmp_path):
     (broken / "config.json").write_text("{not json")
     (broken / "model.safetensors").write_bytes(b"\x00" * 8)
     _refused(_recipe([experts[0], broken]), tmp_path / "out", "broken/config.json: unreadable config.json")
+
+
+def test_output_onto_the_blobs_of_a_cached_input_refused(family, tmp_path):
+    """A hub-cache input reads files that live in blobs/ through symlinks: --out there (even with
+    overwrite) or inside it is refused, and the input stays readable."""
+    _, experts = family
+    snapshot = hub_cache(tmp_path / "hub", "org/e1", experts[0])
+    blobs = tmp_path / "hub" / "models--org--e1" / "blobs"
+    before = _hashes([blobs])
+    for out in (blobs, blobs / "merged"):
+        with pytest.raises(CheckpointError, match=r"overlaps input .*snapshots.* \(at .*blobs\)"):
+            merge_to_folder(_recipe([snapshot, experts[1]]), out, overwrite=True)
+    assert _hashes([blobs]) == before and open_checkpoint(snapshot).names()
+
+
+def test_overwrite_replaces_an_existing_file_and_leaves_no_copy(family, tmp_path):
+    _, experts = family
+    out = tmp_path / "out"
+    out.write_text("an old file")
+    merge_to_folder(_recipe(experts), out, overwrite=True)
+    assert (out / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_base_listed_among_the_models_with_another_spelling_is_the_base(family, tmp_path):
+    base, experts = family
+    exact = merge_to_folder(_recipe([base, *experts], base=base, method="task_arithmetic"), tmp_path / "exact")
+    respelled = MergeRecipe(
+        merge_method="task_arithmetic", base_model=str(base), models=[{"model": f"{base}/"}, *({"model": str(e)} for e in experts)]
+    )
+    assert len(respelled.models) == 2
+    other = merge_to_folder(respelled, tmp_path / "respelled")
+    assert state(exact).keys() == state(other).keys() and all(torch.equal(state(exact)[k], state(other)[k]) for k in state(exact))
+
+
+@pytest.mark.parametrize("content, match", [("models:\n  - model: a\n - model: b\n", "invalid recipe: .*expected"), (None, "cannot read the recipe file")])
+def test_cli_unreadable_recipe_exits_2_with_a_message(tmp_path, content, match):
+    recipe = tmp_path / "recipe.yaml"
+    if content is None:
+        recipe.mkdir()  # a folder given as the recipe
+    else:
+        recipe.write_text(content)
+    run = subprocess.run([sys.executable, "-m", "explorer", "merge", str(recipe), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert re.search(match, run.stderr, re.S)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_float32_overflow_is_refused_whatever_the_dtype(bad):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match="holds inf or NaN even in float32.*lower the weights, lambda or scale"):
+            cast_output("w", torch.tensor([1.0, bad]), dtype, out_of_range="clamp")
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from explorer.checkpoint import CheckpointError
@@ -97,6 +98,23 @@ def test_session_merge_equals_streaming_merge_with_union(vocab_family, tmp_path)
     assert ui.keys() == cli.keys() and all(torch.equal(ui[k], cli[k]) for k in ui)
     assert len(AutoTokenizer.from_pretrained(tmp_path / "ui")) == 66
     assert session.build_model(session.merge(recipe)).config.vocab_size == 66
+
+
+def test_nan_in_an_added_token_row_blames_the_model_it_comes_from(vocab_family, tmp_path):
+    """With a union vocabulary the other models' rows for b's added tokens are filled from b: a NaN
+    there is b's, not theirs."""
+    _, a, b, _ = vocab_family
+    tensors = state(b)
+    tensors[EMBED][65] = float("nan")  # the row of b's second added token
+    bad = tmp_path / "b-nan"
+    bad.mkdir()
+    for f in b.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (bad / f.name).write_bytes(f.read_bytes())
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"b-nan: tensor '{EMBED}' has 16 NaN/inf values"):
+        merge_to_folder(_recipe([a, bad], tokenizer_source="union"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_different_rows_without_tokenizer_refused(vocab_family, tmp_path):
