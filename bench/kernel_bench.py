@@ -11,14 +11,21 @@ one output) divided by the measured copy bandwidth of this machine (torch ``copy
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-from mergekit.merge_methods.api import merge_tensors
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as the CLI and app do (both tools run under it)
 
-from explorer import registry
-from explorer.executor import merge_tensor
+import torch  # noqa: E402
+from mergekit.merge_methods.api import merge_tensors  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as python bench/kernel_bench.py
+
+from explorer import registry  # noqa: E402
+from explorer.executor import merge_tensor  # noqa: E402
 
 
 def median_seconds(fn, repeats: int, setup=lambda: None) -> float:
