@@ -55,6 +55,7 @@ from explorer.formats.hf_cache import hub_snapshot
 from explorer.checkpoint import open_checkpoint
 from explorer.formats.lora import (
     LoraCheckpoint,
+    check_ranks,
     ADAPTER_CONFIG,
     adapter_base,
     fold_delta,
@@ -93,6 +94,7 @@ class LoraAdapter:
         lora, whole = index_adapter(path, file)
         if not lora:
             raise CheckpointError(f"{path}: adapter holds no lora_A/lora_B tensors; nothing to merge")
+        check_ranks(path, file, lora, config)
         return cls(path, config, file, lora, whole, _base_reference(path, config))
 
     def rank(self, name: str) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, read_json
+from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, check_tokenizer_files, is_float_dtype, read_json
 from explorer.formats.bin import BinCheckpoint, is_bin_dir
 from explorer.formats.gguf_file import GgufCheckpoint, is_gguf
 from explorer.formats.hf_cache import hub_snapshot, is_repo_dir, snapshot_of
@@ -23,22 +23,50 @@ from explorer.formats.trainer import is_run_dir, trainer_checkpoints
 
 __all__ = [
     "Checkpoint", "CheckpointError", "INDEX_FILE", "SINGLE_FILE", "TIED_NAMES", "PARTIAL_MARK", "open_checkpoint",
-    "is_checkpoint", "discover", "check_config", "check_compatible", "trainer_checkpoints",
+    "is_checkpoint", "discover", "check_config", "check_compatible", "trainer_checkpoints", "split_adapter_spec",
 ]
 
 PARTIAL_MARK = ".partial-"  # in the name of a merge output folder still being written (see explorer.writer)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open the checkpoint at ``path`` (any supported format); CheckpointError saying what is wrong and the fix."""
-    text = str(path)
+    """Open the checkpoint at ``path`` (any supported format); CheckpointError saying what is wrong and the fix.
+
+    Besides the format's own checks, the small JSON tokenizer files (tokenizer_config.json, ...) must
+    parse, so that a broken one is named here rather than failing later without a file name.
+    """
+    checkpoint = _open(path)
+    check_tokenizer_files(checkpoint.assets_dir)
+    return checkpoint
+
+
+def split_adapter_spec(text: str) -> tuple[str, str] | None:
+    """``(base, adapter)`` when ``text`` is ``BASE+ADAPTER``; None when it names no such pair.
+
+    The split is at a '+' whose right side is an existing LoRA adapter folder (adapter_config.json in
+    it), so folder names may hold '+' themselves (``base+/x/lora+v2``). When several '+' qualify, the
+    ones whose left side is a model (an existing path, a repo id in the Hugging Face cache, or itself a
+    BASE+ADAPTER) come first, and among equals the last '+' wins (the split mergekit's syntax implies).
+    A ``text`` that is itself an existing path names that path, not a pair: None, as ``open_checkpoint``
+    opens the path.
+    """
+    if Path(text).expanduser().exists():
+        return None
+    pairs = [(text[:i], text[i + 1:]) for i, c in enumerate(text) if c == "+" and 0 < i < len(text) - 1]
+    pairs = [(base, adapter) for base, adapter in pairs if is_adapter_dir(Path(adapter).expanduser())]
+    return max(reversed(pairs), key=lambda pair: _names_a_model(pair[0]), default=None)
+
+
+def _names_a_model(text: str) -> bool:
+    return Path(text).expanduser().exists() or hub_snapshot(text) is not None or split_adapter_spec(text) is not None
+
+
+def _open(text: str | Path) -> Checkpoint:
+    text = str(text)
     path = Path(text).expanduser()
     if not path.exists():
         if "+" in text:
-            base, adapter = text.rsplit("+", 1)
-            if not is_adapter_dir(Path(adapter).expanduser()):
-                raise CheckpointError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json); BASE+ADAPTER needs an adapter after the '+'")
-            return LoraCheckpoint(Path(adapter).expanduser(), open_checkpoint(base))
+            return _open_pair(text)
         snapshot = hub_snapshot(text)
         if snapshot is None:
             raise CheckpointError(f"{path}: folder not found; check the path (it must be a local checkpoint folder, .gguf file, or a repo in the Hugging Face cache)")
@@ -63,6 +91,18 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     raise CheckpointError(
         f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or pytorch_model.bin; save the model with save_pretrained(..., safe_serialization=True)"
     )
+
+
+def _open_pair(text: str) -> Checkpoint:
+    """``BASE+ADAPTER``: the adapter folded into the base (see ``split_adapter_spec``)."""
+    pair = split_adapter_spec(text)
+    if pair is None:
+        raise CheckpointError(
+            f"{text}: not found, and no '+' in it is followed by a LoRA adapter folder (one with adapter_config.json); "
+            "check the path, or give BASE+ADAPTER with an existing adapter folder after the '+'"
+        )
+    base, adapter = pair
+    return LoraCheckpoint(Path(adapter).expanduser(), open_checkpoint(base))
 
 
 def _without_config(path: Path) -> Checkpoint:
@@ -113,7 +153,8 @@ def check_compatible(base: Optional[Checkpoint], models: Iterable[Checkpoint]) -
     """Raise CheckpointError on the first incompatibility between ``base`` and ``models``.
 
     Checks, in order: architecture, depth (num_hidden_layers), tensor names (ignoring a tied lm_head),
-    and every tensor's shape. Returns the tensor names to merge, in the reference model's order.
+    and every tensor's shape and kind of dtype (floating or not). Returns the tensor names to merge, in
+    the reference model's order.
     """
     models = list(models)
     reference = base or models[0]
@@ -124,12 +165,27 @@ def check_compatible(base: Optional[Checkpoint], models: Iterable[Checkpoint]) -
         check_config(reference, other)
         _check_names(reference, other, names)
         for name in names:
-            if reference.shape(name) != other.shape(name):
-                raise CheckpointError(
-                    f"{other.path}: tensor {name!r} has shape {list(other.shape(name))} but {reference.path} has "
-                    f"{list(reference.shape(name))}; only models fine-tuned from the same base can be merged"
-                )
+            _check_tensor(reference, other, name)
     return names
+
+
+def _check_tensor(reference: Checkpoint, other: Checkpoint, name: str) -> None:
+    """CheckpointError unless tensor ``name`` has the same shape in both, and is floating in both or in neither.
+
+    Floating dtypes mix freely (float8, float16, bfloat16, float32 are all read as numbers); an integer
+    or bool tensor facing a floating one is quantization codes or a mask, not weights to average.
+    """
+    if reference.shape(name) != other.shape(name):
+        raise CheckpointError(
+            f"{other.path}: tensor {name!r} has shape {list(other.shape(name))} but {reference.path} has "
+            f"{list(reference.shape(name))}; only models fine-tuned from the same base can be merged"
+        )
+    if is_float_dtype(reference.dtype(name)) != is_float_dtype(other.dtype(name)):
+        raise CheckpointError(
+            f"{other.path}: tensor {name!r} is {other.dtype(name)} but {reference.path} has it as {reference.dtype(name)}; "
+            "integer or bool tensors beside floating ones are quantized weights: dequantize the quantized checkpoint first "
+            "(load it with transformers and save_pretrained in float16/bfloat16/float32)"
+        )
 
 
 def check_config(reference: Checkpoint, other: Checkpoint) -> None:

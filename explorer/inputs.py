@@ -65,29 +65,32 @@ def compatibility_report(
     Columns: path, role (base/model), format, architecture, layers, vocab (config vocab_size), dtype
     (most common tensor dtype as read), tied (bool), status and message. status is ``ok``, ``aligned``
     (vocabulary or tying differ from the reference and are aligned when merging), ``incompatible`` or
-    ``unreadable``; message is the error text, or a note on what gets aligned.
+    ``unreadable`` (it does not open, or its config or tensors cannot be described); message is the
+    error text, or a note on what gets aligned. The reference is the first input (base first) that is
+    not unreadable; an error in one input never stops the report.
     """
     entries = ([(base, "base")] if base else []) + [(p, "model") for p in paths]
-    opened: list[tuple[str | Path, str, Optional[Checkpoint], str]] = []
-    for path, role in entries:
-        try:
-            opened.append((path, role, open_checkpoint(path), ""))
-        except CheckpointError as e:
-            opened.append((path, role, None, str(e)))
-    reference = next((c for _, _, c, _ in opened if c is not None), None)
+    described = [(role, *_describe(path)) for path, role in entries]
+    reference = next((c for _, c, _ in described if c is not None), None)
     rows = []
-    for path, role, ckpt, error in opened:
-        if ckpt is None:
-            rows.append({"path": str(path), "role": role, "status": "unreadable", "message": error})
-            continue
-        status, message = ("ok", "reference") if ckpt is reference else _against(reference, ckpt, tokenizer_source)
-        dtypes = Counter(ckpt.dtype(n) for n in ckpt.names())
-        rows.append({
-            "path": str(ckpt.path), "role": role, "format": ckpt.format, "architecture": ckpt.architecture,
-            "layers": ckpt.num_layers, "vocab": ckpt.config.get("vocab_size"), "dtype": dtypes.most_common(1)[0][0],
-            "tied": ckpt.tied_embeddings, "status": status, "message": message,
-        })
+    for role, ckpt, row in described:
+        if ckpt is not None:
+            row["status"], row["message"] = ("ok", "reference") if ckpt is reference else _against(reference, ckpt, tokenizer_source)
+        rows.append({"role": role, **row})
     return pd.DataFrame(rows, columns=REPORT_COLUMNS)
+
+
+def _describe(path: str | Path) -> tuple[Optional[Checkpoint], dict]:
+    """(checkpoint, its report columns), or (None, an ``unreadable`` row with the error) when it does not open or read."""
+    try:
+        ckpt = open_checkpoint(path)
+        dtypes = Counter(ckpt.dtype(n) for n in ckpt.names())
+        return ckpt, {
+            "path": str(ckpt.path), "format": ckpt.format, "architecture": ckpt.architecture, "layers": ckpt.num_layers,
+            "vocab": ckpt.config.get("vocab_size"), "dtype": dtypes.most_common(1)[0][0], "tied": ckpt.tied_embeddings,
+        }
+    except CheckpointError as e:
+        return None, {"path": str(path), "status": "unreadable", "message": str(e)}
 
 
 def _against(reference: Checkpoint, other: Checkpoint, tokenizer_source: TokenizerSource) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from explorer import registry
-from explorer.checkpoint import TIED_NAMES
+from explorer.checkpoint import TIED_NAMES, split_adapter_spec
 from explorer.executor import Progress, merge_stream, read_float
 from explorer.inputs import open_inputs
 from explorer.recipe import MergeRecipe
@@ -110,7 +110,8 @@ class MergeSession:
 
 def _resolved(spec: str) -> str:
     """A recipe's name for an input with each path made absolute (``BASE+ADAPTER`` part by part)."""
-    if not Path(spec).expanduser().exists() and "+" in spec:
-        return "+".join(_resolved(part) for part in spec.rsplit("+", 1))
+    pair = split_adapter_spec(spec)
+    if pair:
+        return "+".join(_resolved(part) for part in pair)
     return str(Path(spec).expanduser().resolve())
 

@@ -197,6 +197,16 @@ def test_given_base_the_adapters_do_not_fit_is_refused(lora_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_adapter_whose_config_rank_differs_from_its_tensors_is_refused(lora_family, tmp_path):
+    base, adapters = lora_family
+    save_lora(base, tmp_path / "r", target_modules=TARGETS)
+    config = tmp_path / "r" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 8}))
+    with pytest.raises(CheckpointError, match=r"/r: LoRA of .* has rank 8 in adapter_config.json .* but its tensors have rank"):
+        merge_adapters([adapters[0], tmp_path / "r"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_overlapping_an_input_is_refused_and_nothing_written(lora_family, tmp_path):
     _, adapters = lora_family
     before = {p: p.read_bytes() for a in adapters for p in a.iterdir()}

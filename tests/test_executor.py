@@ -79,14 +79,14 @@ def test_session_builds_model_in_memory(family):
 
 def test_session_recipe_names_an_adapter_with_its_base_and_replays(family, tmp_path):
     """A LoRA adapter given as BASE+ADAPTER (its config names no reachable base) stays BASE+ADAPTER in
-    the session's recipe, so the CLI replays the export exactly."""
+    the session's recipe, so the CLI replays the export exactly, even with a '+' in the folder name."""
     base, experts = family
-    save_lora(base, tmp_path / "adapter")
-    config = tmp_path / "adapter" / "adapter_config.json"
+    save_lora(base, tmp_path / "lora+v2")
+    config = tmp_path / "lora+v2" / "adapter_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "someone/not-here"}))
-    session = MergeSession(base, [f"{base}+{tmp_path / 'adapter'}", experts[0]])
+    session = MergeSession(base, [f"{base}+{tmp_path / 'lora+v2'}", experts[0]])
     recipe = session.recipe("task_arithmetic", {}, [{"weight": 0.7}, {"weight": 0.3}])
-    assert recipe.models[0].model == f"{base}+{tmp_path / 'adapter'}"
+    assert recipe.models[0].model == f"{base}+{tmp_path / 'lora+v2'}"
     session.export(recipe, session.merge(recipe), tmp_path / "ui")
     replayed = merge_to_folder(MergeRecipe.load(tmp_path / "ui" / "merge_recipe.yaml"), tmp_path / "cli")
     a, b = _state(tmp_path / "ui"), _state(replayed)

@@ -18,12 +18,15 @@ from typing import Optional
 import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 TIED_NAMES = ("lm_head.weight",)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
 )
+# Small JSON tokenizer files that are parsed outside the tokenizer loader too (checked when a model is opened).
+TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 ASSET_FILES = TOKENIZER_FILES + ("generation_config.json",)
 
 # safetensors dtype names <-> torch dtypes (the names ``Checkpoint.dtype`` reports for every format).
@@ -40,12 +43,44 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or merged; the message says which file/tensor and the fix."""
 
 
+def is_float_dtype(name: str) -> bool:
+    """True for a floating dtype name (F8_*, F16, BF16, F32, F64); False for integers, bool and unknown names."""
+    return name in DTYPES and DTYPES[name].is_floating_point
+
+
 def read_json(file: Path, what: str = "JSON file") -> dict:
-    """Parse ``file``; CheckpointError naming it when it is not valid JSON."""
+    """Parse ``file``; CheckpointError naming it when it is not valid JSON or not a JSON object."""
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: unreadable {what} ({e}); re-download or re-save it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(data).__name__} where {what} must be an object {{...}}; re-download or re-save it")
+    return data
+
+
+def check_tokenizer_files(folder: Optional[Path]) -> None:
+    """CheckpointError naming the file when one of ``folder``'s small JSON tokenizer files is not a JSON object."""
+    if folder is None:
+        return
+    for name in TOKENIZER_JSON:
+        if (folder / name).is_file():
+            read_json(folder / name, f"tokenizer file {name}")
+
+
+def load_tokenizer(folder: Path, gguf_file: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """The tokenizer in ``folder`` (or in its ``gguf_file``); any failure becomes a CheckpointError naming it.
+
+    The loader fails in many ways on broken files (JSONDecodeError, KeyError, TypeError, the Rust
+    tokenizers' plain Exception), so every Exception is wrapped here, at this one boundary.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    except Exception as e:
+        raise CheckpointError(
+            f"{folder / gguf_file if gguf_file else folder}: the tokenizer does not load ({type(e).__name__}: {e}); "
+            "re-save the tokenizer (tokenizer.save_pretrained) or copy the base model's tokenizer files"
+        ) from None
 
 
 def has_tokenizer_files(folder: Optional[Path]) -> bool:
@@ -74,6 +109,8 @@ class Checkpoint:
     format = "checkpoint"
 
     def __init__(self, path: Path, config: dict, files: dict[str, Path]):
+        if not files:
+            raise CheckpointError(f"{path}: the checkpoint holds no tensors; re-download or re-save the checkpoint")
         self.path, self.config, self.files = path, config, files
 
     def __repr__(self) -> str:
@@ -85,8 +122,16 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
-        return archs[0]
+        """The first of config.json's ``architectures``; without them, the causal LM class of its ``model_type``.
+
+        That is the class ``AutoModelForCausalLM`` loads such a config with (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``);
+        a model_type that has none is returned as it is ("?" when there is no model_type either).
+        """
+        archs = self.config.get("architectures")
+        if archs:
+            return archs[0]
+        model_type = self.config.get("model_type", "?")
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
 
     @property
     def num_layers(self) -> Optional[int]:
@@ -149,10 +194,7 @@ class Checkpoint:
         """A freshly loaded tokenizer of this model, or None when it ships none."""
         if not self.has_tokenizer():
             return None
-        try:
-            return AutoTokenizer.from_pretrained(self.assets_dir)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{self.assets_dir}: the tokenizer files do not load ({e}); re-save the tokenizer") from None
+        return load_tokenizer(self.assets_dir)
 
     def save_assets(self, dst: Path) -> None:
         """Copy this model's tokenizer and generation config files into ``dst`` (a new output folder)."""

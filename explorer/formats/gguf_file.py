@@ -13,21 +13,34 @@ refused with a conversion hint.
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, empty_model
+from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, empty_model, load_tokenizer
 
 SUFFIX = ".gguf"
 
 
 def is_gguf(path: Path) -> bool:
     return path.is_file() and path.suffix == SUFFIX
+
+
+@lru_cache(maxsize=None)
+def dequantizable(tensor_type) -> bool:
+    """True when the installed gguf package dequantizes ``tensor_type`` (tried on one block of zeros)."""
+    from gguf import GGML_QUANT_SIZES, dequantize
+
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[tensor_type][1]), np.uint8), tensor_type)
+    except NotImplementedError:
+        return False
+    return True
 
 
 class GgufCheckpoint(Checkpoint):
@@ -65,6 +78,7 @@ class GgufCheckpoint(Checkpoint):
                 "tensor; convert the file once with transformers (AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)"
                 ".save_pretrained(new_folder)) and merge the converted folder"
             )
+        self._check_types()
         kinds = Counter(t.tensor_type.name for t in self._tensors.values() if len(t.shape) > 1)
         self.format = f"gguf ({kinds.most_common(1)[0][0]})" if kinds else "gguf"
 
@@ -82,6 +96,16 @@ class GgufCheckpoint(Checkpoint):
             if gguf_name is not None:
                 mapping[f"{gguf_name}.{suffix}"] = hf_name
         return mapping
+
+    def _check_types(self) -> None:
+        """CheckpointError for the first tensor whose type the gguf package cannot dequantize (e.g. I8, Q8_K)."""
+        for name, tensor in self._tensors.items():
+            if not dequantizable(tensor.tensor_type):
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} (GGUF {tensor.name!r}) has type {tensor.tensor_type.name}, which the gguf package "
+                    "cannot dequantize; re-export the model as F16, BF16, F32 or a common quantization (Q8_0, Q4_K, ...), "
+                    "or convert it to safetensors"
+                )
 
     @property
     def assets_dir(self) -> Optional[Path]:
@@ -115,7 +139,7 @@ class GgufCheckpoint(Checkpoint):
         """The tokenizer stored in the GGUF metadata, rebuilt by transformers."""
         if not self.has_tokenizer():
             return None
-        return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        return load_tokenizer(self.path.parent, self.path.name)
 
     def save_assets(self, dst: Path) -> None:
         tokenizer = self.tokenizer()

@@ -11,6 +11,11 @@ tensors are float32. Refused, with the fix: DoRA, LoRA biases, trainable-token a
 
 The base is given explicitly (recipe syntax ``BASE+ADAPTER``, as mergekit writes it) or found from
 ``base_model_name_or_path``: as a path, relative to the adapter's folder, then in the Hugging Face cache.
+An adapter saved into its own base's folder (base_model_name_or_path naming that same folder) is
+refused rather than opened as base + adapter: the folder would then name two models (the plain base,
+as other adapters and recipes mean it, and the folded one), so the fix is to move the adapter files
+into a folder of their own. Each module's rank in adapter_config.json (``r``, or its ``rank_pattern``
+entry) must be the rank of its A and B tensors, as PEFT requires when it loads the adapter.
 """
 
 from __future__ import annotations
@@ -46,11 +51,21 @@ def adapter_base(path: Path) -> Path:
         raise CheckpointError(f"{path}: adapter_config.json names no base model; give it as BASE+ADAPTER in the recipe")
     for candidate in (Path(ref).expanduser(), path / ref, path.parent / ref):
         if candidate.exists():
-            return candidate
+            return _not_itself(path, candidate)
     snapshot = hub_snapshot(ref)
     if snapshot is None:
         raise CheckpointError(f"{path}: base model {ref!r} of this adapter is neither a local folder nor in the Hugging Face cache; give it as BASE+ADAPTER in the recipe")
-    return snapshot
+    return _not_itself(path, snapshot)
+
+
+def _not_itself(path: Path, base: Path) -> Path:
+    """``base``, unless it is the adapter folder ``path`` itself (an adapter saved into its base's folder)."""
+    if base.resolve() == path.resolve():
+        raise CheckpointError(
+            f"{path}: holds a full model and a LoRA adapter whose base_model_name_or_path is this same folder; move "
+            f"{ADAPTER_CONFIG} and adapter_model.* into a folder of their own and name it as BASE+ADAPTER (or with its base path)"
+        )
+    return base
 
 
 def read_adapter_config(path: Path) -> dict:
@@ -98,12 +113,33 @@ def index_adapter(path: Path, adapter: SafetensorsFile | PickleFile) -> tuple[di
     return lora, whole
 
 
+def lora_rank(config: dict, module: str) -> int:
+    """The rank adapter_config.json gives ``module``: its rank_pattern entry when one matches, else r."""
+    ranks = config.get("rank_pattern") or {}
+    return ranks.get(get_pattern_key(list(ranks), module), config["r"])
+
+
 def lora_scale(config: dict, module: str) -> float:
     """lora_alpha / r (or / sqrt(r) with use_rslora), per module when rank_pattern/alpha_pattern match it."""
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r = ranks.get(get_pattern_key(list(ranks), module), config["r"])
+    alphas = config.get("alpha_pattern") or {}
+    r = lora_rank(config, module)
     alpha = alphas.get(get_pattern_key(list(alphas), module), config["lora_alpha"])
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def check_ranks(path: Path, adapter: SafetensorsFile | PickleFile, lora: dict[str, dict], config: dict) -> None:
+    """CheckpointError when a module's A (r, in) or B (out, r) has another rank than adapter_config.json gives it.
+
+    The scale alpha / r would be wrong for it; PEFT refuses to load such an adapter.
+    """
+    for entry in lora.values():
+        r = lora_rank(config, entry["module"])
+        a, b = adapter.shape(entry["A"]), adapter.shape(entry["B"])
+        if a[0] != r or b[-1] != r:
+            raise CheckpointError(
+                f"{path}: LoRA of {entry['module']!r} has rank {r} in {ADAPTER_CONFIG} (r / rank_pattern) but its tensors have rank "
+                f"{a[0]} (lora_A {list(a)}, lora_B {list(b)}); fix r / rank_pattern in {ADAPTER_CONFIG} or re-save the adapter with PEFT"
+            )
 
 
 def fold_delta(adapter: SafetensorsFile | PickleFile, entry: dict, config: dict) -> torch.Tensor:
@@ -127,6 +163,7 @@ class LoraCheckpoint(Checkpoint):
         self.base, self.adapter_config = base, read_adapter_config(path)
         self._adapter = open_adapter(path)
         self._lora, self._whole = index_adapter(path, self._adapter)
+        check_ranks(path, self._adapter, self._lora, self.adapter_config)
         config = dict(base.config)
         files = dict(base.files) | {name: self._adapter.path for name in self._whole if name not in base.files}
         super().__init__(path, config, files)

@@ -15,7 +15,9 @@ the writer holds no tensor either.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,7 +29,11 @@ _CHUNK = 1 << 30  # one read() call returns at most about 2 GiB on Linux
 
 
 class SafetensorsFile:
-    """Header of one .safetensors file and per-tensor reads of it (file is opened per read)."""
+    """Header of one .safetensors file and per-tensor reads of it (file is opened per read).
+
+    The header is checked when the file is opened: a JSON object whose every tensor has a dtype torch
+    holds, a shape, and data offsets that span exactly numel * itemsize bytes inside the file.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -37,14 +43,34 @@ class SafetensorsFile:
                 if not 2 <= n <= MAX_HEADER:
                     raise ValueError(f"header length {n}")
                 header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            expected = 8 + n + max((e["data_offsets"][1] for e in header.values()), default=0)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            if not isinstance(header, dict):
+                raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); re-download or re-save it") from None
+        header.pop("__metadata__", None)
         self.entries: dict[str, dict] = header
         self.data_start = 8 + n
-        if path.stat().st_size < expected:
-            raise CheckpointError(f"{path}: file is truncated ({path.stat().st_size} of {expected} bytes); the download is incomplete, fetch the file again")
+        for name, entry in header.items():
+            self._check_entry(name, entry)
+        self._check_size()
+
+    def _check_entry(self, name: str, entry) -> None:
+        """CheckpointError naming the file and tensor when its header entry is malformed."""
+        problem = entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {problem} in the file's header; re-download or re-save the checkpoint")
+
+    def _check_size(self) -> None:
+        """CheckpointError when a tensor's bytes lie past the end of the file (an incomplete download)."""
+        if not self.entries:
+            return
+        last = max(self.entries, key=lambda name: self.entries[name]["data_offsets"][1])
+        expected, size = self.data_start + self.entries[last]["data_offsets"][1], self.path.stat().st_size
+        if size < expected:
+            raise CheckpointError(
+                f"{self.path}: file is truncated ({size} of {expected} bytes; tensor {last!r} ends past it); "
+                "the download is incomplete, fetch the file again"
+            )
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -58,8 +84,6 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         """Tensor ``name`` in its stored dtype, in memory owned by the caller; CheckpointError if truncated."""
         entry = self.entries[name]
-        if entry["dtype"] not in DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {entry['dtype']} that torch cannot hold; convert it to F16/BF16/F32")
         begin, end = entry["data_offsets"]
         buffer = torch.empty(end - begin, dtype=torch.uint8)
         view, done = memoryview(buffer.numpy()), 0
@@ -71,6 +95,27 @@ class SafetensorsFile:
                     raise CheckpointError(f"{self.path}: file ends inside tensor {name!r}; the download is incomplete, fetch the file again")
                 done += got
         return buffer.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def entry_problem(entry) -> Optional[str]:
+    """What is wrong with one tensor's header entry ({dtype, shape, data_offsets}), or None when it is sound."""
+    if not isinstance(entry, dict):
+        return f"an entry that is a JSON {type(entry).__name__}, not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        return f"dtype {dtype!r}, which torch cannot hold (save it as F16, BF16 or F32)"
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        return f"shape {shape!r}, not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        return f"data_offsets {offsets!r}, not two non-negative integers"
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        return f"data_offsets {offsets} spanning {offsets[1] - offsets[0]} bytes, but {dtype} {shape} takes {nbytes}"
+    return None
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0
 
 
 class ShardWriter:
