@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from explorer.selection import topk_mask
+from explorer.selection import MERGE_CHUNK, topk_mask
 
 
 class Sparsification(str, Enum):
@@ -104,14 +104,19 @@ def della_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Ge
     """Bernoulli mask whose keep probability grows linearly with |delta| rank within each row.
 
     Rows are the last dimension of a 2-D view (a 1-D tensor is one row); probabilities run from
-    density - epsilon (smallest) to density + epsilon (largest).
+    density - epsilon (smallest) to density + epsilon (largest). Ranks are computed a block of rows at
+    a time (two argsorts hold 4 x 8 bytes per entry), so beyond the mask only the probabilities take
+    tensor-sized memory; the one Bernoulli draw over all of them keeps mergekit's random stream.
     """
     if not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1; got density={density}, epsilon={epsilon}")
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    probs = torch.empty(rows.shape)
+    block = max(1, MERGE_CHUNK // rows.shape[1])
+    for a in range(0, rows.shape[0], block):
+        probs[a : a + block] = rows[a : a + block].abs().argsort(dim=1).argsort(dim=1)
     span = (rows.shape[1] - 1) or 1
-    probs = (density - epsilon) + (ranks / span) * 2 * epsilon
+    probs.div_(span).mul_(2).mul_(epsilon).add_(density - epsilon)  # the order of mergekit's float ops
     return torch.bernoulli(probs, generator=generator).reshape(delta.shape)
 
 
