@@ -35,7 +35,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     Besides the format's own checks, the small JSON tokenizer files (tokenizer_config.json, ...) must
     parse, so that a broken one is named here rather than failing later without a file name.
     """
-    checkpoint = _open(path)
+    return _open_checked(path, ())
+
+
+def _open_checked(path: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
+    """``open_checkpoint`` inside a chain of ``adapters`` (resolved folders) whose bases are being opened."""
+    checkpoint = _open(path, adapters)
     check_tokenizer_files(checkpoint.assets_dir)
     return checkpoint
 
@@ -61,7 +66,7 @@ def _names_a_model(text: str) -> bool:
     return Path(text).expanduser().exists() or hub_snapshot(text) is not None or split_adapter_spec(text) is not None
 
 
-def _open(text: str | Path) -> Checkpoint:
+def _open(text: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
     text = str(text)
     path = Path(text).expanduser()
     if not path.exists():
@@ -80,7 +85,7 @@ def _open(text: str | Path) -> Checkpoint:
     if is_repo_dir(path):
         path = snapshot_of(path) or path
     if is_adapter_dir(path):
-        return LoraCheckpoint(path, open_checkpoint(adapter_base(path)))
+        return _fold(path, adapters)
     if not (path / "config.json").is_file():
         return _without_config(path)
     config = read_json(path / "config.json", "config.json")
@@ -103,6 +108,18 @@ def _open_pair(text: str) -> Checkpoint:
         )
     base, adapter = pair
     return LoraCheckpoint(Path(adapter).expanduser(), open_checkpoint(base))
+
+
+def _fold(adapter: Path, adapters: tuple[Path, ...]) -> LoraCheckpoint:
+    """The adapter folded into the base its config names; CheckpointError when those bases loop back."""
+    here = adapter.resolve()
+    if here in adapters:
+        loop = " -> ".join(str(a) for a in (*adapters, here))
+        raise CheckpointError(
+            f"{adapter}: the adapters' base models loop ({loop}); set base_model_name_or_path in adapter_config.json "
+            "to the full model, or give it as BASE+ADAPTER"
+        )
+    return LoraCheckpoint(adapter, _open_checked(adapter_base(adapter), (*adapters, here)))
 
 
 def _without_config(path: Path) -> Checkpoint:

@@ -243,6 +243,18 @@ def test_adapter_saved_into_its_base_folder_refused(family, tmp_path):
     _refused([both, experts[1]], tmp_path / "out", match)
 
 
+def test_adapters_whose_bases_loop_refused(family, tmp_path):
+    base, experts = family
+    for name, other in (("a", "b"), ("b", "a")):
+        save_lora(base, tmp_path / name)
+        config = tmp_path / name / "adapter_config.json"
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": str(tmp_path / other)}))
+    match = r"a: the adapters' base models loop \(.*/a -> .*/b -> .*/a\); set base_model_name_or_path"
+    with pytest.raises(CheckpointError, match=match):
+        open_checkpoint(tmp_path / "a")
+    _refused([tmp_path / "a", experts[1]], tmp_path / "out", match)
+
+
 @pytest.mark.parametrize("config, module, ranks", [
     ({"r": 8}, "q_proj", "rank 8 .* rank 4"),
     ({"rank_pattern": {"v_proj": 2}}, "v_proj", "rank 2 .* rank 4"),
