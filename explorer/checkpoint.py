@@ -62,6 +62,15 @@ def split_adapter_spec(text: str) -> tuple[str, str] | None:
     return max(reversed(pairs), key=lambda pair: _names_a_model(pair[0]), default=None)
 
 
+def resolved_spec(spec: str) -> str:
+    """A recipe's name for an input with each path made absolute, ``BASE+ADAPTER`` part by part, so that
+    "x", "x/" and "./x" compare equal."""
+    pair = split_adapter_spec(spec)
+    if pair:
+        return "+".join(resolved_spec(part) for part in pair)
+    return str(Path(spec).expanduser().resolve())
+
+
 def _names_a_model(text: str) -> bool:
     return Path(text).expanduser().exists() or hub_snapshot(text) is not None or split_adapter_spec(text) is not None
 

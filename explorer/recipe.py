@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from explorer import registry
+from explorer.checkpoint import resolved_spec
 from explorer.registry import ParamValue
 
 MERGEKIT_ONLY = ("int8_mask",)
@@ -63,8 +64,8 @@ class MergeRecipe(BaseModel):
         spec = registry.get(self.merge_method)
         if spec.needs_base and self.base_model:
             # mergekit lists the base among the models too (e.g. slerp); it is the base, not an input.
-            base = _normalized(self.base_model)
-            self.models = [e for e in self.models if _normalized(e.model) != base]
+            base = resolved_spec(self.base_model)
+            self.models = [e for e in self.models if resolved_spec(e.model) != base]
         if not self.models:
             raise ValueError("a recipe needs at least one model under 'models'")
         if spec.needs_base and not self.base_model:
@@ -117,9 +118,3 @@ class MergeRecipe(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "MergeRecipe":
         return cls.from_yaml(Path(path).read_text())
-
-
-def _normalized(model: str) -> Path:
-    """A recipe's model reference as an absolute path, so that "x", "x/" and "./x" compare equal."""
-    return Path(model).expanduser().resolve()
-

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from explorer import registry
-from explorer.checkpoint import TIED_NAMES, split_adapter_spec
+from explorer.checkpoint import TIED_NAMES, resolved_spec
 from explorer.executor import Progress, merge_stream, read_float
 from explorer.inputs import open_inputs
 from explorer.recipe import MergeRecipe
@@ -76,9 +76,9 @@ class MergeSession:
         Raises ValueError when the recipe names other inputs (models or base) or another
         tokenizer_source than the one this session aligned its vocabularies with.
         """
-        if [_resolved(e.model) for e in recipe.models] != [_resolved(c.spec) for c in self.model_ckpts]:
+        if [resolved_spec(e.model) for e in recipe.models] != [resolved_spec(c.spec) for c in self.model_ckpts]:
             raise ValueError("the recipe's models differ from this session's; start a new session for them")
-        if (recipe.base_model and _resolved(recipe.base_model)) != (self.base_ckpt and _resolved(self.base_ckpt.spec)):
+        if (recipe.base_model and resolved_spec(recipe.base_model)) != (self.base_ckpt and resolved_spec(self.base_ckpt.spec)):
             raise ValueError(f"the recipe's base_model {recipe.base_model!r} differs from this session's; start a new session for it")
         if recipe.tokenizer_source != self.tokenizer_source:
             raise ValueError(
@@ -106,12 +106,3 @@ class MergeSession:
         out = check_output_dir(out_dir, inputs, overwrite)
         ordered = ((n, state_dict[n]) for n in self.names)
         return write_checkpoint(out, ordered, self.reference, recipe, overwrite)
-
-
-def _resolved(spec: str) -> str:
-    """A recipe's name for an input with each path made absolute (``BASE+ADAPTER`` part by part)."""
-    pair = split_adapter_spec(spec)
-    if pair:
-        return "+".join(_resolved(part) for part in pair)
-    return str(Path(spec).expanduser().resolve())
-

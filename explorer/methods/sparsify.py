@@ -60,7 +60,9 @@ def sparsify(
     if density <= 0 or delta.numel() == 0:
         return delta.zero_() if inplace else torch.zeros_like(delta)
     if band is not None:
-        mask = (delta.abs() >= band[0]) & (delta.abs() < band[1])
+        magnitude = delta.abs()
+        mask = (magnitude >= band[0]) & (magnitude < band[1])
+        del magnitude
     else:
         mask = _MASKS[method](delta, density, generator, gamma, epsilon)
     before = torch.linalg.vector_norm(delta, 1) if rescale == Rescale.l1 else None
