@@ -24,24 +24,44 @@ from explorer.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
 
 SHARD_BYTES = 2 * 1024**3
+MANIFEST = "merge_manifest.json"  # written last into every output folder: the files this tool wrote there
 
 
 def check_output_dir(out_dir: str | Path, inputs: Iterable[Path], overwrite: bool = False) -> Path:
     """Resolve ``out_dir`` and refuse it (CheckpointError) if it would touch an input or hold data.
 
-    Refused: an input location itself, a folder inside one, a folder that contains one, an existing
-    non-empty folder unless ``overwrite``. Input locations are each input resolved and, for files an
-    input folder reaches through symlinks (the Hugging Face cache: snapshots/ -> blobs/), the folders
-    those files really live in.
+    Refused: an empty path; an input location itself, a folder inside one, a folder that contains
+    one; an existing non-empty folder (or a file) unless ``overwrite``; and, even with ``overwrite``,
+    anything this tool did not write: only a folder holding exactly the files its manifest
+    (``merge_manifest.json``) lists may be replaced. Input locations are each input resolved and, for
+    files an input folder reaches through symlinks (the Hugging Face cache: snapshots/ -> blobs/),
+    the folders those files really live in.
     """
+    if not str(out_dir).strip():
+        raise CheckpointError("no output folder given; type the folder to write the merge to")
     out = Path(out_dir).expanduser().resolve()
     for src in inputs:
         for place in input_locations(Path(src)):
             if out == place or place in out.parents or out in place.parents:
                 raise CheckpointError(f"output folder {out} overlaps input {src} (at {place}); choose an output folder outside every input")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return out
+    if not overwrite:
         raise CheckpointError(f"output folder {out} already exists and is not empty; choose a new folder or allow overwrite")
+    if not is_merge_output(out):
+        raise CheckpointError(
+            f"{out} holds files this tool did not write, so it is never replaced, even with overwrite; choose a new or empty folder"
+        )
     return out
+
+
+def is_merge_output(folder: Path) -> bool:
+    """True when ``folder`` holds only what a merge of this tool wrote there (as its manifest lists)."""
+    try:
+        listed = set(json.loads((folder / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(p.is_file() and not p.is_symlink() and p.name in listed | {MANIFEST} for p in folder.iterdir())
 
 
 def input_locations(src: Path) -> set[Path]:
@@ -80,7 +100,8 @@ def write_checkpoint(
 
 @contextmanager
 def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a new hidden temporary folder beside ``out``; on success rename it to ``out``.
+    """Yield a new hidden temporary folder beside ``out``; on success list its files in the manifest
+    and rename it to ``out``.
 
     Any failure inside the block removes the temporary folder and leaves ``out`` as it was; an
     OSError (e.g. a full disk) becomes a CheckpointError that says nothing was written.
@@ -89,6 +110,8 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         tmp.mkdir(parents=True)
         yield tmp
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps({"written_by": "merge-explorer", "files": files}, indent=2))
         _replace(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,17 +167,14 @@ def _write_config(tmp: Path, config: dict, dtype: Optional[torch.dtype]) -> None
 
 
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` (only with overwrite) is removed after the swap."""
+    """Move ``tmp`` to ``out``; an existing ``out`` (empty, or an earlier merge with overwrite) is removed after the swap."""
     if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise CheckpointError(f"output folder {out} appeared during the merge; nothing was overwritten")
+        if not out.is_dir() or (any(out.iterdir()) and not (overwrite and is_merge_output(out))):
+            raise CheckpointError(f"output folder {out} was filled by something else during the merge; nothing was overwritten")
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
         os.replace(tmp, out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
 

@@ -214,12 +214,29 @@ def test_output_onto_the_blobs_of_a_cached_input_refused(family, tmp_path):
     assert _hashes([blobs]) == before and open_checkpoint(snapshot).names()
 
 
-def test_overwrite_replaces_an_existing_file_and_leaves_no_copy(family, tmp_path):
-    _, experts = family
+def test_overwrite_replaces_only_an_earlier_merge(family, tmp_path):
+    """overwrite replaces a folder this tool wrote and nothing else: not a file, not a folder with a
+    stray file, not a folder of unrelated files; an empty path is refused."""
+    base, experts = family
     out = tmp_path / "out"
-    out.write_text("an old file")
-    merge_to_folder(_recipe(experts), out, overwrite=True)
-    assert (out / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    merge_to_folder(_recipe(experts), out)
+    first = _hashes([out])
+    merge_to_folder(_recipe(experts, base=base, method="ties"), out, overwrite=True)
+    assert _hashes([out]) != first and "merge_method: ties" in (out / "merge_recipe.yaml").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (out / "notes.txt").write_text("mine")
+    stray = tmp_path / "a-file"
+    stray.write_text("an old file")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    for target in (out, stray, user):
+        before = _hashes([tmp_path])
+        with pytest.raises(CheckpointError, match="this tool did not write, so it is never replaced"):
+            merge_to_folder(_recipe(experts), target, overwrite=True)
+        assert _hashes([tmp_path]) == before
+    with pytest.raises(CheckpointError, match="no output folder given"):
+        merge_to_folder(_recipe(experts), "", overwrite=True)
 
 
 def test_base_listed_among_the_models_with_another_spelling_is_the_base(family, tmp_path):
