@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import save_file
 
 from explorer import registry
+from explorer.choices import Space
 from explorer.executor import merge_stream
 from explorer.formats.base import DTYPES, CheckpointError
 from explorer.formats.bin import PickleFile
@@ -56,7 +57,6 @@ from explorer.checkpoint import open_checkpoint
 from explorer.formats.lora import (
     LoraCheckpoint,
     check_ranks,
-    ADAPTER_CONFIG,
     adapter_base,
     fold_delta,
     index_adapter,
@@ -64,6 +64,7 @@ from explorer.formats.lora import (
     open_adapter,
     read_adapter_config,
 )
+from explorer.formats.refs import ADAPTER_CONFIG
 from explorer.formats.safetensors_io import SafetensorsFile
 from explorer.recipe import MergeRecipe
 from explorer.writer import check_output_dir, staged_folder
@@ -286,8 +287,8 @@ def _merged_factors(loaded, names, weights, method, parameters, rank, seed, base
         spec = registry.get(method)
     except KeyError as e:
         raise ValueError(f"{e.args[0]}; or cat") from None
-    if spec.space != "delta" or spec.needs_fisher:
-        deltas = ", ".join(s.name for s in registry.all_methods() if s.space == "delta")
+    if spec.space != Space.delta or spec.needs_fisher:
+        deltas = ", ".join(s.name for s in registry.all_methods() if s.space == Space.delta)
         raise ValueError(f"method {method} merges whole weights, and an adapter holds only a task vector: use cat or one of {deltas}; {FOLD_HINT}")
     if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
         raise ValueError(f"rank must be a whole number >= 1, got {rank!r}")

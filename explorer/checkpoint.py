@@ -17,16 +17,33 @@ from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, check
 from explorer.formats.bin import BinCheckpoint, is_bin_dir
 from explorer.formats.gguf_file import GgufCheckpoint, is_gguf
 from explorer.formats.hf_cache import hub_snapshot, is_repo_dir, snapshot_of
-from explorer.formats.lora import LoraCheckpoint, adapter_base, is_adapter_dir
+from explorer.formats.lora import LoraCheckpoint, adapter_base
+from explorer.formats.refs import is_adapter_dir, resolved_spec, split_adapter_spec
 from explorer.formats.safetensors_dir import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint, is_safetensors_dir
 from explorer.formats.trainer import is_run_dir, trainer_checkpoints
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "INDEX_FILE", "SINGLE_FILE", "TIED_NAMES", "PARTIAL_MARK", "open_checkpoint",
+    "Checkpoint", "CheckpointError", "INDEX_FILE", "SINGLE_FILE", "TIED_NAMES", "PARTIAL_MARK", "PARTIAL_SUFFIX",
+    "is_unfinished", "open_checkpoint",
     "is_checkpoint", "discover", "check_config", "check_compatible", "trainer_checkpoints", "split_adapter_spec",
+    "resolved_spec",
 ]
 
 PARTIAL_MARK = ".partial-"  # in the name of a merge output folder still being written (see explorer.writer)
+PARTIAL_SUFFIX = ".partial"  # the end of the folder an earlier zoo builder wrote a checkpoint into (NAME.partial)
+
+
+def is_unfinished(path: Path) -> bool:
+    """True for a folder a writer has not finished (or was killed while writing): never a checkpoint.
+
+    The merge writer's ``.NAME.partial-XXXX`` (and ``.NAME.old-XXXX`` while replacing), any other
+    hidden folder, and the zoo builder's ``NAME.partial``.
+    """
+    return path.name.startswith(".") or _is_partial(path)
+
+
+def _is_partial(path: Path) -> bool:
+    return PARTIAL_MARK in path.name or path.name.endswith(PARTIAL_SUFFIX)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -45,36 +62,6 @@ def _open_checked(path: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
     return checkpoint
 
 
-def split_adapter_spec(text: str) -> tuple[str, str] | None:
-    """``(base, adapter)`` when ``text`` is ``BASE+ADAPTER``; None when it names no such pair.
-
-    The split is at a '+' whose right side is an existing LoRA adapter folder (adapter_config.json in
-    it), so folder names may hold '+' themselves (``base+/x/lora+v2``). When several '+' qualify, the
-    ones whose left side is a model (an existing path, a repo id in the Hugging Face cache, or itself a
-    BASE+ADAPTER) come first, and among equals the last '+' wins (the split mergekit's syntax implies).
-    A ``text`` that is itself an existing path names that path, not a pair: None, as ``open_checkpoint``
-    opens the path.
-    """
-    if Path(text).expanduser().exists():
-        return None
-    pairs = [(text[:i], text[i + 1:]) for i, c in enumerate(text) if c == "+" and 0 < i < len(text) - 1]
-    pairs = [(base, adapter) for base, adapter in pairs if is_adapter_dir(Path(adapter).expanduser())]
-    return max(reversed(pairs), key=lambda pair: _names_a_model(pair[0]), default=None)
-
-
-def resolved_spec(spec: str) -> str:
-    """A recipe's name for an input with each path made absolute, ``BASE+ADAPTER`` part by part, so that
-    "x", "x/" and "./x" compare equal."""
-    pair = split_adapter_spec(spec)
-    if pair:
-        return "+".join(resolved_spec(part) for part in pair)
-    return str(Path(spec).expanduser().resolve())
-
-
-def _names_a_model(text: str) -> bool:
-    return Path(text).expanduser().exists() or hub_snapshot(text) is not None or split_adapter_spec(text) is not None
-
-
 def _open(text: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
     text = str(text)
     path = Path(text).expanduser()
@@ -89,8 +76,8 @@ def _open(text: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
         if is_gguf(path):
             return GgufCheckpoint(path)
         raise CheckpointError(f"{path}: is a file; give the checkpoint folder that holds config.json (or a .gguf file)")
-    if PARTIAL_MARK in path.name:
-        raise CheckpointError(f"{path}: an unfinished merge output (the merge was interrupted); delete this folder and merge again")
+    if _is_partial(path):
+        raise CheckpointError(f"{path}: an unfinished merge output or zoo checkpoint (its writer was interrupted); delete this folder and merge or build again")
     if is_repo_dir(path):
         path = snapshot_of(path) or path
     if is_adapter_dir(path):
@@ -145,7 +132,7 @@ def _without_config(path: Path) -> Checkpoint:
 
 def is_checkpoint(path: Path) -> bool:
     """True when ``path`` looks like something ``open_checkpoint`` opens (a cheap look at file names only)."""
-    if PARTIAL_MARK in path.name or path.name.startswith("."):
+    if is_unfinished(path):
         return False
     if is_gguf(path):
         return True
@@ -160,17 +147,18 @@ def discover(root: str | Path, max_depth: int = 3) -> list[Path]:
 
     Finds checkpoint folders, .gguf files, LoRA adapter folders, the checkpoint-STEP folders of Trainer
     runs, and the current snapshot of each cached hub repo (``models--ORG--NAME``). Hidden folders and
-    unfinished merge outputs are skipped.
+    unfinished outputs (``is_unfinished``: an interrupted merge or zoo build) are skipped, with
+    everything inside them; a hidden ``root`` itself is searched (``~/.models``), an unfinished one not.
     """
     root = Path(root).expanduser()
     found: list[Path] = []
-    frontier = [root] if root.exists() else []
+    frontier = [root] if root.exists() and not _is_partial(root) else []
     for _ in range(max_depth + 1):
         hits = [p for p in frontier if is_checkpoint(p)]
         found += [snapshot_of(p) if is_repo_dir(p) else p for p in hits]
         frontier = [
             c for p in frontier if p.is_dir() and (p not in hits or is_run_dir(p))
-            for c in sorted(p.iterdir()) if (c.is_dir() or is_gguf(c)) and not c.name.startswith(".")
+            for c in sorted(p.iterdir()) if (c.is_dir() or is_gguf(c)) and not is_unfinished(c)
         ]
     return sorted(found)
 

@@ -1,8 +1,9 @@
-"""The NaN/inf check every tensor read for a merge goes through."""
+"""How every tensor is read for a merge or a statistic: as float32, checked for NaN/inf."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -15,3 +16,36 @@ def check_finite(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> Non
     if tensor.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(tensor)):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{checkpoint.path}: tensor {name!r} has {bad} NaN/inf values; this checkpoint is corrupt or diverged; re-export or drop it")
+
+
+def read_float(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+    """Tensor ``name`` as float32 (from F16, BF16, F32, dequantized GGUF, ...); non-float tensors as stored.
+
+    Raises CheckpointError naming model and tensor if it holds NaN or inf.
+    """
+    tensor = checkpoint.get(name)
+    if not tensor.is_floating_point():
+        return tensor
+    tensor = tensor.to(torch.float32)
+    check_finite(checkpoint, name, tensor)
+    return tensor
+
+
+def read_stacked(checkpoints: list[Checkpoint], name: str) -> torch.Tensor:
+    """Tensor ``name`` of every checkpoint stacked: (N, *S) float32 (non-float tensors: stored dtype).
+
+    Each tensor is read and converted straight into its slot of the result, so reading holds the
+    result plus one tensor as stored, not N float32 copies and then their stack. Raises CheckpointError
+    naming model and tensor if one holds NaN or inf.
+    """
+    stacked: Optional[torch.Tensor] = None
+    for i, checkpoint in enumerate(checkpoints):
+        tensor = checkpoint.get(name)
+        if i == 0 and not tensor.is_floating_point():
+            return torch.stack([tensor] + [c.get(name) for c in checkpoints[1:]])
+        if stacked is None:
+            stacked = torch.empty((len(checkpoints), *tensor.shape), dtype=torch.float32)
+        stacked[i].copy_(tensor)
+        del tensor
+        check_finite(checkpoint, name, stacked[i])
+    return stacked

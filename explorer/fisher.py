@@ -15,6 +15,12 @@ its noise falls with the number of batches, and it is exact when a batch holds o
 ``fisher_file`` caches the result under ``cache_dir`` (never inside the model's folder), keyed by the
 model path, its files' mtimes and sizes, the settings and the text: one float32 tensor per state-dict
 key of every trainable parameter (tied weights are stored under each of their names).
+
+``fisher_extras`` is the setup a Fisher merge needs before its first tensor: it estimates (or finds
+cached) each model's Fisher and returns what the executor passes to the method per tensor. This
+module loads models (transformers) and writes a cache, so it belongs with the input side: the
+executor may import it, the methods never do (``explorer.methods.fisher_merge`` only receives the
+tensors).
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-Progress = Callable[[float, str], None]
+from explorer.choices import FisherLabels, parse_choice
+from explorer.progress import Progress
+
 DEFAULT_CACHE = Path("~/.cache/merge_explorer/fisher")
 
 
@@ -40,14 +49,17 @@ class FisherSettings:
     n_examples: int = 64  # text chunks (sequences) used
     batch_size: int = 4  # chunks per backward pass
     max_length: int = 128  # tokens per chunk (max_length - 1 predictions each)
-    labels: str = "sampled"  # "sampled" (true Fisher) | "empirical"
+    labels: FisherLabels = FisherLabels.sampled  # "sampled" (true Fisher) | "empirical"
     seed: int = 0  # labels and signs are drawn from torch.Generator(seed)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", parse_choice(FisherLabels, self.labels, "Fisher labels"))
 
     @classmethod
     def from_params(cls, params: dict, seed: int = 0) -> FisherSettings:
         """Settings from the ``fisher`` method's setup params (fisher_examples, ...)."""
         return cls(int(params["fisher_examples"]), int(params["fisher_batch_size"]), int(params["fisher_max_length"]),
-                   str(params["fisher_labels"]), seed)
+                   params["fisher_labels"], seed)
 
 
 def default_text() -> str:
@@ -79,8 +91,6 @@ def estimate_fisher(model: torch.nn.Module, input_ids: torch.Tensor, settings: F
     parameters, is put in eval mode (no dropout) and its gradients are overwritten. Values are per token, >= 0, in squared
     log-probability units per unit of the parameter. progress(fraction in [0, 1], message) per batch.
     """
-    if settings.labels not in ("sampled", "empirical"):
-        raise ValueError(f"Fisher labels must be 'sampled' or 'empirical', got {settings.labels!r}")
     model.eval()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -90,7 +100,7 @@ def estimate_fisher(model: torch.nn.Module, input_ids: torch.Tensor, settings: F
     for start in range(0, n, settings.batch_size):
         ids = input_ids[start : start + settings.batch_size].to(device)
         logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
-        if settings.labels == "sampled":
+        if settings.labels == FisherLabels.sampled:
             probs = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
             labels = torch.multinomial(probs, 1, generator=generator).reshape(logp.shape[:-1]).to(device)
         else:
@@ -168,3 +178,44 @@ def _state_dict_names(model: torch.nn.Module) -> dict[str, str]:
     """{state-dict key: parameter name} for every key that holds a parameter (tied keys included)."""
     by_id = {id(p): name for name, p in model.named_parameters()}
     return {key: by_id[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in by_id}
+
+
+class FisherInputs:
+    """The cached diagonal Fisher of each model of a merge, read one tensor name at a time.
+
+    Calling it with a tensor name gives the method's extra keyword inputs for that tensor:
+    ``{"fisher": (N, *S) float32}``, or ``{"fisher": None}`` when a model has no Fisher for the name
+    (a buffer), which the Fisher merge treats as the plain weighted average.
+    """
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = [safe_open(str(f), framework="pt") for f in files]
+
+    def __call__(self, name: str) -> dict[str, Optional[torch.Tensor]]:
+        if not all(name in f.keys() for f in self.files):
+            return {"fisher": None}
+        return {"fisher": torch.stack([f.get_tensor(name) for f in self.files]).float()}
+
+
+def fisher_extras(
+    spec: Any, params: dict, model_paths: Sequence[Path], seed: int = 0,
+    cache_dir: Optional[str | os.PathLike] = None, progress: Optional[Progress] = None,
+) -> Optional[FisherInputs]:
+    """The per-tensor Fisher inputs of a merge with method ``spec``, or None when it needs none.
+
+    spec: a ``MethodSpec`` (only ``needs_fisher`` is read); params: its resolved params (the
+    ``fisher_*`` setup params give the ``FisherSettings``); model_paths: the models, in recipe order.
+    Estimates each model's Fisher unless cached (``fisher_file``; minutes for a real model), with
+    progress(fraction over all models, message). Raises ValueError as ``fisher_file`` does.
+    """
+    if not spec.needs_fisher:
+        return None
+    settings = FisherSettings.from_params(params, seed=seed)
+    files = []
+    for i, path in enumerate(model_paths):
+        step = None
+        if progress:
+            def step(f: float, m: str, i: int = i, path: Path = Path(path)) -> None:
+                progress((i + f) / len(model_paths), f"Fisher of {path.name}: {m}")
+        files.append(fisher_file(path, settings, cache_dir, step))
+    return FisherInputs(files)

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from explorer.checkpoint import Checkpoint, CheckpointError, check_compatible, check_config, open_checkpoint
-from explorer.vocab import TokenizerSource, align_embeddings
+from explorer.choices import TokenizerSource
+from explorer.vocab import align_embeddings
 
 REPORT_COLUMNS = ["path", "role", "format", "architecture", "layers", "vocab", "dtype", "tied", "status", "message"]
 
@@ -39,7 +40,7 @@ class MergeInputs:
 
 
 def open_inputs(
-    base: Optional[str | Path], models: Sequence[str | Path], tokenizer_source: TokenizerSource = "base"
+    base: Optional[str | Path], models: Sequence[str | Path], tokenizer_source: TokenizerSource | str = TokenizerSource.base
 ) -> MergeInputs:
     """Open, check and align the inputs of a merge; raises CheckpointError naming model, tensor and fix.
 
@@ -58,7 +59,7 @@ def open_inputs(
 
 
 def compatibility_report(
-    paths: Sequence[str | Path], base: Optional[str | Path] = None, tokenizer_source: TokenizerSource = "base"
+    paths: Sequence[str | Path], base: Optional[str | Path] = None, tokenizer_source: TokenizerSource | str = TokenizerSource.base
 ) -> pd.DataFrame:
     """One row per input (base first) with what it is and whether it merges with the reference.
 
@@ -93,7 +94,7 @@ def _describe(path: str | Path) -> tuple[Optional[Checkpoint], dict]:
         return None, {"path": str(path), "status": "unreadable", "message": str(e)}
 
 
-def _against(reference: Checkpoint, other: Checkpoint, tokenizer_source: TokenizerSource) -> tuple[str, str]:
+def _against(reference: Checkpoint, other: Checkpoint, tokenizer_source: TokenizerSource | str) -> tuple[str, str]:
     """(status, message) of merging ``other`` with ``reference``."""
     try:
         check_config(reference, other)

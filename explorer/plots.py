@@ -1,7 +1,8 @@
 """Plotly figures of the stats tables, and ``inspect_panels``, the Inspect view's single entry point.
 
 Figures only draw: each ``*_figure`` takes the DataFrame a ``stats`` function returned and plots its
-values unchanged. Sampled tables say their sample size in the figure title.
+values unchanged (``conflict_matrix`` only pivots one for a heatmap); ``inspect_panels`` draws the
+tables ``stats.inspect_tables`` computed. Sampled tables say their sample size in the figure title.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import plotly.graph_objects as go
 import torch
 
 from explorer import stats
-from explorer.executor import Progress
+from explorer.progress import Progress
 
-PANEL_KEYS = (
-    "histogram", "layer_norms", "quantiles", "layer_stats", "cosine",
-    "sign_conflict", "jaccard", "kept_mass", "merge_distance", "dare_effect",
-)
+PANEL_KEYS = stats.PANEL_KEYS  # the Inspect view's panels, in display order
 
 
 @dataclass(frozen=True)
@@ -152,15 +150,6 @@ def merge_distance_figure(table: pd.DataFrame) -> go.Figure:
     return fig.update_xaxes(type="category")
 
 
-def merge_distance_table(scan: stats.Scan) -> pd.DataFrame:
-    """``stats.merge_distance`` per layer, then its whole-model rows (layer "all"); raises ValueError
-    when the scan had no merge."""
-    total = stats.merge_distance(scan, "model").rename(columns={"model": "layer"})
-    table = pd.concat([stats.merge_distance(scan, "layer"), total], ignore_index=True)
-    table.attrs = dict(total.attrs)
-    return table
-
-
 _TEXT = {
     "histogram": ("Delta histogram", "Distribution of task-vector values M_i - B for each expert over the whole model, counts on a log scale and the same bins for every expert."),
     "layer_norms": ("Task-vector norm per layer", "L2 norm of each expert's task vector per layer: where fine-tuning moved the weights most."),
@@ -184,24 +173,18 @@ def _placeholder(key: str, message: str) -> Panel:
     return _panel(key, message_figure(message), pd.DataFrame())
 
 
-_DRAW: dict[str, tuple[Callable[[stats.Scan], pd.DataFrame], Callable[[pd.DataFrame], go.Figure]]] = {
-    "histogram": (stats.histogram, histogram_figure),
-    "layer_norms": (stats.layer_norms, layer_norms_figure),
-    "quantiles": (lambda s: stats.delta_quantiles(s, "layer"), quantiles_figure),
-    "layer_stats": (stats.layer_stats, layer_stats_figure),
-    "cosine": (stats.cosine_similarity, cosine_figure),
-    "sign_conflict": (stats.sign_conflict, sign_conflict_figure),
-    "jaccard": (stats.jaccard, jaccard_figure),
-    "kept_mass": (stats.kept_mass, kept_mass_figure),
-    "merge_distance": (merge_distance_table, merge_distance_figure),
-    "dare_effect": (stats.dare_effect, lambda t: histogram_figure(t, "DARE: before and after drop + rescale")),
+_FIGURES: dict[str, Callable[[pd.DataFrame], go.Figure]] = {
+    "histogram": histogram_figure,
+    "layer_norms": layer_norms_figure,
+    "quantiles": quantiles_figure,
+    "layer_stats": layer_stats_figure,
+    "cosine": cosine_figure,
+    "sign_conflict": sign_conflict_figure,
+    "jaccard": jaccard_figure,
+    "kept_mass": kept_mass_figure,
+    "merge_distance": merge_distance_figure,
+    "dare_effect": lambda t: histogram_figure(t, "DARE: before and after drop + rescale"),
 }
-
-
-def _build(key: str, scan: stats.Scan) -> Panel:
-    table_fn, figure_fn = _DRAW[key]
-    table = table_fn(scan)
-    return _panel(key, figure_fn(table), table)
 
 
 def inspect_panels(
@@ -213,23 +196,17 @@ def inspect_panels(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> list[Panel]:
-    """All Inspect panels, in ``PANEL_KEYS`` order, from one ``stats.scan`` of ``source``.
+    """All Inspect panels, in ``PANEL_KEYS`` order: the figures of ``stats.inspect_tables``.
 
-    source: a MergeSession, ``stats.DiskTaskVectors`` or any ``stats.TaskVectorSource``.
-    density: the current trim density in [0, 1]. merged: the current merge {name: tensor} or None.
-    threshold: |delta| threshold for the share-below statistic (DARE's 0.005 and 0.002 are
-    ``stats.DARE_THRESHOLDS``). sample: entries sampled per tensor for histograms and quantiles.
-    Panels that cannot be drawn (no merge yet; merge distances without base weights; a source with
-    no base, hence no task vectors) hold a figure saying why and an empty table, so every key is
-    always present. Raises ValueError on out-of-range arguments (see ``stats.scan``).
+    Arguments as ``stats.inspect_tables`` (source: a MergeSession, ``stats.DiskTaskVectors`` or any
+    ``stats.TaskVectorSource``; density in [0, 1]; merged: the current merge or None; threshold: the
+    |delta| of the share-below statistic; sample: entries sampled per tensor). Panels that cannot be
+    drawn (no merge yet; merge distances without base weights; a source with no base, hence no task
+    vectors) hold a figure saying why and an empty table, so every key is always present. Raises
+    ValueError on out-of-range arguments (see ``stats.scan``).
     """
-    if stats.lacks_base(source):
-        return [_placeholder(key, "Choose a base model: these statistics are about task vectors M_i - B.") for key in PANEL_KEYS]
-    has_base = getattr(source, "base", None) is not None
-    missing = {}
-    if merged is None:
-        missing["merge_distance"] = "Merge first: this panel compares the merged weights with the base and each expert."
-    elif not has_base:
-        missing["merge_distance"] = "Distances of the merge need the base weights; this source has none."
-    measured = stats.scan(source, density, merged if has_base else None, (threshold,), sample, seed, progress=progress)
-    return [_placeholder(key, missing[key]) if key in missing else _build(key, measured) for key in PANEL_KEYS]
+    tables = stats.inspect_tables(source, density, merged, threshold, sample, seed, progress)
+    return [
+        _placeholder(key, table) if isinstance(table, str) else _panel(key, _FIGURES[key](table), table)
+        for key, table in tables.items()
+    ]

@@ -5,23 +5,29 @@ The YAML keys are mergekit's (``merge_method``, ``base_model``, ``models[].model
 methods and ``out_of_range`` for values the output dtype cannot hold, so a recipe
 written here runs in mergekit when the method exists there, and a mergekit recipe runs here.
 A per-model parameter given in the top-level ``parameters`` applies to every model, as in mergekit.
+String settings (``dtype``, ``tokenizer_source``, ``out_of_range`` and choice parameters such as
+``rescale``) are ``explorer.choices`` enums: validated here, with the closest value suggested on a
+typo, and written back to YAML as plain strings.
 """
 
 from __future__ import annotations
 
+import difflib
+from enum import Enum
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Optional
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from explorer import registry
-from explorer.checkpoint import resolved_spec
+from explorer.choices import DType, OutOfRange, TokenizerSource, parse_choice
+from explorer.formats.refs import resolved_spec
 from explorer.registry import ParamValue
 
 MERGEKIT_ONLY = ("int8_mask",)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}
 
 
 class ModelEntry(BaseModel):
@@ -42,14 +48,21 @@ class MergeRecipe(BaseModel):
     models: list[ModelEntry]
     base_model: Optional[str] = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DType = DType.float32
     seed: int = 0
     # Vocabulary of the output when the inputs' differ (mergekit's key): "base" = the base model's
     # (else the first model's) tokenizer; "union" = it plus every other model's extra tokens.
-    tokenizer_source: Literal["base", "union"] = "base"
+    tokenizer_source: TokenizerSource = TokenizerSource.base
     # A merged value outside the output dtype's range (float16: |x| > 65504): "refuse" the merge, or
     # "clamp" it to the largest finite value.
-    out_of_range: Literal["refuse", "clamp"] = "refuse"
+    out_of_range: OutOfRange = OutOfRange.refuse
+
+    @field_validator("dtype", "tokenizer_source", "out_of_range", mode="before")
+    @classmethod
+    def _choice(cls, value: object, info) -> object:
+        """Parse a string setting, answering a typo with the closest value."""
+        kind = cls.model_fields[info.field_name].annotation
+        return parse_choice(kind, value, info.field_name)
 
     @model_validator(mode="before")
     @classmethod
@@ -75,7 +88,9 @@ class MergeRecipe(BaseModel):
         names = {p.name for p in spec.params}
         for key in self.parameters:
             if key not in names:
-                raise ValueError(f"{spec.name} has no parameter {key!r}; it has {sorted(names)}")
+                close = difflib.get_close_matches(key, sorted(names), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"{spec.name} has no parameter {key!r}; {hint}it has {sorted(names)}")
         for entry in self.models:
             for key in entry.parameters:
                 if key not in names or not spec.param(key).per_model:
@@ -85,6 +100,7 @@ class MergeRecipe(BaseModel):
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The output dtype as a torch dtype."""
         return DTYPES[self.dtype]
 
     def resolved_params(self) -> dict:
@@ -104,11 +120,15 @@ class MergeRecipe(BaseModel):
         return values
 
     def model_paths(self) -> list[Path]:
+        """The models' names as paths, in recipe order (the base not included)."""
         return [Path(e.model) for e in self.models]
 
     def to_yaml(self) -> str:
-        """mergekit-style YAML; defaults that equal the spec's are kept so the file is self-describing."""
-        return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+        """mergekit-style YAML; defaults that equal the spec's are kept so the file is self-describing.
+
+        Choices are written as their plain string values.
+        """
+        return yaml.safe_dump(_plain(self.model_dump(exclude_none=True)), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> "MergeRecipe":
@@ -117,4 +137,16 @@ class MergeRecipe(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "MergeRecipe":
+        """Read and validate the YAML file at ``path``; OSError if unreadable, ValueError if invalid."""
         return cls.from_yaml(Path(path).read_text())
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every enum member replaced by its value, in nested dicts and lists (for YAML)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

@@ -8,20 +8,22 @@ A method is a pure function over the stacked tensors of one tensor name (see ``M
 from __future__ import annotations
 
 import difflib
+import hashlib
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
+from explorer.choices import Choice, Space, parse_choice
+
 ParamValue = Union[float, bool, str]
-Space = Literal["delta", "weight"]
 
 # Signature of a method: fn(x, *, base, generator, **params) -> Tensor (*S)
 #   x:         (N, *S) float32; task vectors M_i - B when space == "delta", else the model weights;
 #              a fresh tensor per call that the method may overwrite (it is never an input's storage)
 #   base:      (*S) float32 base weights, or None when the recipe has no base model
-#   generator: torch.Generator seeded from the recipe seed and the tensor name (random methods only)
+#   generator: ``tensor_generator(recipe seed, tensor name)`` (random methods only)
 #   params:    per-model params as float32 tensors of shape (N,), global params as Python scalars
 #   extra:     what the executor adds per call: ``spec.prepare``'s result, and ``fisher`` (N, *S) when
 #              ``spec.needs_fisher``
@@ -39,7 +41,10 @@ class Param:
     """One tunable parameter of a method, in mergekit's vocabulary (weight, density, lambda, ...).
 
     ``per_model`` params take one value per input model (a slider per model in the UI); the others
-    one value for the whole merge. ``choices`` makes a string parameter a dropdown.
+    one value for the whole merge. A string parameter is always a choice: ``enum`` (an
+    ``explorer.choices`` enum) lists its values, ``choices`` gives them as plain strings (a dropdown).
+
+    Raises ValueError when a string default has no enum or is not one of its values.
     """
 
     name: str
@@ -49,21 +54,35 @@ class Param:
     low: Optional[float] = None
     high: Optional[float] = None
     step: Optional[float] = None
-    choices: tuple[str, ...] = ()
+    enum: Optional[type[Choice]] = None  # the values of a choice parameter
     setup: bool = False  # read by the executor before merging (e.g. Fisher estimation), not passed to fn
     aliases: tuple[tuple[ParamValue, str], ...] = ()  # other spellings of a choice, e.g. mergekit's (True, "l1")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.default, str) and self.enum is None:
+            raise ValueError(f"param {self.name!r}: a string parameter is a choice; give its enum (explorer.choices)")
+        if self.enum is not None:
+            object.__setattr__(self, "default", parse_choice(self.enum, self.default, f"param {self.name!r} default"))
+            for _, target in self.aliases:
+                parse_choice(self.enum, target, f"param {self.name!r} alias target")
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The values of a choice parameter, as plain strings (empty for other parameters)."""
+        return tuple(m.value for m in self.enum) if self.enum is not None else ()
+
     def check(self, value: ParamValue, where: str) -> ParamValue:
-        """Return ``value`` coerced to this param's type; raise ValueError naming ``where`` if invalid."""
+        """Return ``value`` coerced to this param's type; raise ValueError naming ``where`` if invalid.
+
+        A choice comes back as its enum member (an unknown one is answered with the closest value); a
+        number as a float within [low, high]; a flag must be a bool.
+        """
         if isinstance(self.default, bool):
             if not isinstance(value, bool):
                 raise ValueError(f"{where}: {self.name} must be true or false, got {value!r}")
             return value
-        if self.choices:
-            value = dict(self.aliases).get(value, value)
-            if value not in self.choices:
-                raise ValueError(f"{where}: {self.name} must be one of {list(self.choices)}, got {value!r}")
-            return value
+        if self.enum is not None:
+            return parse_choice(self.enum, value, f"{where}: {self.name}", self.aliases)
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -88,11 +107,12 @@ class MethodSpec:
     needs_base: bool = False
     min_models: int = 1
     max_models: Optional[int] = None
-    random: bool = False
     summary: str = ""
-    extra: dict = field(default_factory=dict)
     prepare: Optional[PrepareFn] = None  # whole-model pre-pass, see PrepareFn
     needs_fisher: bool = False  # fn takes fisher=(N, *S) diagonal Fisher of each model, or None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "space", parse_choice(Space, self.space, f"method {self.name!r}: space"))
 
     def param(self, name: str) -> Param:
         """The Param called ``name``; KeyError with the valid names if there is none."""
@@ -103,14 +123,27 @@ class MethodSpec:
 
     @property
     def per_model_params(self) -> tuple[Param, ...]:
+        """The params that take one value per input model, in spec order."""
         return tuple(p for p in self.params if p.per_model)
 
     @property
     def global_params(self) -> tuple[Param, ...]:
+        """The params that take one value for the whole merge, in spec order."""
         return tuple(p for p in self.params if not p.per_model)
 
 
 _METHODS: dict[str, MethodSpec] = {}
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Deterministic 63-bit seed for tensor ``name`` under recipe ``seed`` (independent of order)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """The CPU generator a random method gets for tensor ``name`` under recipe ``seed``."""
+    return torch.Generator().manual_seed(tensor_seed(seed, name))
 
 
 def _kwarg(name: str) -> str:

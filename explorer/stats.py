@@ -17,12 +17,13 @@ arXiv:2306.01708; DARE (the 0.005 / 0.002 thresholds, drop and rescale) arXiv:23
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from explorer.progress import Progress
 from explorer.stats_interference import (
     cosine_similarity,
     jaccard,
@@ -54,9 +55,10 @@ from explorer.stats_source import (
 )
 
 __all__ = [
-    "BY", "DARE_THRESHOLDS", "DEFAULT_BINS", "DEFAULT_CHUNK", "DEFAULT_SAMPLE", "DENSITY_GRID", "QUANTILES",
+    "BY", "DARE_THRESHOLDS", "PANEL_KEYS", "DEFAULT_BINS", "DEFAULT_CHUNK", "DEFAULT_SAMPLE", "DENSITY_GRID", "QUANTILES",
     "DiskTaskVectors", "Scan", "TaskVectorSource", "TensorTaskVectors",
     "cosine_similarity", "dare_effect", "delta_quantiles", "delta_summary", "expert_labels", "grid_shares", "histogram",
+    "inspect_tables", "merge_distance_table",
     "jaccard", "kept_mass", "lacks_base", "layer_norms", "layer_of", "layer_rank", "layer_stats",
     "merge_distance", "pair_label", "scan", "sign_agreement", "sign_conflict", "weighted_histogram", "weighted_quantiles",
 ]
@@ -235,3 +237,57 @@ def kept_mass(scan: Scan) -> pd.DataFrame:
     now = delta_summary(scan, "model")
     rows += [{"density": scan.density, "expert": e, "kept_mass": m, "exact": True, "current": True} for e, m in zip(now["expert"], now["kept_mass"])]
     return with_attrs(pd.DataFrame(rows), scan, exact, "sorted uniform samples per tensor weighted by exact L1 mass; exact at the current density")
+
+
+def merge_distance_table(scan: Scan) -> pd.DataFrame:
+    """``merge_distance`` per layer, then its whole-model rows (layer "all"); ValueError without a merge."""
+    total = merge_distance(scan, "model").rename(columns={"model": "layer"})
+    table = pd.concat([merge_distance(scan, "layer"), total], ignore_index=True)
+    table.attrs = dict(total.attrs)
+    return table
+
+
+# The Inspect view: one table per panel, in display order, all from one scan.
+_TABLES: dict[str, Callable[[Scan], pd.DataFrame]] = {
+    "histogram": histogram,
+    "layer_norms": layer_norms,
+    "quantiles": lambda s: delta_quantiles(s, "layer"),
+    "layer_stats": layer_stats,
+    "cosine": cosine_similarity,
+    "sign_conflict": sign_conflict,
+    "jaccard": jaccard,
+    "kept_mass": kept_mass,
+    "merge_distance": merge_distance_table,
+    "dare_effect": dare_effect,
+}
+PANEL_KEYS = tuple(_TABLES)
+
+
+def inspect_tables(
+    source: TaskVectorSource,
+    density: float,
+    merged: Mapping[str, torch.Tensor] | None = None,
+    threshold: float = 0.005,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, pd.DataFrame | str]:
+    """The table of every Inspect panel, keyed in ``PANEL_KEYS`` order, from one ``scan`` of ``source``.
+
+    density: the current trim density in [0, 1]. merged: the current merge {name: tensor} or None.
+    threshold: |delta| threshold for the share-below statistic (DARE's 0.005 and 0.002 are
+    ``DARE_THRESHOLDS``). sample: entries sampled per tensor for histograms and quantiles. A panel
+    that cannot be computed gets a message saying why instead of a table: every panel without a base
+    (no task vectors; nothing is read), "merge_distance" before a merge or without base weights.
+    Raises ValueError on out-of-range arguments (see ``scan``).
+    """
+    if lacks_base(source):
+        return dict.fromkeys(PANEL_KEYS, "Choose a base model: these statistics are about task vectors M_i - B.")
+    has_base = getattr(source, "base", None) is not None
+    missing = {}
+    if merged is None:
+        missing["merge_distance"] = "Merge first: this panel compares the merged weights with the base and each expert."
+    elif not has_base:
+        missing["merge_distance"] = "Distances of the merge need the base weights; this source has none."
+    measured = scan(source, density, merged if has_base else None, (threshold,), sample, seed, progress=progress)
+    return {key: missing[key] if key in missing else table(measured) for key, table in _TABLES.items()}

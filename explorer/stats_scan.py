@@ -11,7 +11,7 @@ on CPU). Per tensor it records exact counts and sums, and a uniform random sampl
           entries, their overlaps, sign conflicts and L1 mass; distances of a merge from its inputs.
   sampled ``sample`` entries per tensor (uniform, with replacement, the same positions for every
           expert; the whole tensor when it has no more entries), drawn from a generator seeded by
-          ``tensor_seed(seed, name)``. Each sampled entry stands for numel / sample entries.
+          ``registry.tensor_seed(seed, name)``. Each sampled entry stands for numel / sample entries.
 
 Conventions: N experts, a task vector is x_i = M_i - B; "kept" means kept by the trim *and* nonzero
 (a zero has no sign); entries tied with the k-th largest |x| are all kept.
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from explorer.executor import Progress, tensor_seed
+from explorer.progress import Progress
+from explorer.registry import tensor_generator
 from explorer.selection import DEFAULT_CHUNK, Workspace, chunks, kth_largest, sorted_descending
 from explorer.stats_source import TaskVectorSource, expert_labels, layer_of, layer_rank
 
@@ -277,7 +278,7 @@ def scan(
             labels = labels or expert_labels(source, x.n_experts)
             numel = x.numel
             moved = _merged_flat(merged, name, numel) if merged is not None else None
-            generator = torch.Generator().manual_seed(tensor_seed(seed, name))
+            generator = tensor_generator(seed, name)
             values = x.take(_sample_index(numel, sample, generator))
             ranked = sorted_descending(values.abs())
             cutoff = _cutoffs(x, density, ranked, chunk, work)

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from explorer.checkpoint import Checkpoint, check_compatible, open_checkpoint
-from explorer.executor import read_float
+from explorer.finite import read_float
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 _OUTSIDE_BLOCKS = (("embed", "embed"), ("wte", "embed"), ("wpe", "embed"), ("lm_head", "head"), ("norm", "norm"), ("ln_f", "norm"))

@@ -24,44 +24,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from explorer.finite import check_finite
-from explorer.formats.base import TOKENIZER_FILES, Checkpoint, CheckpointError, empty_model
+from explorer.choices import TokenizerSource, parse_choice
+from explorer.formats.base import TOKENIZER_FILES, Checkpoint, CheckpointError, EmbeddingNames, embedding_names
 
-TokenizerSource = Literal["base", "union"]
+__all__ = ["EmbeddingNames", "TokenizerSource", "align_embeddings", "embedding_names", "is_tied"]
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json")
-
-
-@dataclass(frozen=True)
-class EmbeddingNames:
-    """Tensor names of an architecture's embeddings, e.g. Llama: model.embed_tokens.weight, lm_head.weight."""
-
-    input: str
-    output: Optional[str]  # None for models without an output embedding (encoders)
-    vocab: tuple[str, ...]  # every tensor indexed by token on dim 0
-
-
-_NAMES: dict[tuple[str, str], EmbeddingNames] = {}  # (architecture, config JSON) -> names
-
-
-def embedding_names(checkpoint: Checkpoint) -> EmbeddingNames:
-    """The embedding tensor names of ``checkpoint``'s architecture, read off an empty (meta) model."""
-    key = (checkpoint.architecture, json.dumps(checkpoint.config, sort_keys=True, default=str))
-    if key not in _NAMES:
-        model = empty_model(checkpoint.hf_config, checkpoint.architecture, checkpoint.path)
-        module_names = {id(m): n for n, m in model.named_modules()}
-        inp = f"{module_names[id(model.get_input_embeddings())]}.weight"
-        out = model.get_output_embeddings()
-        if out is None:
-            _NAMES[key] = EmbeddingNames(inp, None, (inp,))
-        else:
-            prefix = module_names[id(out)]
-            _NAMES[key] = EmbeddingNames(inp, f"{prefix}.weight", (inp,) + tuple(f"{prefix}.{p}" for p, _ in out.named_parameters(recurse=False)))
-    return _NAMES[key]
 
 
 def is_tied(checkpoint: Checkpoint, names: EmbeddingNames) -> bool:
@@ -201,13 +174,15 @@ class EmbeddingView(Checkpoint):
 
 
 def align_embeddings(
-    base: Optional[Checkpoint], models: list[Checkpoint], tokenizer_source: TokenizerSource = "base"
+    base: Optional[Checkpoint], models: list[Checkpoint], tokenizer_source: TokenizerSource | str = TokenizerSource.base
 ) -> tuple[Optional[Checkpoint], list[Checkpoint]]:
     """``base`` and ``models`` as views that agree on vocabulary and tying; unchanged when they already do.
 
     Call after the architectures are checked equal. Raises CheckpointError naming the model when its
-    rows differ and there is no tokenizer to align them by, or its tokenizer does not fit its rows.
+    rows differ and there is no tokenizer to align them by, or its tokenizer does not fit its rows;
+    ValueError for a tokenizer_source that is not a ``TokenizerSource`` value.
     """
+    tokenizer_source = parse_choice(TokenizerSource, tokenizer_source, "tokenizer_source")
     members = ([base] if base else []) + list(models)
     if len(members) == 1:
         return base, list(models)
@@ -247,7 +222,7 @@ def _layout(members: list[Checkpoint], names: EmbeddingNames, tokenizer_source: 
             )
     if len(set(rows)) == 1 and all(v == vocabs[0] for v in vocabs):
         return None
-    union = _union(tokenizers, vocabs) if tokenizer_source == "union" else None
+    union = _union(tokenizers, vocabs) if tokenizer_source == TokenizerSource.union else None
     target = union.get_vocab() if union is not None else vocabs[0]
     size = max(rows[0], max(target.values()) + 1)
     tokens: list[Optional[str]] = [None] * size

@@ -131,6 +131,57 @@ def test_discover_finds_every_format(family, tmp_path):
     assert found == sorted([root / "a-bin", root / "b-adapter", run / "checkpoint-10", run / "checkpoint-5", root / "d-sharded", snapshot])
 
 
+def test_discover_never_lists_what_a_killed_zoo_build_or_merge_left(family, tmp_path, monkeypatch):
+    """A zoo build killed before its rename leaves its temporary folder (a complete-looking checkpoint:
+    today the hidden .NAME.partial-build, earlier builds NAME.partial); a merge killed before its rename
+    leaves the writer's hidden .NAME.partial-XXXX. None is listed by ``discover`` or opened."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import explorer.writer
+    from explorer.zoo_train import save_checkpoint
+    from tests.tiny_formats import llama_with_tokenizer
+
+    _, experts = family
+    root = tmp_path / "models"
+    done = llama_with_tokenizer(root / "expert-done")
+    model, tok = LlamaForCausalLM.from_pretrained(done), AutoTokenizer.from_pretrained(done)
+    rename = Path.rename
+
+    def killed(self, target):
+        if "partial" in self.name:
+            raise KeyboardInterrupt  # the build dies between writing its temporary folder and renaming it
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, tok, root / "expert-add")
+    monkeypatch.undo()
+    (zoo_left,) = [p for p in root.iterdir() if p.name != "expert-done"]
+    assert (zoo_left / "model.safetensors").is_file() and not (root / "expert-add").exists()
+    shutil.copytree(done, root / "expert-old.partial")  # what builds before the hidden temporary folder left
+    save_tiny_llama(root / "zoo.partial" / "inner")  # a whole half-built zoo: nothing inside it counts either
+
+    monkeypatch.setattr(explorer.writer.shutil, "rmtree", lambda *a, **k: None)  # a kill runs no cleanup
+    monkeypatch.setattr(explorer.writer, "_replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        merge_to_folder(_linear(experts), root / "merged")
+    monkeypatch.undo()
+    (merge_left,) = [p for p in root.iterdir() if p.name.startswith(".merged.partial-")]
+    assert (merge_left / "model.safetensors").is_file() and (merge_left / "config.json").is_file()
+    shutil.copytree(done, root / ".merged.old-1234")  # the writer's previous output while it is replaced
+
+    assert discover(root) == [done]
+    assert discover(root / "zoo.partial") == []
+    for unfinished in (zoo_left, root / "expert-old.partial", merge_left):
+        with pytest.raises(CheckpointError, match="an unfinished merge output or zoo checkpoint .*delete this folder"):
+            open_checkpoint(unfinished)
+    hidden_root = tmp_path / ".models"
+    shutil.copytree(done, hidden_root / "m")
+    assert discover(hidden_root) == [hidden_root / "m"]  # a hidden folder given as the root is searched
+
+
 def test_compatibility_report(family, tmp_path):
     base, experts = family
     gpt2 = save_tiny_gpt2(tmp_path / "gpt2")

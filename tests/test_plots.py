@@ -101,7 +101,7 @@ def test_kept_mass_figure_marks_the_density(scan):
 
 
 def test_merge_distance_figure(scan):
-    table = plots.merge_distance_table(scan)
+    table = stats.merge_distance_table(scan)
     fig = plots.merge_distance_figure(table)
     assert [t.name.split(" (")[0] for t in fig.data] == [*scan.labels, "base"]
     for trace, (_, rows) in zip(fig.data, table.groupby("target", sort=False)):

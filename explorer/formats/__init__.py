@@ -6,6 +6,7 @@ gguf_file        a llama.cpp .gguf file, dequantized per tensor, HF tensor names
 lora             a PEFT LoRA adapter folder folded into its base model
 trainer          Trainer run folders (checkpoint-STEP/ + trainer_state.json): steps and losses
 hf_cache         the hub cache layout (models--ORG--NAME/snapshots/<commit>, refs/main)
+refs             how a recipe names an input (path, repo id, BASE+ADAPTER); no model library imported
 safetensors_io   plain reads and streaming writes of .safetensors files (no memory map)
 
 ``explorer.checkpoint`` detects which one a path is and opens it.

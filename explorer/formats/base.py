@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Optional
@@ -203,3 +204,31 @@ class Checkpoint:
         for name in ASSET_FILES:
             if (self.assets_dir / name).is_file():
                 shutil.copyfile(self.assets_dir / name, dst / name)
+
+
+@dataclass(frozen=True)
+class EmbeddingNames:
+    """Tensor names of an architecture's embeddings, e.g. Llama: model.embed_tokens.weight, lm_head.weight."""
+
+    input: str
+    output: Optional[str]  # None for models without an output embedding (encoders)
+    vocab: tuple[str, ...]  # every tensor indexed by token on dim 0
+
+
+_NAMES: dict[tuple[str, str], EmbeddingNames] = {}  # (architecture, config JSON) -> names
+
+
+def embedding_names(checkpoint: Checkpoint) -> EmbeddingNames:
+    """The embedding tensor names of ``checkpoint``'s architecture, read off an empty (meta) model."""
+    key = (checkpoint.architecture, json.dumps(checkpoint.config, sort_keys=True, default=str))
+    if key not in _NAMES:
+        model = empty_model(checkpoint.hf_config, checkpoint.architecture, checkpoint.path)
+        module_names = {id(m): n for n, m in model.named_modules()}
+        inp = f"{module_names[id(model.get_input_embeddings())]}.weight"
+        out = model.get_output_embeddings()
+        if out is None:
+            _NAMES[key] = EmbeddingNames(inp, None, (inp,))
+        else:
+            prefix = module_names[id(out)]
+            _NAMES[key] = EmbeddingNames(inp, f"{prefix}.weight", (inp,) + tuple(f"{prefix}.{p}" for p, _ in out.named_parameters(recurse=False)))
+    return _NAMES[key]

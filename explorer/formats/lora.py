@@ -27,21 +27,16 @@ from typing import Optional
 import torch
 from peft.utils.other import get_pattern_key
 
-from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, has_tokenizer_files, read_json
+from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, embedding_names, has_tokenizer_files, read_json
 from explorer.formats.bin import PickleFile
 from explorer.formats.hf_cache import hub_snapshot
+from explorer.formats.refs import ADAPTER_CONFIG
 from explorer.formats.safetensors_io import SafetensorsFile
-from explorer.vocab import embedding_names
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 LORA_KEYS = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False), ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "trainable_token_indices": "trainable tokens", "target_parameters": "target_parameters"}
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
 
 
 def adapter_base(path: Path) -> Path:

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from explorer.methods.linear import linear
+from explorer.choices import Space
 from explorer.registry import MethodSpec, Param, register
 
 
@@ -58,6 +59,6 @@ def _check(n: int, k: int) -> None:
 
 register(MethodSpec(
     name="ema", pretty_name="EMA of checkpoints", paper_url="https://doi.org/10.1137/0330046",
-    space="weight", fn=ema, summary="e_j = decay e_(j-1) + (1 - decay) M_j over checkpoints, oldest first",
+    space=Space.weight, fn=ema, summary="e_j = decay e_(j-1) + (1 - decay) M_j over checkpoints, oldest first",
     params=(Param("decay", 0.9, "EMA decay: 0 keeps the last checkpoint, near 1 averages far back.", low=0.0, high=1.0, step=0.01),),
 ))

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from explorer.choices import FisherLabels, Space
 from explorer.registry import MethodSpec, Param, register
 
 
@@ -54,7 +55,7 @@ def fisher_merge(
 
 register(MethodSpec(
     name="fisher", pretty_name="Fisher-weighted averaging", paper_url="https://arxiv.org/abs/2111.09832",
-    space="weight", fn=fisher_merge, needs_fisher=True,
+    space=Space.weight, fn=fisher_merge, needs_fisher=True,
     summary="sum_i c_i F_i M_i / sum_i c_i F_i per parameter, diagonal Fisher on local text",
     params=(
         Param("weight", 1.0, "Weight c_i of this model.", per_model=True, low=0.0, high=2.0, step=0.05),
@@ -63,7 +64,7 @@ register(MethodSpec(
         Param("fisher_examples", 64, "Text chunks the Fisher is estimated on.", low=1, high=4096, step=1, setup=True),
         Param("fisher_batch_size", 4, "Chunks per backward pass.", low=1, high=256, step=1, setup=True),
         Param("fisher_max_length", 128, "Tokens per chunk.", low=2, high=4096, step=1, setup=True),
-        Param("fisher_labels", "sampled", "Labels: sampled from the model (true Fisher) or the text's tokens (empirical).",
-              choices=("sampled", "empirical"), setup=True),
+        Param("fisher_labels", FisherLabels.sampled, "Labels: sampled from the model (true Fisher) or the text's tokens (empirical).",
+              enum=FisherLabels, setup=True),
     ),
 ))

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from explorer.choices import Space
 from explorer.registry import MethodSpec, Param, register
 
 
@@ -75,7 +76,7 @@ register(
         name="slerp",
         pretty_name="SLERP",
         paper_url="https://en.wikipedia.org/wiki/Slerp",
-        space="weight",
+        space=Space.weight,
         fn=slerp,
         params=(Param("t", 0.5, "Position on the arc from the base (0) to the model (1).", low=0.0, high=1.0, step=0.01),),
         needs_base=True,
@@ -89,7 +90,7 @@ register(
         name="model_stock",
         pretty_name="Model Stock",
         paper_url="https://arxiv.org/abs/2403.19522",
-        space="weight",
+        space=Space.weight,
         fn=model_stock,
         params=(Param("filter_wise", False, "One interpolation ratio per row instead of per tensor."),),
         needs_base=True,

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from explorer.methods.weighted_sum import weighted_sum
+from explorer.choices import Space
 from explorer.registry import MethodSpec, Param, register
 
 
@@ -41,7 +42,7 @@ register(
         name="linear",
         pretty_name="Linear (weighted average / model soup)",
         paper_url="https://arxiv.org/abs/2203.05482",
-        space="weight",
+        space=Space.weight,
         fn=linear,
         params=(
             Param("weight", 1.0, "Weight of this model in the average.", per_model=True, low=-2.0, high=2.0, step=0.05),

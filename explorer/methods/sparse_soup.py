@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from explorer.choices import Remask, Space, parse_choice
 from explorer.methods.linear import linear
 from explorer.registry import MethodSpec, Param, register
 
@@ -27,27 +28,26 @@ def sparse_soup(
     base: Optional[torch.Tensor],
     generator: Optional[torch.Generator],
     weight: torch.Tensor,
-    remask: str = "intersection",
+    remask: Remask | str = Remask.intersection,
 ) -> torch.Tensor:
     """Weighted average of sparse models x (N, *S) -> (*S), re-masked as above.
 
     weight: (N,) per-model weights (normalized; a zero sum raises ValueError, as in ``linear``).
-    remask: "intersection" | "union"; any other value raises ValueError. With one shared mask both
-    give the plain average.
+    remask: "intersection" | "union" (``Remask``); any other value raises ValueError. With one shared
+    mask both give the plain average.
     """
-    if remask not in ("intersection", "union"):
-        raise ValueError(f"sparse_soup: remask must be 'intersection' or 'union', got {remask!r}")
+    remask = parse_choice(Remask, remask, "sparse_soup: remask")
     nonzero = x != 0
-    mask = nonzero.all(dim=0) if remask == "intersection" else nonzero.any(dim=0)
+    mask = nonzero.all(dim=0) if remask == Remask.intersection else nonzero.any(dim=0)
     return linear(x, base=base, generator=generator, weight=weight, normalize=True) * mask
 
 
 register(MethodSpec(
     name="sparse_soup", pretty_name="Sparse model soup", paper_url="https://arxiv.org/abs/2306.16788",
-    space="weight", fn=sparse_soup, summary="average of models sharing a pruning mask, re-masked",
+    space=Space.weight, fn=sparse_soup, summary="average of models sharing a pruning mask, re-masked",
     params=(
         Param("weight", 1.0, "Weight of this model in the average.", per_model=True, low=0.0, high=2.0, step=0.05),
-        Param("remask", "intersection", "Keep entries nonzero in every model (intersection) or in any (union).",
-              choices=("intersection", "union")),
+        Param("remask", Remask.intersection, "Keep entries nonzero in every model (intersection) or in any (union).",
+              enum=Remask),
     ),
 ))

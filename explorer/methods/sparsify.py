@@ -9,30 +9,14 @@ DELLA, arXiv:2406.11617).
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Optional
 
 import torch
 
+from explorer.choices import Rescale, Sparsification, parse_choice
 from explorer.selection import MERGE_CHUNK, topk_mask
 
-
-class Sparsification(str, Enum):
-    """How a task vector is thinned before merging."""
-
-    none = "none"
-    magnitude = "magnitude"  # keep the top-k |delta| (TIES trim)
-    random = "random"  # keep each entry with probability density (DARE drop)
-    magnitude_outliers = "magnitude_outliers"  # drop the top gamma and the smallest (breadcrumbs)
-    della_magprune = "della_magprune"  # keep with probability rising with magnitude rank (DELLA)
-
-
-class Rescale(str, Enum):
-    """How kept entries are scaled back up after dropping."""
-
-    none = "none"
-    l1 = "l1"  # match the L1 norm of the undropped vector (mergekit)
-    inverse_density = "inverse_density"  # divide by density (DARE paper, PEFT, MergeLM)
+__all__ = ["Rescale", "Sparsification", "della_mask", "magnitude_mask", "outlier_mask", "random_mask", "sparsify"]
 
 
 def sparsify(
@@ -54,7 +38,10 @@ def sparsify(
     band: (low, high) magnitude thresholds from a whole-model pre-pass (``trim_scope="model"``, see
     ``explorer.methods.trim_scope``): keep low <= |delta| < high instead of ranking within this tensor.
     inplace: thin ``delta`` itself and return it (saves one tensor of size S).
+    method and rescale: members or their values; another value raises ValueError.
     """
+    method = parse_choice(Sparsification, method, "sparsify: method")
+    rescale = parse_choice(Rescale, rescale, "sparsify: rescale")
     if method == Sparsification.none or density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:

@@ -24,8 +24,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from explorer.choices import Consensus, Divisor, Election, Rescale, Sparsification, TrimScope, parse_choice
+from explorer.methods.sparsify import sparsify
 from explorer.methods.weighted_sum import weighted_sum
-from explorer.methods.sparsify import Rescale, Sparsification, sparsify
 from explorer.selection import MERGE_CHUNK, chunks
 
 
@@ -38,14 +39,14 @@ def generalized_task_arithmetic(
     density: Optional[torch.Tensor] = None,
     lambda_: float = 1.0,
     normalize: bool = False,
-    sparsification: str = "none",
-    rescale: str = "none",
-    consensus: str = "none",
-    election: str = "weighted",
-    divisor: str = "weights",
+    sparsification: Sparsification | str = Sparsification.none,
+    rescale: Rescale | str = Rescale.none,
+    consensus: Consensus | str = Consensus.none,
+    election: Election | str = Election.weighted,
+    divisor: Divisor | str = Divisor.weights,
     gamma: Union[float, torch.Tensor] = 0.01,
     epsilon: Union[float, torch.Tensor] = 0.15,
-    trim_scope: str = "tensor",
+    trim_scope: TrimScope | str = TrimScope.tensor,
     bands: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Merge task vectors ``x`` (N, *S) float32 into one task vector (*S); ``x`` is overwritten.
@@ -63,19 +64,25 @@ def generalized_task_arithmetic(
     trim_scope: "tensor" ranks magnitudes within this tensor (mergekit) | "model" over the whole task
     vector (TIES paper); "model" needs ``bands`` (N, 2), the (low, high) magnitude thresholds of each
     model from ``trim_scope.model_bands`` (the spec's ``prepare`` hook), else raises ValueError.
+    The string settings are ``explorer.choices`` members or their values; any other value raises
+    ValueError (suggesting the closest value).
     Never returns NaN for finite inputs: density 0 yields zeros; weights summing to zero divide by 1.
     """
-    if trim_scope == "model" and bands is None:
+    method = parse_choice(Sparsification, sparsification, "sparsification")
+    rescale = parse_choice(Rescale, rescale, "rescale")
+    consensus = parse_choice(Consensus, consensus, "consensus")
+    election = parse_choice(Election, election, "election")
+    divisor = parse_choice(Divisor, divisor, "divisor")
+    if parse_choice(TrimScope, trim_scope, "trim_scope") == TrimScope.model and bands is None:
         raise ValueError("trim_scope='model' needs the whole-model pre-pass: pass bands=spec.prepare(params, items)['bands']")
     n = x.shape[0]
-    method = Sparsification(sparsification)
     density, gamma, epsilon = (per_model_floats(v, n) for v in (1.0 if density is None else density, gamma, epsilon))
     deltas = x
     if method != Sparsification.none and min(density) < 1:
         for i in range(n):
             band = None if bands is None else (float(bands[i, 0]), float(bands[i, 1]))
-            sparsify(deltas[i], density[i], method, Rescale(rescale), generator, gamma[i], epsilon[i], band, inplace=True)
-    if consensus == "none":
+            sparsify(deltas[i], density[i], method, rescale, generator, gamma[i], epsilon[i], band, inplace=True)
+    if consensus == Consensus.none:
         total = float(weight.sum())
         return weighted_sum(weight, deltas, lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0))
     mixed = disjoint_sum_(deltas, weight.tolist(), consensus, election, divisor if normalize else None)
@@ -83,7 +90,7 @@ def generalized_task_arithmetic(
 
 
 def disjoint_sum_(
-    deltas: torch.Tensor, weights: list[float], consensus: str, election: str, divisor: Optional[str]
+    deltas: torch.Tensor, weights: list[float], consensus: Consensus, election: Election, divisor: Optional[Divisor]
 ) -> torch.Tensor:
     """TIES sign election and disjoint sum of (thinned) task vectors ``deltas`` (N, *S), overwritten.
 
@@ -92,18 +99,24 @@ def disjoint_sum_(
     the elected sign (zeros never agree). Returns sum_i [agree_i] w_i d_i, divided, when ``divisor``
     is "weights" or "count", by sum_i [agree_i] w_i or sum_i [agree_i] (a zero divisor counts as 1).
     Works model by model with boolean masks: about N/4 + 1.5 tensors of size S beyond ``deltas``.
+    Raises ValueError on another consensus (including "none"), election or divisor.
     """
+    consensus = parse_choice(Consensus, consensus, "consensus")
+    if consensus == Consensus.none:
+        raise ValueError("disjoint_sum_ elects signs: consensus must be 'sum' or 'count'")
+    election = parse_choice(Election, election, "election")
+    divisor = None if divisor is None else parse_choice(Divisor, divisor, "divisor")
     scale = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
-    if election == "weighted":
+    if election == Election.weighted:
         deltas.mul_(scale)
-    votes = deltas.sum(dim=0) if consensus == "sum" else sum(d.sign() for d in deltas)
+    votes = deltas.sum(dim=0) if consensus == Consensus.sum else sum(d.sign() for d in deltas)
     positive = votes >= 0
     del votes
     agree = torch.empty(deltas.shape, dtype=torch.bool)
     for d, a in zip(deltas, agree):
         torch.where(positive, torch.gt(d, 0, out=a), d < 0, out=a)
     del positive
-    if election != "weighted":
+    if election == Election.unweighted:
         deltas.mul_(scale)
     mixed = torch.zeros_like(deltas[0])
     for d, a in zip(deltas, agree):
@@ -111,7 +124,7 @@ def disjoint_sum_(
     if divisor is None:
         return mixed
     total = deltas[0].zero_()  # the task vectors are spent: reuse their memory for the divisor
-    add_masks_(total, agree, weights if divisor == "weights" else [1.0] * len(weights))
+    add_masks_(total, agree, weights if divisor == Divisor.weights else [1.0] * len(weights))
     return mixed.div_(total.masked_fill_(total == 0, 1))
 
 

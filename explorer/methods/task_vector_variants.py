@@ -9,49 +9,49 @@ from __future__ import annotations
 
 from functools import partial
 
-from explorer.methods.sparsify import Rescale
+from explorer.choices import Consensus, Divisor, Election, Rescale, Space, Sparsification, TrimScope
 from explorer.methods.task_arithmetic import generalized_task_arithmetic
 from explorer.methods.trim_scope import model_bands
 from explorer.registry import MethodSpec, Param, register
 
 
-def _params(sparsification: str, consensus: str, normalize: bool, rescale: str) -> tuple[Param, ...]:
+def _params(sparsification: Sparsification, consensus: Consensus, normalize: bool, rescale: Rescale) -> tuple[Param, ...]:
     """The params of one variant, with mergekit 0.1.5's defaults (density 1, rescale as its bool)."""
     params = [
         Param("weight", 1.0, "Scale of this model's task vector.", per_model=True, low=-2.0, high=2.0, step=0.05),
         Param("lambda", 1.0, "Scale of the merged task vector.", low=0.0, high=3.0, step=0.05),
         Param("normalize", normalize, "Divide by the (agreeing) weights."),
     ]
-    if sparsification != "none":
+    if sparsification != Sparsification.none:
         params.append(Param("density", 1.0, "Fraction of task-vector entries kept.", per_model=True, low=0.0, high=1.0, step=0.01))
-        params.append(Param("rescale", rescale, "Rescale kept entries: l1 norm (mergekit) or 1/density (DARE paper).", choices=tuple(r.value for r in Rescale), aliases=((True, "l1"), (False, "none"))))
+        params.append(Param("rescale", rescale, "Rescale kept entries: l1 norm (mergekit) or 1/density (DARE paper).", enum=Rescale, aliases=((True, "l1"), (False, "none"))))
     if sparsification in _MAGNITUDE_RANKED:
-        params.append(Param("trim_scope", "tensor", "Rank magnitudes per tensor (mergekit) or over the whole model (TIES paper).", choices=("tensor", "model")))
-    if sparsification == "magnitude_outliers":
+        params.append(Param("trim_scope", TrimScope.tensor, "Rank magnitudes per tensor (mergekit) or over the whole model (TIES paper).", enum=TrimScope))
+    if sparsification == Sparsification.magnitude_outliers:
         params.append(Param("gamma", 0.01, "Fraction of largest-magnitude entries dropped as outliers.", per_model=True, low=0.0, high=0.5, step=0.005))
-    if sparsification == "della_magprune":
+    if sparsification == Sparsification.della_magprune:
         params.append(Param("epsilon", 0.15, "Spread of keep probabilities around density.", per_model=True, low=0.0, high=0.5, step=0.01))
-    if consensus != "none":
-        params.append(Param("election", "weighted", "Elect signs on weighted deltas (mergekit) or unweighted ones (PEFT).", choices=("weighted", "unweighted")))
-        params.append(Param("divisor", "weights", "Disjoint-mean divisor: agreeing weights (mergekit) or agreeing count (PEFT).", choices=("weights", "count")))
+    if consensus != Consensus.none:
+        params.append(Param("election", Election.weighted, "Elect signs on weighted deltas (mergekit) or unweighted ones (PEFT).", enum=Election))
+        params.append(Param("divisor", Divisor.weights, "Disjoint-mean divisor: agreeing weights (mergekit) or agreeing count (PEFT).", enum=Divisor))
     return tuple(params)
 
 
-_MAGNITUDE_RANKED = ("magnitude", "magnitude_outliers")  # the sparsifications trim_scope="model" applies to
+_MAGNITUDE_RANKED = (Sparsification.magnitude, Sparsification.magnitude_outliers)  # the sparsifications trim_scope="model" applies to
 
 
 def _variant(name: str, pretty: str, url: str, sparsification: str, consensus: str, normalize: bool, rescale: str, summary: str) -> None:
     """Register one variant: the generalized method with ``sparsification`` and ``consensus`` fixed."""
+    sparsification, consensus, rescale = Sparsification(sparsification), Consensus(consensus), Rescale(rescale)
     register(
         MethodSpec(
             name=name,
             pretty_name=pretty,
             paper_url=url,
-            space="delta",
+            space=Space.delta,
             fn=partial(generalized_task_arithmetic, sparsification=sparsification, consensus=consensus),
             params=_params(sparsification, consensus, normalize, rescale),
             needs_base=True,
-            random=sparsification in ("random", "della_magprune"),
             summary=summary,
             prepare=model_bands if sparsification in _MAGNITUDE_RANKED else None,
         )

@@ -21,6 +21,7 @@ from typing import Iterable
 
 import torch
 
+from explorer.choices import TrimScope, parse_choice
 from explorer.methods.task_arithmetic import per_model_floats
 
 _LOW, _HIGH, _PER_OCTAVE = -40, 24, 128  # log2 range and resolution of the histogram
@@ -32,9 +33,9 @@ def model_bands(params: dict, items: Iterable[tuple[str, torch.Tensor]]) -> dict
 
     params: the method's resolved params; reads trim_scope, density (N,) and gamma (N,) if present.
     items: (name, task vectors (N, *S)) for every tensor the method merges; iterated only for "model".
-    Raises ValueError when ``items`` is empty.
+    Raises ValueError when ``items`` is empty or trim_scope is not a ``TrimScope`` value.
     """
-    if params.get("trim_scope", "tensor") != "model":
+    if parse_choice(TrimScope, params.get("trim_scope", TrimScope.tensor), "trim_scope") != TrimScope.model:
         return {}
     hist = magnitude_histograms(x for _, x in items)
     n, total = hist.shape[0], int(hist[0].sum())
