@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("recipe", type=Path, help="mergekit-style YAML recipe")
     merge.add_argument("--out", type=Path, required=True, help="output folder (must not be an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder when done")
+    merge.add_argument("--fisher-cache", type=Path, help="folder of cached Fisher estimates (fisher method; default ~/.cache/merge_explorer/fisher)")
     sub.add_parser("methods", help="list the merge methods and their parameters")
     _add_merge_adapters(sub)
     args = parser.parse_args(argv)
@@ -30,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         return _methods()
     if args.command == "merge-adapters":
         return _merge_adapters(args)
-    return _merge(args.recipe, args.out, args.overwrite)
+    return _merge(args.recipe, args.out, args.overwrite, args.fisher_cache)
 
 
-def _merge(recipe_path: Path, out: Path, overwrite: bool) -> int:
+def _merge(recipe_path: Path, out: Path, overwrite: bool, fisher_cache: Path | None = None) -> int:
     try:
         recipe = MergeRecipe.load(recipe_path)
     except FileNotFoundError:
@@ -51,7 +52,7 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool) -> int:
 
     error = None
     try:
-        merge_to_folder(recipe, out, progress=progress, overwrite=overwrite)
+        merge_to_folder(recipe, out, progress=progress, overwrite=overwrite, fisher_cache=fisher_cache)
     except (CheckpointError, ValueError) as e:
         error = str(e)
     finally:

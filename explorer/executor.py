@@ -91,7 +91,13 @@ def setup_extras(
     as the estimation does (e.g. too little text for the settings).
     """
     spec = registry.get(recipe.merge_method)
-    return fisher_extras(spec, recipe.resolved_params(), source.model_paths, recipe.seed, fisher_cache, progress) or no_extras
+    if not spec.needs_fisher:
+        return no_extras
+    # The Fisher is laid out like the tensors the merge reads (aligned vocabularies): it needs the opened
+    # models. A MergePlan holds them; another source (a MergeSession) names the same inputs as the recipe.
+    models = source.models if isinstance(source, MergePlan) else open_inputs(
+        recipe.base_model, recipe.model_paths(), recipe.tokenizer_source).models
+    return fisher_extras(spec, recipe.resolved_params(), models, recipe.seed, fisher_cache, progress)
 
 
 def merge_stream(

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from explorer.choices import FisherLabels, parse_choice
+from explorer.formats.base import Checkpoint
 from explorer.progress import Progress
 
 DEFAULT_CACHE = Path("~/.cache/merge_explorer/fisher")
@@ -184,38 +185,53 @@ class FisherInputs:
     """The cached diagonal Fisher of each model of a merge, read one tensor name at a time.
 
     Calling it with a tensor name gives the method's extra keyword inputs for that tensor:
-    ``{"fisher": (N, *S) float32}``, or ``{"fisher": None}`` when a model has no Fisher for the name
-    (a buffer), which the Fisher merge treats as the plain weighted average.
+    ``{"fisher": (N, *S) float32}`` laid out as the models' (possibly vocabulary-aligned) tensors are,
+    or ``{"fisher": None}`` when a model has no Fisher for the name (a buffer), which the Fisher merge
+    treats as the plain weighted average. Token rows a model lacks in an aligned vocabulary get
+    Fisher 0: that model knows nothing about the token (``explorer.vocab``).
     """
 
-    def __init__(self, files: Sequence[Path]):
+    def __init__(self, models: Sequence[Checkpoint], files: Sequence[Path]):
+        self.models = list(models)
+        self.paths = list(files)
         self.files = [safe_open(str(f), framework="pt") for f in files]
 
     def __call__(self, name: str) -> dict[str, Optional[torch.Tensor]]:
-        if not all(name in f.keys() for f in self.files):
+        keys = [model.own_name(name) for model in self.models]
+        if not all(key in f.keys() for key, f in zip(keys, self.files)):
             return {"fisher": None}
-        return {"fisher": torch.stack([f.get_tensor(name) for f in self.files]).float()}
+        placed = []
+        for model, key, file, path in zip(self.models, keys, self.files, self.paths):
+            fisher = model.place_rows(name, file.get_tensor(key).float())
+            if tuple(fisher.shape) != tuple(model.shape(name)):
+                raise ValueError(
+                    f"{model.path}: its Fisher of {name!r} has shape {list(fisher.shape)}, the tensor {list(model.shape(name))}; "
+                    f"delete the cached Fisher {path} and merge again"
+                )
+            placed.append(fisher)
+        return {"fisher": torch.stack(placed)}
 
 
 def fisher_extras(
-    spec: Any, params: dict, model_paths: Sequence[Path], seed: int = 0,
+    spec: Any, params: dict, models: Sequence[Checkpoint], seed: int = 0,
     cache_dir: Optional[str | os.PathLike] = None, progress: Optional[Progress] = None,
 ) -> Optional[FisherInputs]:
     """The per-tensor Fisher inputs of a merge with method ``spec``, or None when it needs none.
 
     spec: a ``MethodSpec`` (only ``needs_fisher`` is read); params: its resolved params (the
-    ``fisher_*`` setup params give the ``FisherSettings``); model_paths: the models, in recipe order.
-    Estimates each model's Fisher unless cached (``fisher_file``; minutes for a real model), with
-    progress(fraction over all models, message). Raises ValueError as ``fisher_file`` does.
+    ``fisher_*`` setup params give the ``FisherSettings``); models: the opened (and aligned) models,
+    in recipe order, as the merge reads them. Estimates each model's Fisher unless cached
+    (``fisher_file`` on the model's path; minutes for a real model), with progress(fraction over all
+    models, message). Raises ValueError as ``fisher_file`` does.
     """
     if not spec.needs_fisher:
         return None
     settings = FisherSettings.from_params(params, seed=seed)
     files = []
-    for i, path in enumerate(model_paths):
+    for i, model in enumerate(models):
         step = None
         if progress:
-            def step(f: float, m: str, i: int = i, path: Path = Path(path)) -> None:
-                progress((i + f) / len(model_paths), f"Fisher of {path.name}: {m}")
-        files.append(fisher_file(path, settings, cache_dir, step))
-    return FisherInputs(files)
+            def step(f: float, m: str, i: int = i, path: Path = Path(model.path)) -> None:
+                progress((i + f) / len(models), f"Fisher of {path.name}: {m}")
+        files.append(fisher_file(model.path, settings, cache_dir, step))
+    return FisherInputs(models, files)

@@ -69,16 +69,24 @@ class Alignment:
         return self.names.input if name == self.names.output and self.tied[index] else name
 
     def gather(self, index: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Member ``index``'s ``tensor`` (V_i, *D) laid out in the shared vocabulary: (rows, *D) float32."""
-        layout = self.layout
-        src = layout.sources[index]
-        out = torch.empty((layout.rows, *tensor.shape[1:]), dtype=torch.float32)
-        have = src >= 0
-        out[have] = tensor[src[have]].to(torch.float32)
+        """Member ``index``'s ``tensor`` (V_i, *D) laid out in the shared vocabulary: (rows, *D) float32.
+
+        Rows the member lacks take ``fill(name)``.
+        """
+        out, have = self.place(index, tensor)
         if not bool(have.all()):
             lacking = (~have).nonzero().squeeze(1)
-            out[lacking] = self.fill(name)[torch.searchsorted(layout.missing, lacking)]
+            out[lacking] = self.fill(name)[torch.searchsorted(self.layout.missing, lacking)]
         return out
+
+    def place(self, index: int, tensor: torch.Tensor, value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(member ``index``'s rows of ``tensor`` (V_i, *D) in the shared vocabulary, ``value`` elsewhere:
+        (rows, *D) float32; (rows,) bool, True where the member has the row)."""
+        src = self.layout.sources[index]
+        out = torch.full((self.layout.rows, *tensor.shape[1:]), value, dtype=torch.float32)
+        have = src >= 0
+        out[have] = tensor[src[have]].to(torch.float32)
+        return out, have
 
     def fill(self, name: str) -> torch.Tensor:
         """(M, *D) float32 rows for the shared rows some member lacks: the base's row, else the mean of the
@@ -140,6 +148,12 @@ class EmbeddingView(Checkpoint):
             raise self._missing(name)
         tensor = self.inner.get(self.alignment.source(self.index, name))
         return self.alignment.gather(self.index, name, tensor) if self._aligned(name) else tensor
+
+    def own_name(self, name: str) -> str:
+        return self.alignment.source(self.index, name)
+
+    def place_rows(self, name: str, tensor: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        return self.alignment.place(self.index, tensor, fill)[0] if self._aligned(name) else tensor
 
     @property
     def sources(self) -> list[Path]:

@@ -228,4 +228,7 @@ def test_cli_merges_and_peft_loads_and_generates(lora_family, tmp_path, capsys):
     _assert_same(model.merge_and_unload().state_dict(), _folded(base, out))
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), out)
     tokens = model.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=4, do_sample=False)
-    assert tokens.shape == (1, 7)
+    folded = LlamaForCausalLM.from_pretrained(base)
+    folded.load_state_dict(_folded(base, out))
+    assert torch.equal(tokens, folded.generate(torch.tensor([[2, 5, 6]]), max_new_tokens=4, do_sample=False))
+    assert tokens.shape == (1, 7) and tokens[0, :3].tolist() == [2, 5, 6]

@@ -39,8 +39,10 @@ def test_streaming_merge_loads_in_transformers(family, tmp_path):
     base, experts = family
     out = merge_to_folder(_recipe(base, experts, density=0.5), tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(out)
+    loaded, written = model.state_dict(), _state(out)
+    assert sorted(written) == sorted(loaded) and all(torch.equal(loaded[n], t) for n, t in written.items())
     ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
-    assert ids.shape == (1, 7)
+    assert ids.shape == (1, 7) and ids[0, :3].tolist() == [1, 2, 3]
     assert "merge_method: ties" in (out / "README.md").read_text()
     assert MergeRecipe.load(out / "merge_recipe.yaml") == _recipe(base, experts, density=0.5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -112,7 +114,9 @@ def test_sharded_output_and_input(family, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     assert open_checkpoint(out).names() and _state(out).keys() == _state(base).keys()
     merged = merge_to_folder(_recipe(out, experts, "task_arithmetic"), tmp_path / "from-sharded")
-    assert AutoModelForCausalLM.from_pretrained(merged) is not None
+    b, e0, e1, loaded = _state(base), _state(experts[0]), _state(experts[1]), AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    for name in b:
+        assert_expected(loaded[name], b[name] + (e0[name] - b[name]) + (e1[name] - b[name]))
 
 
 def test_float16_output_dtype(family, tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from explorer import registry
 from explorer.fisher import (
     FisherSettings,
+    default_text,
     estimate_fisher,
     fisher_file,
     load_causal_lm,
@@ -103,6 +104,7 @@ def test_text_chunks_use_pydoc_topics_and_refuse_too_little_text():
 
     ids = text_chunks(tokenizer, 3, 10)
     assert ids.shape == (3, 10) and ids.dtype == torch.long
+    assert ids.reshape(-1).tolist() == tokenizer(default_text())["input_ids"][:30]  # the first 30 tokens, in order
     with pytest.raises(ValueError, match="Lower fisher_examples"):
         text_chunks(tokenizer, 5, 10, text="too short")
 

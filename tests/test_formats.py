@@ -86,7 +86,9 @@ def test_lora_base_given_explicitly_and_missing_base(family, tmp_path):
     with pytest.raises(CheckpointError, match="LoRA for 'model.layers.0.mlp.down_proj.weight' makes shape .* trained on another base"):
         open_checkpoint(f"{wide}+{tmp_path / 'adapter'}")
     out = merge_to_folder(_linear([f"{base}+{tmp_path / 'adapter'}", experts[0]]), tmp_path / "out")
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    merged, expert = AutoModelForCausalLM.from_pretrained(out).state_dict(), state(experts[0])
+    for name, folded in expected.items():
+        assert_expected(merged[name], (folded.float() + expert[name].float()) / 2)
 
 
 def test_trainer_run_lists_checkpoints_with_step_and_loss(family, tmp_path):
@@ -100,7 +102,10 @@ def test_trainer_run_lists_checkpoints_with_step_and_loss(family, tmp_path):
     with pytest.raises(CheckpointError, match="a Trainer run folder; choose one of its checkpoint-STEP folders"):
         open_checkpoint(run)
     out = merge_to_folder(_linear(table["path"].tolist()), tmp_path / "avg")
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    merged, steps = AutoModelForCausalLM.from_pretrained(out).state_dict(), [state(Path(p)) for p in table["path"]]
+    assert sorted(steps[0]) == sorted(state(out))
+    for name in steps[0]:
+        assert_expected(merged[name], sum(s[name] for s in steps) / 3)
 
 
 def test_hub_cache_by_repo_id_and_discovery(family, tmp_path, monkeypatch):

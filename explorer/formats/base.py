@@ -185,6 +185,22 @@ class Checkpoint:
     def close(self) -> None:
         """Release open files; reading again reopens them."""
 
+    def own_name(self, name: str) -> str:
+        """The name under which the model itself stores what ``get(name)`` returns.
+
+        ``name`` here; an aligned view (``explorer.vocab``) of a tied model answers its input
+        embedding for the output embedding.
+        """
+        return name
+
+    def place_rows(self, name: str, tensor: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``tensor``, shaped like the model's own ``own_name(name)`` (e.g. its Fisher), laid out as ``get(name)``.
+
+        Unchanged here; an aligned view moves token rows into the shared vocabulary and gives the rows
+        the model lacks the value ``fill``.
+        """
+        return tensor
+
     def _missing(self, name: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: no tensor {name!r}; the checkpoint has {len(self.files)} tensors")
 
