@@ -70,16 +70,20 @@ class MergeSession:
     def read_models(self, name: str) -> torch.Tensor:
         return torch.stack([m[name] for m in self.models])
 
+    def same_inputs(self, recipe: MergeRecipe) -> bool:
+        """True when ``recipe`` names exactly this session's base and models, in order."""
+        models = [resolved_spec(e.model) for e in recipe.models] == [resolved_spec(c.spec) for c in self.model_ckpts]
+        base = (recipe.base_model and resolved_spec(recipe.base_model)) == (self.base_ckpt and resolved_spec(self.base_ckpt.spec))
+        return models and base
+
     def merge(self, recipe: MergeRecipe, progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
         """{name: merged tensor in recipe.dtype}.
 
         Raises ValueError when the recipe names other inputs (models or base) or another
         tokenizer_source than the one this session aligned its vocabularies with.
         """
-        if [resolved_spec(e.model) for e in recipe.models] != [resolved_spec(c.spec) for c in self.model_ckpts]:
-            raise ValueError("the recipe's models differ from this session's; start a new session for them")
-        if (recipe.base_model and resolved_spec(recipe.base_model)) != (self.base_ckpt and resolved_spec(self.base_ckpt.spec)):
-            raise ValueError(f"the recipe's base_model {recipe.base_model!r} differs from this session's; start a new session for it")
+        if not self.same_inputs(recipe):
+            raise ValueError("the recipe names other models or another base than the loaded ones; load its models first")
         if recipe.tokenizer_source != self.tokenizer_source:
             raise ValueError(
                 f"this session aligned vocabularies with tokenizer_source={self.tokenizer_source!r}, the recipe asks for "

@@ -1,7 +1,12 @@
-"""The state behind one browser tab or notebook: chosen inputs, the last merge, its recipe.
+"""The state behind one browser tab or notebook: chosen inputs, the merges made, the current one.
 
 Plain Python (no gradio): the app's handlers are a few lines each that call these methods and turn
-exceptions into messages. A notebook can drive the same object directly.
+exceptions into messages. A notebook drives the same object directly::
+
+    bench = Workbench(Path("models"))
+    bench.load("models/smollm2/base", ["models/smollm2/expert-say", "models/smollm2/expert-rev"])
+    bench.merge("ties", {"lambda": 1.0}, [{"weight": 1.0, "density": 0.5}] * 2)
+    bench.export("merges/ties-0.5")
 """
 
 from __future__ import annotations
@@ -11,26 +16,69 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from explorer.checkpoint import discover
+from explorer import registry
+from explorer.checkpoint import discover, open_checkpoint
 from explorer.executor import Progress
 from explorer.recipe import MergeRecipe
 from explorer.session import MergeSession
+from explorer.writer import check_output_dir, is_merge_output
 
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 
+class Cancelled(RuntimeError):
+    """Raised inside long work when the user asked to cancel it."""
+
+
+@dataclass
+class HistoryEntry:
+    """One merge of this workbench: its recipe and the scores evaluations gave it."""
+
+    number: int  # 1, 2, ... in the order the merges were made
+    recipe: MergeRecipe
+    scores: dict[str, float] = field(default_factory=dict)  # {task: accuracy in [0, 1]}
+
+    @property
+    def label(self) -> str:
+        """Short name with the settings that differ from the method's defaults, e.g. ``#2 ties (density=0.5,0.5)``."""
+        spec = registry.get(self.recipe.merge_method)
+        settings = dict(self.recipe.parameters)
+        for entry in self.recipe.models:
+            for key, value in entry.parameters.items():
+                settings.setdefault(key, []).append(value)
+        changed = {k: v for k, v in settings.items() if any(x != spec.param(k).default for x in (v if isinstance(v, list) else [v]))}
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in changed.items())
+        return f"#{self.number} {self.recipe.merge_method}" + (f" ({shown})" if shown else "")
+
+
+def _short(value) -> str:
+    values = value if isinstance(value, list) else [value]
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
 @dataclass
 class Workbench:
-    """Inputs in memory, the current merge and the models the Evaluate tab compares."""
+    """Inputs in memory, the merges made from them, and the current merge's tensors.
+
+    ``merge``'s ``parameters`` are the method's global params by name (e.g. ``{"lambda": 1.0}``) and
+    ``per_model`` holds one dict per expert, in load order, of its per-model params (e.g.
+    ``{"weight": 1.0, "density": 0.5}``); ``explorer.registry.get(method).params`` lists both kinds
+    with ranges and defaults, and a param left out takes its default.
+    """
 
     models_dir: Path
     session: Optional[MergeSession] = None
-    recipe: Optional[MergeRecipe] = None
-    merged: Optional[dict[str, torch.Tensor]] = None
-    _loaded: dict[str, Loaded] = field(default_factory=dict)
+    recipe: Optional[MergeRecipe] = None  # of the current merge
+    merged: Optional[dict[str, torch.Tensor]] = None  # the current merge, {name: tensor}
+    history: list[HistoryEntry] = field(default_factory=list)
+    cancel_requested: bool = False  # set from another thread; long work stops at its next progress step
+    _loaded: dict[str, Loaded] = field(default_factory=dict)  # models built for Evaluate, by label
+
+    # Models ---------------------------------------------------------------------------------------
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint folders found under ``models_dir``."""
@@ -44,56 +92,172 @@ class Workbench:
         except ValueError:
             return str(path)
 
+    def catalog(self) -> pd.DataFrame:
+        """One row per checkpoint under ``models_dir``: label, format, architecture, layers, size in MB,
+        dtype of its floating tensors; a checkpoint that cannot be opened says why in ``problem``."""
+        rows = []
+        for path in self.checkpoints():
+            row = {"checkpoint": self.label(path)}
+            try:
+                ckpt = open_checkpoint(path)
+                dtypes = sorted({ckpt.dtype(n) for n in ckpt.names()})
+                size = sum(f.stat().st_size for f in set(ckpt.files.values()))
+                row |= {"format": type(ckpt).__name__.removesuffix("Checkpoint") or "safetensors", "architecture": ckpt.architecture,
+                        "layers": ckpt.num_layers, "size (MB)": round(size / 1e6, 1), "dtype": "/".join(dtypes), "problem": ""}
+                ckpt.close()
+            except Exception as e:  # noqa: BLE001  (a broken checkpoint is a row, not a failure of the listing)
+                row["problem"] = str(e)
+            rows.append(row)
+        return pd.DataFrame(rows, columns=["checkpoint", "format", "architecture", "layers", "size (MB)", "dtype", "problem"])
+
     def load(self, base: Optional[str], experts: list[str], progress: Optional[Progress] = None) -> str:
-        """Open and check ``base`` and ``experts``; returns a one-line report. Raises on bad input."""
+        """Open and check ``base`` and ``experts``; returns a one-line report. Raises on bad input.
+
+        Forgets the previous inputs, merges and their history: they were of other models.
+        """
         if not experts:
             raise ValueError("choose at least one expert to merge")
-        self.session = MergeSession(base, experts, progress)
-        self.recipe, self.merged, self._loaded = None, None, {}
+        if base and any(os.path.abspath(base) == os.path.abspath(e) for e in experts):
+            raise ValueError(f"{self.label(base)} is the base; untick it among the experts")
+        self.session = None
+        self.recipe, self.merged, self.history, self._loaded = None, None, [], {}
+        self.session = MergeSession(base, experts, self.guard(progress))
         n = sum(t.numel() for t in self.session.models[0].values())
         arch = self.session.reference.architecture
         return f"Loaded {len(experts)} model(s){' and a base' if base else ''}: {arch}, {n / 1e6:.2f}M parameters, {len(self.session.names)} tensors, all compatible."
 
     def require_session(self) -> MergeSession:
+        """The loaded inputs; ValueError saying what to do when nothing is loaded."""
         if self.session is None:
             raise ValueError("no models loaded yet: choose a base and experts in the Models tab and press Load")
         return self.session
 
+    # Merging --------------------------------------------------------------------------------------
+
+    def recipe_for(self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0) -> MergeRecipe:
+        """The validated recipe these settings make over the loaded inputs (nothing is merged)."""
+        session = self.require_session()
+        return session.recipe(method, parameters, per_model, dtype, seed)
+
     def merge(self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0, progress: Optional[Progress] = None) -> str:
         """Merge the loaded models in memory; returns a one-line summary. Raises on bad parameters."""
+        return self.merge_recipe(self.recipe_for(method, parameters, per_model, dtype, seed), progress)
+
+    def merge_recipe(self, recipe: MergeRecipe, progress: Optional[Progress] = None) -> str:
+        """Merge ``recipe``, loading its base and models first when they are not the loaded ones."""
+        if self.session is None or not self.session.same_inputs(recipe):
+            self.load(recipe.base_model, [e.model for e in recipe.models], progress)
         session = self.require_session()
-        recipe = session.recipe(method, parameters, per_model, dtype, seed)
-        self.merged = session.merge(recipe, progress)
+        self.merged = None
+        self.merged = session.merge(recipe, self.guard(progress))
         self.recipe = recipe
         self._loaded.pop("merge", None)
-        return f"Merged {len(session.model_paths)} model(s) with {method} into {len(self.merged)} tensors ({dtype})."
+        self.history.append(HistoryEntry(len(self.history) + 1, recipe))
+        return f"Merged {len(session.model_paths)} model(s) with {recipe.merge_method} into {len(self.merged)} tensors ({recipe.dtype}): {self.history[-1].label}."
 
     def require_merge(self) -> tuple[MergeRecipe, dict[str, torch.Tensor]]:
+        """The current recipe and merged tensors; ValueError saying what to do before any merge."""
         if self.merged is None or self.recipe is None:
             raise ValueError("nothing merged yet: press Merge in the Merge tab first")
         return self.recipe, self.merged
 
-    def eval_models(self, include_inputs: bool) -> dict[str, Loaded]:
-        """{label: (model, tokenizer)}: the merge (built in memory) and, optionally, base and experts."""
+    def merged_tensors(self, number: int, progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
+        """The tensors of history entry ``number``: the current merge, or that recipe merged again
+        (merges are deterministic: the same recipe gives the same tensors)."""
+        entry = self.history[number - 1]
+        if entry.recipe is self.recipe and self.merged is not None:
+            return self.merged
+        return self.require_session().merge(entry.recipe, self.guard(progress))
+
+    # Evaluation -----------------------------------------------------------------------------------
+
+    def eval_models(self, include_inputs: bool, merges: Optional[list[int]] = None, progress: Optional[Progress] = None) -> dict[str, Loaded]:
+        """{label: (model, tokenizer)} built in memory from the loaded tensors: base and experts when
+        ``include_inputs``, then history entries ``merges`` (default: the current merge)."""
         session = self.require_session()
-        recipe, merged = self.require_merge()
-        tokenizer = AutoTokenizer.from_pretrained(session.reference.path)
-        if "merge" not in self._loaded:
-            self._loaded["merge"] = (session.build_model(merged), tokenizer)
-        labels = {}
-        if include_inputs:
-            inputs = ([session.base_ckpt.path] if session.base_ckpt else []) + session.model_paths
-            for path in inputs:
-                label = self.label(path)
-                if label not in self._loaded:
-                    self._loaded[label] = (AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer)
-                labels[label] = self._loaded[label]
-        return {**labels, f"merge ({recipe.merge_method})": self._loaded["merge"]}
+        self.require_merge()
+        self.cancel_requested = False
+        tokenizer = session.reference.tokenizer()
+        if tokenizer is None:
+            raise ValueError(f"{session.reference.path} has no tokenizer files; evaluation needs them (add them from the original model)")
+        inputs = ([(session.base_ckpt, session.base)] if session.base_ckpt else []) + list(zip(session.model_ckpts, session.models))
+        wanted = [(self.label(c.path), lambda t=t: t) for c, t in inputs] if include_inputs else []
+        numbers = merges or [self.history[-1].number]
+        wanted += [(self.history[n - 1].label, lambda n=n: self.merged_tensors(n, progress)) for n in numbers]
+        for label, tensors in wanted:
+            if label not in self._loaded:
+                self.check_cancel()
+                self._loaded[label] = (session.build_model(tensors()), tokenizer)
+        return {label: self._loaded[label] for label, _ in wanted}
+
+    def record_scores(self, table: pd.DataFrame) -> None:
+        """Store the merge rows of an evaluation table (columns: model, then tasks) in the history."""
+        by_label = {e.label: e for e in self.history}
+        for row in table.to_dict("records"):
+            if row["model"] in by_label:
+                by_label[row["model"]].scores.update({k: v for k, v in row.items() if k != "model"})
+
+    def history_table(self) -> pd.DataFrame:
+        """One row per merge: number, label, its scores per task, and the recipe as YAML."""
+        rows = [{"#": e.number, "merge": e.label, **e.scores, "recipe": e.recipe.to_yaml()} for e in self.history]
+        return pd.DataFrame(rows)
+
+    # Export ---------------------------------------------------------------------------------------
+
+    def export_target(self, folder: str) -> Path:
+        """Where ``export(folder)`` writes: relative paths resolve under ``models_dir``.
+
+        Raises ValueError for an empty path, the models folder itself or a folder above it, and an
+        absolute path whose parent folder does not exist (nothing is created outside the models folder).
+        """
+        if not folder.strip():
+            raise ValueError("no output folder given; type a folder name, e.g. merges/my-merge")
+        out = Path(folder.strip()).expanduser()
+        out = (out if out.is_absolute() else self.models_dir / out).resolve()
+        root = self.models_dir.resolve()
+        if out == root or out in root.parents:
+            raise ValueError(f"{out} is the models folder or holds it; choose a folder inside it, e.g. merges/my-merge")
+        if Path(folder.strip()).expanduser().is_absolute() and not out.parent.is_dir():
+            raise ValueError(f"the folder {out.parent} does not exist; create it first, or give a path relative to the models folder {root}")
+        return out
+
+    def describe_target(self, folder: str) -> str:
+        """One sentence on what ``export(folder)`` would do: a new folder, or replacing an earlier merge."""
+        out = self.export_target(folder)
+        if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+            return f"Will write a new folder {out}."
+        if is_merge_output(out):
+            return f"{out} holds an earlier merge: tick Replace to overwrite it."
+        return f"{out} holds other files: it will not be replaced; choose another folder."
 
     def export(self, folder: str, overwrite: bool = False) -> Path:
-        """Write the current merge to ``folder`` (relative paths are under ``models_dir``)."""
+        """Write the current merge to ``folder`` (see ``export_target``); returns the folder written.
+
+        Raises ValueError/CheckpointError before writing for a bad target (an input, a folder holding
+        files this tool did not write, a missing parent).
+        """
         session = self.require_session()
         recipe, merged = self.require_merge()
-        out = Path(folder).expanduser()
-        out = out if out.is_absolute() else self.models_dir / out
+        out = self.export_target(folder)
         return session.export(recipe, merged, out, overwrite)
+
+    # Cancelling -----------------------------------------------------------------------------------
+
+    def check_cancel(self) -> None:
+        """Raise Cancelled (and clear the request) when cancel was asked for."""
+        if self.cancel_requested:
+            self.cancel_requested = False
+            raise Cancelled("cancelled; nothing was changed")
+
+    def guard(self, progress: Optional[Progress]) -> Progress:
+        """``progress`` wrapped so that every step first checks for a cancel request (work that starts
+        now clears any earlier request)."""
+        self.cancel_requested = False
+
+        def report(fraction: float, message: str) -> None:
+            self.check_cancel()
+            if progress:
+                progress(fraction, message)
+
+        return report
+

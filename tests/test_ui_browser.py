@@ -1,5 +1,7 @@
-"""The app in a real browser (Debian chromium via Playwright): merge two zoo experts, inspect,
-evaluate with lm-eval, export; then the exported folder must load in transformers and generate."""
+"""The app in a real browser (Debian chromium via Playwright), used as a person uses it: move each kind
+of control and read the recipe it makes, merge, inspect, compare merges, evaluate with lm-eval, import a
+recipe, cancel, export; and each case that was once broken (disabled controls, an export that deleted
+files, silent folder creation, raw error dumps, stale state after a second Load)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from playwright.sync_api import expect, sync_playwright
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,6 +36,8 @@ def served(zoo_dir, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     (models / "zoo").symlink_to(zoo_dir, target_is_directory=True)
     save_tiny_gpt2(models / "other" / "gpt2-tiny")
+    (models / "notes").mkdir()
+    (models / "notes" / "thesis.tex").write_text("years of work")
     port = _free_port()
     demo = app.build_demo(models)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -41,92 +46,258 @@ def served(zoo_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(served):
+def browser():
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT)
-        yield page
+        yield browser
         browser.close()
 
+
+@pytest.fixture()
+def page(browser, served):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT)
+    page.goto(served[0])
+    expect(page.locator("#models-status")).to_contain_text("Found", timeout=60_000)
+    yield page
+    page.close()
+
+
+@pytest.fixture()
+def shots(tmp_path) -> Path:
+    return Path(os.environ.get("MERGE_EXPLORER_SCREENSHOTS", tmp_path))
+
+
+# Acting as a person ----------------------------------------------------------------------------------
 
 def _tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
-def test_merge_inspect_evaluate_export(served, page, tmp_path):
-    url, models = served
-    shots = Path(os.environ.get("MERGE_EXPLORER_SCREENSHOTS", tmp_path))
-    page.goto(url)
-    expect(page.locator("#models-status")).to_contain_text("Found", timeout=60_000)
+def _load(page, experts: tuple[str, ...] = ("zoo/expert-add", "zoo/expert-reverse")) -> None:
+    _tab(page, "Models")
+    for label in page.locator("#experts label").all():
+        box = label.locator("input")
+        if box.is_checked() != (label.inner_text().strip() in experts):
+            label.click()
     page.locator("#load").click()
     expect(page.locator("#models-status")).to_contain_text("all compatible")
 
+
+def _set_number(page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    expect(box).to_be_enabled()
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    box = page.locator(f"#{elem_id} input").first
+    expect(box).to_be_enabled()
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def _recipe(page, elem_id: str = "merge-recipe") -> dict:
+    text = page.locator(f"#{elem_id} .cm-content").inner_text()
+    return yaml.safe_load(text)
+
+
+def _wait_recipe(page, check, elem_id: str = "merge-recipe") -> dict:
+    """Poll the recipe view until ``check(recipe)`` holds (the preview updates after each change)."""
+    for _ in range(100):
+        try:
+            recipe = _recipe(page, elem_id)
+            if isinstance(recipe, dict) and check(recipe):
+                return recipe
+        except yaml.YAMLError:
+            pass
+        page.wait_for_timeout(200)
+    raise AssertionError(f"recipe never satisfied the check: {page.locator(f'#{elem_id}').inner_text()}")
+
+
+def _per_model(recipe: dict, expert: str) -> dict:
+    return next(m["parameters"] for m in recipe["models"] if m["model"].endswith(expert))
+
+
+def _figure_data(page, key: str) -> str:
+    return page.locator(f"#plot-{key} .js-plotly-plot").evaluate("e => JSON.stringify(e.data.map(t => [t.name, t.y]))")
+
+
+# The tests -------------------------------------------------------------------------------------------
+
+def test_every_control_changes_the_recipe_and_the_merge(page, shots):
+    _load(page)
     _tab(page, "Merge")
-    expect(page.get_by_text("density · zoo/expert-", exact=False).first).to_be_visible()
+    numbers = page.locator("input[data-testid=number-input]")
+    expect(numbers).to_have_count(5)  # ties, two experts: lambda + weight and density per expert
+    assert all(numbers.nth(i).is_enabled() for i in range(5))
+    _wait_recipe(page, lambda r: r["merge_method"] == "ties" and len(r["models"]) == 2)
+
+    _set_number(page, "ctl-density-zoo-expert-add", 0.3)  # a per-model slider
+    _wait_recipe(page, lambda r: _per_model(r, "expert-add")["density"] == 0.3 and _per_model(r, "expert-reverse")["density"] == 1.0)
+    _set_number(page, "ctl-lambda", 1.5)  # a global slider
+    _wait_recipe(page, lambda r: r["parameters"]["lambda"] == 1.5)
+    page.locator("#ctl-normalize input[type=checkbox]").click()  # a checkbox
+    _wait_recipe(page, lambda r: r["parameters"]["normalize"] is False)
+    _choose(page, "ctl-election", "unweighted")  # a dropdown
+    _wait_recipe(page, lambda r: r["parameters"]["election"] == "unweighted")
+    _choose(page, "dtype", "bfloat16")
+    _wait_recipe(page, lambda r: r["dtype"] == "bfloat16")
+    _set_number(page, "seed", 7)
+    _wait_recipe(page, lambda r: r["seed"] == 7)
+
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("Merged 2 model(s) with ties")
-
+    expect(page.locator("#history")).to_contain_text("#1 ties")
     _tab(page, "Inspect")
-    expect(page.locator("#inspect-status")).to_contain_text("Task vectors of")
-    expect(page.locator("#plot-histogram .js-plotly-plot")).to_be_visible()
-    page.wait_for_timeout(1000)
+    expect(page.locator("#plot-merge_distance .js-plotly-plot")).to_be_visible()
+    first = _figure_data(page, "merge_distance")
     page.screenshot(path=str(shots / "inspect.png"), full_page=True)
 
-    _tab(page, "Evaluate")
+    _tab(page, "Merge")  # a method change keeps what still applies: weights yes, density gone
+    _set_number(page, "ctl-weight-zoo-expert-reverse", 0.5)
+    _wait_recipe(page, lambda r: _per_model(r, "expert-reverse")["weight"] == 0.5)
+    _choose(page, "method", "task_arithmetic")
+    recipe = _wait_recipe(page, lambda r: r["merge_method"] == "task_arithmetic")
+    assert _per_model(recipe, "expert-reverse") == {"weight": 0.5} and recipe["parameters"]["lambda"] == 1.5
+    expect(page.locator("#ctl-density-zoo-expert-add")).to_have_count(0)
+    expect(page.locator("#ctl-weight-zoo-expert-reverse input[type=number]")).to_have_value("0.5")
+    page.locator("#live input").check()  # live: releasing a slider re-merges
+    slider = page.locator("#ctl-lambda input[type=range]")
+    slider.fill("0.5")
+    slider.dispatch_event("pointerup")
+    expect(page.locator("#history")).to_contain_text("#2 task_arithmetic", timeout=60_000)
+    page.locator("#live input").uncheck()
+    page.screenshot(path=str(shots / "merge.png"), full_page=True)
+    _tab(page, "Inspect")
+    expect(page.locator("#inspect-status")).to_contain_text("#2 task_arithmetic")
+    assert _figure_data(page, "merge_distance") != first
+
+
+def test_evaluate_compare_import_cancel_and_export(page, served, shots):
+    url, models = served
+    _load(page)
+    _tab(page, "Merge")
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("#1 ties")
+    _set_number(page, "ctl-density-zoo-expert-add", 0.5)
+    _set_number(page, "ctl-density-zoo-expert-reverse", 0.5)
+    _wait_recipe(page, lambda r: _per_model(r, "expert-reverse")["density"] == 0.5)
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("#2 ties")
+
+    _tab(page, "Evaluate")  # compare the two merges side by side
     boxes = page.locator("#tasks input[type=checkbox]")
     expect(boxes.first).to_be_visible()
-    for i in range(min(2, boxes.count())):
-        boxes.nth(i).check()
+    page.locator("#tasks label", has_text="zoo_add").click()
+    page.locator("#tasks label", has_text="zoo_reverse").click()
+    page.locator("#eval-merges label", has_text="#1 ties").click()
     page.locator("#limit input").fill("20")
     page.locator("#eval-btn").click()
-    expect(page.locator("#eval-status")).to_contain_text("Evaluated", timeout=TIMEOUT)
-    expect(page.locator("#eval-table")).to_contain_text("merge (ties)")
+    expect(page.locator("#eval-status")).to_contain_text("Evaluated 5 model(s)", timeout=TIMEOUT)
     page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
     cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()]
     assert cells[:3] == ["model", "zoo_add", "zoo_reverse"], cells
-    body = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
-    assert set(body) == {"zoo/base", "zoo/expert-add", "zoo/expert-reverse", "merge (ties)"}, cells
-    assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in body.values()), cells
+    rows = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
+    assert [r.split(" (")[0] for r in rows] == ["zoo/base", "zoo/expert-add", "zoo/expert-reverse", "#1 ties", "#2 ties"], rows
+    assert rows["zoo/expert-add"][0] > 0.5 and rows["zoo/expert-reverse"][1] > 0.5, rows
 
-    _tab(page, "Export")
+    page.locator("#limit input").fill("0")  # cancel a long evaluation: the app answers at once and stays usable
+    page.locator("#eval-btn").click()
+    page.wait_for_timeout(500)
+    page.locator("#eval-cancel").click()
+    expect(page.locator("#eval-status")).to_contain_text("Cancelling", timeout=10_000)
+    _tab(page, "Merge")
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("#3 ties")
+
+    _tab(page, "Export")  # export, then import the exported recipe with another density
+    folder = page.locator("#export-folder textarea, #export-folder input").first
+    folder.fill("merges/first")
+    expect(page.locator("#export-target")).to_contain_text("Will write a new folder")
     page.locator("#save").click()
     expect(page.locator("#export-status")).to_contain_text("Saved")
-    out = models / "merges" / "merge-1"
+    out = models / "merges" / "first"
     model = AutoModelForCausalLM.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer("add 12+34=", return_tensors="pt").input_ids
-    generated = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    assert generated.shape[1] == ids.shape[1] + 3
-    assert "merge_method: ties" in (out / "merge_recipe.yaml").read_text()
+    ids = AutoTokenizer.from_pretrained(out)("add 12+34=", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     assert torch.isfinite(model.lm_head.weight).all()
+    recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    recipe["models"][0]["parameters"]["density"] = 0.2
+    _tab(page, "Merge")
+    page.get_by_text("Import a recipe").click()
+    page.locator("#recipe-in .cm-content").fill(yaml.safe_dump(recipe))
+    page.locator("#import-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("#4 ties")
+    expect(page.locator("#ctl-density-zoo-expert-add input[type=number]")).to_have_value("0.2")
+    _tab(page, "Export")
+    page.screenshot(path=str(shots / "export.png"), full_page=True)
 
 
-def test_bad_input_is_reported_in_the_ui(served, page, tmp_path):
+def test_once_broken_cases(page, served, tmp_path, shots):
     url, models = served
-    page.goto(url)
-    expect(page.locator("#models-status")).to_contain_text("Found")
-    # Two architectures: refused on Load, before any merge.
-    page.locator("#experts label", has_text="zoo/expert-reverse").click()
-    page.locator("#experts label", has_text="other/gpt2-tiny").click()
-    page.locator("#load").click()
-    expect(page.locator("#models-status")).to_contain_text("architecture GPT2LMHeadModel differs")
-    # Output folder equal to an input: refused on Save, nothing written there.
-    page.locator("#experts label", has_text="other/gpt2-tiny").click()
-    page.locator("#experts label", has_text="zoo/expert-reverse").click()
-    page.locator("#load").click()
-    expect(page.locator("#models-status")).to_contain_text("all compatible")
+    _tab(page, "Merge")  # a method chosen before Load: a sentence, no crash
+    _choose(page, "method", "slerp")
+    _tab(page, "Models")
+    page.screenshot(path=str(shots / "models.png"), full_page=True)
+    expect(page.locator("#catalog")).to_contain_text("LlamaForCausalLM")
+    _choose(page, "base", "")
+    _load(page)
+    _tab(page, "Merge")  # slerp with two experts and no base: one readable sentence
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("Error:")
+    assert "validation error" not in page.locator("#merge-status").inner_text().lower()
+    _choose(page, "method", "task_arithmetic")
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("needs base_model: set base_model to the checkpoint the experts were fine-tuned from")
+    assert "pydantic" not in page.locator("#merge-status").inner_text().lower()
+
+    _tab(page, "Models")  # the base is never offered among the experts
+    _choose(page, "base", "zoo/base")
+    expect(page.locator("#experts label", has_text="zoo/base")).to_have_count(0)
+    _load(page)
     _tab(page, "Merge")
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("Merged")
-    _tab(page, "Export")
-    before = sorted(p.name for p in (models / "zoo" / "expert-add").iterdir())
-    page.locator("#export-folder textarea, #export-folder input").first.fill("zoo/expert-add")
-    page.locator("#save").click()
-    expect(page.locator("#export-status")).to_contain_text("overlaps input")
-    assert sorted(p.name for p in (models / "zoo" / "expert-add").iterdir()) == before
-    # A folder that does not exist: reported on Scan.
+    _tab(page, "Inspect")
+    expect(page.locator("#inspect-status")).to_contain_text("zoo/expert-reverse")
+    threshold = page.locator("#threshold textarea, #threshold input").first
+    threshold.fill("abc")
+    threshold.press("Enter")
+    expect(page.locator("#inspect-status")).to_contain_text("is not a number between 0 and 1")
+    expect(page.locator("#plot-histogram")).to_be_hidden()
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)  # no red badges without text
+    _tab(page, "Evaluate")
+    page.locator("#tasks label", has_text="zoo_add").click()
+    page.locator("#limit input").fill("-3")
+    page.locator("#eval-btn").click()
+    expect(page.locator("#eval-status")).to_contain_text("must be 0 (all) or a positive number")
+
+    _tab(page, "Export")  # export never deletes or creates what it should not
+    folder = page.locator("#export-folder textarea, #export-folder input").first
+    page.locator("#overwrite input").check()
+    for text, error in (("", "no output folder given"), (".", "is the models folder"), ("notes", "holds files this tool did not write"),
+                        ("zoo/expert-add", "overlaps input"), (str(tmp_path / "nonexistent" / "deep" / "dir"), "does not exist")):
+        folder.fill(text)
+        page.locator("#save").click()
+        expect(page.locator("#export-status")).to_contain_text(error)
+    assert (models / "notes" / "thesis.tex").read_text() == "years of work"
+    assert not (tmp_path / "nonexistent").exists()
+
+    _tab(page, "Models")  # a second Load clears what belonged to the first
+    _load(page, ("zoo/expert-add", "zoo/expert-upper"))
+    _tab(page, "Merge")
+    expect(page.locator("#merge-status")).not_to_contain_text("Merged")
+    expect(page.locator("#history")).not_to_contain_text("ties")
+    _tab(page, "Inspect")
+    expect(page.locator("#inspect-status")).not_to_contain_text("expert-reverse")
+    threshold.fill("0.002")
+    threshold.press("Enter")
+    expect(page.locator("#inspect-status")).to_contain_text("Task vectors of zoo/expert-add, zoo/expert-upper (no merge chosen)")
+    expect(page.locator("#plot-histogram .js-plotly-plot")).to_be_visible()
     _tab(page, "Models")
-    page.locator("#models-folder textarea, #models-folder input").first.fill(str(tmp_path / "missing"))
-    page.locator("#scan").click()
-    expect(page.locator("#models-status")).to_contain_text("does not exist")
+    page.locator("#experts label", has_text="other/gpt2-tiny").click()  # two architectures: refused on Load
+    page.locator("#load").click()
+    expect(page.locator("#models-status")).to_contain_text("architecture GPT2LMHeadModel differs")

@@ -1,0 +1,254 @@
+"""The app's event handlers: each calls ``explorer.workbench.Workbench`` or ``evals`` and returns what
+the widgets show. Errors become one readable sentence with the fix; the details go to the server log.
+
+Per-method controls are named by keys: ``"lambda"`` for a global param, ``"density · zoo/expert-add"``
+for a per-model one (``KEY_SEP`` between the param and the expert's label).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+import pandas as pd
+import plotly.express as px
+from pydantic import ValidationError
+
+import evals
+from explorer import plots, registry
+from explorer.recipe import MergeRecipe
+from explorer.workbench import Workbench
+
+log = logging.getLogger("merge_explorer.app")
+KEY_SEP = " · "
+DOWNLOADS = Path(tempfile.mkdtemp(prefix="merge-explorer-"))
+
+
+def readable(e: Exception) -> str:
+    """``e`` as one Markdown sentence for the user; the traceback goes to the server log."""
+    log.warning("shown to the user: %s", e, exc_info=e)
+    if isinstance(e, ValidationError):
+        text = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+    elif isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    else:
+        text = str(e) or type(e).__name__
+    return f"**Error:** {text}"
+
+
+def _progress(progress: gr.Progress):
+    return lambda fraction, message: progress(fraction, desc=message)
+
+
+# Models ---------------------------------------------------------------------------------------------
+
+def scan(bench: Workbench, folder: str):
+    """List the checkpoints of ``folder`` (one of the folders allowed at start-up)."""
+    bench.models_dir = Path(folder)
+    labels = [bench.label(p) for p in bench.checkpoints()]
+    base = next((lab for lab in labels if Path(lab).name == "base"), None)
+    experts = [lab for lab in labels if Path(lab).name.startswith("expert") and Path(lab).parent == Path(base or "").parent][:2]
+    if not bench.models_dir.is_dir():
+        message = readable(ValueError(f"folder {folder} does not exist; create it or start the app with --models pointing at your checkpoints"))
+    elif labels:
+        message = f"Found {len(labels)} checkpoint(s) in {folder}."
+    else:
+        message = f"No checkpoints in {folder}: a checkpoint is a folder with config.json and weights (safetensors, .bin), a .gguf file or a LoRA adapter."
+    tasks = gr.update(choices=evals.list_tasks(evals.task_dirs(bench.models_dir)), value=[])
+    expert_choices = [lab for lab in labels if lab != base]
+    return bench, bench.catalog(), gr.update(choices=[""] + labels, value=base), gr.update(choices=expert_choices, value=experts), message, tasks
+
+
+def experts_without_base(bench: Workbench, base: str, experts: list[str]):
+    """The expert choices without the chosen base (it cannot be merged into itself)."""
+    labels = [bench.label(p) for p in bench.checkpoints()]
+    return gr.update(choices=[lab for lab in labels if lab != base], value=[e for e in experts if e != base])
+
+
+def load(bench: Workbench, base: str, experts: list[str], loaded: dict, values: dict, method: str, dtype: str, seed: float, progress=gr.Progress()):
+    """Open base and experts; clears every output of the previous models and shows the recipe."""
+    root = bench.models_dir
+    cleared = [""] * 2 + [None, gr.update(choices=[], value=None), gr.update(choices=[], value=[])] + [""] + [None] * 2 + ["", ""]
+    cleared += inspect_placeholder("Press Refresh, or merge, to inspect the task vectors of the loaded experts.")
+    try:
+        message = bench.load(str(root / base) if base else None, [str(root / e) for e in experts], _progress(progress))
+        labels = _labels(bench)
+    except Exception as e:
+        message, labels = readable(e), []
+    cleared[1] = current_recipe(bench, values, method, dtype, seed)[0]
+    return bench, {"labels": labels, "version": loaded["version"] + 1}, message, *cleared
+
+
+# Merge ----------------------------------------------------------------------------------------------
+
+def control_keys(spec: registry.MethodSpec, labels: list[str]) -> list[tuple[str, registry.Param]]:
+    """(key, param) of every control of ``spec``: global params, then each expert's per-model ones."""
+    keys = [(p.name, p) for p in spec.global_params]
+    return keys + [(f"{p.name}{KEY_SEP}{label}", p) for label in labels for p in spec.per_model_params]
+
+
+def remembered(values: dict, p: registry.Param, key: str):
+    """The value the control ``key`` showed last, if still valid for ``p``; else ``p``'s default."""
+    value = values.get(key, p.default)
+    try:
+        return p.check(value, key)
+    except ValueError:
+        return p.default
+
+
+def _labels(bench: Workbench) -> list[str]:
+    return [bench.label(p) for p in bench.session.model_paths] if bench.session else []
+
+
+def _settings(bench: Workbench, values: dict, method: str) -> tuple[dict, list[dict]]:
+    """(global params, per-model params in load order): the controls' remembered values or defaults."""
+    labels = _labels(bench)
+    parameters, per_model = {}, [{} for _ in labels]
+    for key, p in control_keys(registry.get(method), labels):
+        name, _, label = key.partition(KEY_SEP)
+        (per_model[labels.index(label)] if label else parameters)[name] = remembered(values, p, key)
+    return parameters, per_model
+
+
+def current_recipe(bench: Workbench, values: dict, method: str, dtype: str, seed: float):
+    """(recipe YAML, status): the recipe the controls make now (nothing is merged)."""
+    if bench.session is None:
+        return "# Load models in the Models tab: the recipe lists them.", gr.update()
+    try:
+        recipe = bench.recipe_for(method, *_settings(bench, values, method), dtype, int(seed or 0))
+    except Exception as e:
+        return gr.update(), readable(e)
+    return recipe.to_yaml(), "Settings changed: press Merge (or tick Live)."
+
+
+def preview(bench: Workbench, values: dict, method: str, dtype: str, seed: float, key: str, value):
+    """Remember that control ``key`` now shows ``value``; show the recipe."""
+    values[key] = value
+    return current_recipe(bench, values, method, dtype, seed)
+
+
+def _merged(bench: Workbench, message: str):
+    """What a merge updates: state, status, recipe, history and the merge choices of Inspect/Evaluate."""
+    labels = [e.label for e in bench.history]
+    current = labels[-1] if labels and bench.merged is not None else None
+    recipe = bench.recipe.to_yaml() if bench.recipe else gr.update()
+    return bench, message, recipe, bench.history_table(), gr.update(choices=labels, value=current), gr.update(choices=labels, value=[current] if current else [])
+
+
+def merge(bench: Workbench, values: dict, method: str, dtype: str, seed: float, progress=gr.Progress()):
+    """Merge the loaded models with the controls' settings."""
+    try:
+        parameters, per_model = _settings(bench, values, method)
+        message = bench.merge(method, parameters, per_model, dtype, int(seed or 0), _progress(progress))
+    except Exception as e:
+        message = readable(e)
+    return _merged(bench, message)
+
+
+def live_merge(live: bool, bench: Workbench, values: dict, method: str, dtype: str, seed: float, key: str, value, progress=gr.Progress()):
+    """When Live is ticked: remember control ``key``'s ``value`` and merge; otherwise nothing changes."""
+    if not live or bench.session is None:
+        return (bench,) + (gr.update(),) * 5
+    values[key] = value
+    return merge(bench, values, method, dtype, seed, progress=progress)
+
+
+def import_recipe(bench: Workbench, values: dict, text: str, file: Optional[str], loaded: dict, progress=gr.Progress()):
+    """Merge a pasted or uploaded mergekit YAML recipe (loading its models when they are not loaded)."""
+    try:
+        recipe = MergeRecipe.from_yaml(Path(file).read_text() if file else text or "")
+        message = bench.merge_recipe(recipe, _progress(progress))
+    except Exception as e:
+        return bench, gr.update(), gr.update(), *_merged(bench, readable(e))[1:]
+    labels = _labels(bench)
+    values.update(recipe.parameters)
+    for label, entry in zip(labels, recipe.models):
+        values.update({f"{k}{KEY_SEP}{label}": v for k, v in entry.parameters.items()})
+    state = {"labels": labels, "version": loaded["version"] + 1}
+    return bench, recipe.merge_method, state, *_merged(bench, message)[1:]
+
+
+def cancel(bench: Workbench) -> str:
+    """Ask the running merge or evaluation to stop at its next step."""
+    bench.cancel_requested = True
+    return "Cancelling: the running job stops at its next step."
+
+
+# Inspect --------------------------------------------------------------------------------------------
+
+def inspect_placeholder(message: str) -> list:
+    """Inspect's outputs when there is nothing to draw: the message, and every panel hidden."""
+    return [message] + [gr.update(value=v, visible=False) for _ in plots.PANEL_KEYS for v in ("", None, None)]
+
+
+def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[str]):
+    """All Inspect panels for the loaded experts and the merge chosen in ``shown``."""
+    if bench.session is None or bench.session.base is None:
+        return inspect_placeholder("Load a base and experts to inspect their task vectors M_i - B.")
+    try:
+        value = float(threshold)
+        if not 0 < value < 1:
+            raise ValueError
+    except ValueError:
+        return inspect_placeholder(readable(ValueError(f"|delta| threshold {threshold!r} is not a number between 0 and 1; try 0.005")))
+    entry = next((e for e in bench.history if e.label == shown), None)
+    merged = bench.merged_tensors(entry.number) if entry else None
+    panels = plots.inspect_panels(bench.session, density=density, merged=merged, threshold=value)
+    about = f" and merge {entry.label}" if entry else " (no merge chosen)"
+    outputs = ["Task vectors of " + ", ".join(bench.label(p) for p in bench.session.model_paths) + about + "."]
+    for panel in panels:
+        csv = DOWNLOADS / f"{panel.key}.csv"
+        panel.table.to_csv(csv, index=False)
+        outputs += [f"#### {panel.title}\n{panel.caption}", gr.update(value=panel.figure, visible=True), gr.update(value=str(csv), visible=True)]
+    return outputs
+
+
+# Evaluate -------------------------------------------------------------------------------------------
+
+def evaluate(bench: Workbench, tasks: list[str], merges: list[str], limit: float, include_inputs: bool, progress=gr.Progress()):
+    """lm-eval on the chosen merges (and base and experts): a table, a bar chart, the history's scores."""
+    try:
+        if not tasks:
+            raise ValueError("choose at least one lm-eval task above")
+        if limit is None or limit < 0:
+            raise ValueError(f"examples per task must be 0 (all) or a positive number, got {limit}")
+        numbers = [e.number for e in bench.history if e.label in (merges or [])]
+        progress(0.05, desc="building models in memory")
+        models = bench.eval_models(include_inputs, numbers, _progress(progress))
+        rows = []
+        for i, (label, model) in enumerate(models.items()):
+            bench.check_cancel()
+            progress(0.1 + 0.9 * i / len(models), desc=f"lm-eval on {label}")
+            rows.append(evals.compare({label: model}, tasks, evals.task_dirs(bench.models_dir), limit=int(limit) or None))
+    except Exception as e:
+        return readable(e), None, None, gr.update()
+    table = pd.concat(rows, ignore_index=True)
+    bench.record_scores(table)
+    long = table.melt(id_vars="model", var_name="task", value_name="acc")
+    chart = px.bar(long, x="task", y="acc", color="model", barmode="group", range_y=[0, 1], title="lm-eval accuracy (exact match)")
+    chart.update_yaxes(title="accuracy (share of examples)")
+    return f"Evaluated {len(models)} model(s) on {', '.join(tasks)} (limit {int(limit) or 'none'}).", table, chart, bench.history_table()
+
+
+# Export ---------------------------------------------------------------------------------------------
+
+def describe_target(bench: Workbench, folder: str) -> str:
+    """Where Save will write, said before anything is written."""
+    try:
+        return bench.describe_target(folder)
+    except Exception as e:
+        return readable(e)
+
+
+def export(bench: Workbench, folder: str, overwrite: bool):
+    """Write the current merge and its recipe."""
+    try:
+        out = bench.export(folder, overwrite)
+    except Exception as e:
+        return readable(e), gr.update(), gr.update(), gr.update()
+    recipe = DOWNLOADS / "merge_recipe.yaml"
+    recipe.write_text(bench.recipe.to_yaml())
+    return f"Saved {out}", bench.recipe.to_yaml(), str(recipe), describe_target(bench, folder)
