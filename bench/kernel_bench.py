@@ -74,10 +74,14 @@ def main() -> None:
         params = {p.name: p.default for p in spec.params if not p.setup}
         params.update({k: torch.tensor(v) for k, v in per_model.items()})
         # merge_tensor consumes its stacked input (the executor's fresh read), so each run gets a copy
-        ours = median_seconds(lambda m: merge_tensor(spec, params, "w", base if with_base else None, m, 0), args.repeats, models.clone)
+        anchor = base if with_base else None
+        ours = median_seconds(lambda m, spec=spec, params=params, anchor=anchor: merge_tensor(spec, params, "w", anchor, m, 0), args.repeats, models.clone)
         inputs = [base, *models] if with_base else list(models)
         kwargs = {"base_index": 0} if with_base else {}
-        theirs = median_seconds(lambda _: merge_tensors(inputs, method, parameters=per_model, **kwargs), args.repeats)
+        theirs = median_seconds(
+            lambda _, inputs=inputs, method=method, per_model=per_model, kwargs=kwargs: merge_tensors(inputs, method, parameters=per_model, **kwargs),
+            args.repeats,
+        )
         print(f"{method:16s} {ours * 1e3:9.0f} {theirs * 1e3:12.0f} {ours / theirs:14.2f} {ours / floor:11.1f}")
 
 

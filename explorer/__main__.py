@@ -1,3 +1,5 @@
+"""``python -m explorer``: the command line (``explorer.cli``)."""
+
 import os
 import sys
 

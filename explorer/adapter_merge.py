@@ -48,16 +48,16 @@ import torch
 from safetensors.torch import save_file
 
 from explorer import registry
+from explorer.checkpoint import open_checkpoint
 from explorer.choices import Space
 from explorer.executor import merge_stream
 from explorer.formats.base import DTYPES, CheckpointError
 from explorer.formats.bin import PickleFile
 from explorer.formats.hf_cache import hub_snapshot
-from explorer.checkpoint import open_checkpoint
 from explorer.formats.lora import (
     LoraCheckpoint,
-    check_ranks,
     adapter_base,
+    check_ranks,
     fold_delta,
     index_adapter,
     lora_scale,
@@ -99,6 +99,7 @@ class LoraAdapter:
         return cls(path, config, file, lora, whole, _base_reference(path, config))
 
     def rank(self, name: str) -> int:
+        """The rank r of module ``name``'s LoRA factors (rows of A)."""
         return self.file.shape(self.lora[name]["A"])[0]
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,8 +162,11 @@ def open_adapters(paths: Sequence[str | Path], base: str | None = None) -> list[
 
 
 def _check_fits(adapters: Sequence[LoraAdapter], base: str) -> None:
-    """When the given ``base`` is on this machine (a folder or in the HF cache), every adapted module must
-    fit its shapes: the check folding does (``LoraCheckpoint``), raising CheckpointError naming the fix."""
+    """Check that every adapted module fits the given ``base``, when that base is on this machine.
+
+    A folder or a repo in the HF cache: the check folding does (``LoraCheckpoint``), raising
+    CheckpointError naming the fix.
+    """
     if not Path(base).expanduser().exists() and hub_snapshot(base) is None:
         return  # a hub name that is not downloaded: nothing to check against
     base_checkpoint = open_checkpoint(base)
@@ -201,7 +205,7 @@ def cat_factors(adapters: Sequence[LoraAdapter], name: str, weights: Sequence[fl
     """(A (sum r_i, in), B (out, sum r_i)) float32 with B A = sum_i w_i s_i B_i A_i, for target ``name``."""
     parts = [adapter.factors(name) for adapter in adapters]
     scales = [lora_scale(adapter.config, adapter.lora[name]["module"]) for adapter in adapters]
-    a = torch.cat([a.float() * w * s for (a, _), w, s in zip(parts, weights, scales)], dim=0)
+    a = torch.cat([a.float() * w * s for (a, _), w, s in zip(parts, weights, scales, strict=True)], dim=0)
     b = torch.cat([b.float() for _, b in parts], dim=1)
     return a, b
 
@@ -296,7 +300,7 @@ def _merged_factors(loaded, names, weights, method, parameters, rank, seed, base
     has_weight = any(p.name == "weight" for p in spec.params)
     recipe = MergeRecipe(
         merge_method=method, base_model=base or loaded[0].base or "base", parameters=parameters, seed=seed,
-        models=[{"model": str(a.path), "parameters": {"weight": w} if has_weight else {}} for a, w in zip(loaded, weights)],
+        models=[{"model": str(a.path), "parameters": {"weight": w} if has_weight else {}} for a, w in zip(loaded, weights, strict=True)],
     )
     factors = {}
     for name, merged in merge_stream(_DeltaSource(loaded, names), recipe):

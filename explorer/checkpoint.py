@@ -13,13 +13,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, check_tokenizer_files, is_float_dtype, read_json
+from explorer.formats.base import (
+    TIED_NAMES,
+    Checkpoint,
+    CheckpointError,
+    check_tokenizer_files,
+    is_float_dtype,
+    read_json,
+)
 from explorer.formats.bin import BinCheckpoint, is_bin_dir
 from explorer.formats.gguf_file import GgufCheckpoint, is_gguf
 from explorer.formats.hf_cache import hub_snapshot, is_repo_dir, snapshot_of
 from explorer.formats.lora import LoraCheckpoint, adapter_base
 from explorer.formats.refs import is_adapter_dir, resolved_spec, split_adapter_spec
-from explorer.formats.safetensors_dir import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint, is_safetensors_dir
+from explorer.formats.safetensors_dir import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SafetensorsCheckpoint,
+    is_safetensors_dir,
+)
 from explorer.formats.trainer import is_run_dir, trainer_checkpoints
 
 __all__ = [

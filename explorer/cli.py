@@ -17,6 +17,7 @@ from explorer.recipe import MergeRecipe
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: sys.argv); returns the exit status (0 ok, 2 refused)."""
     parser = argparse.ArgumentParser(prog="python -m explorer", description="Merge Explorer command line")
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="merge the checkpoints a recipe names into a new folder")

@@ -44,9 +44,11 @@ class TensorSource(Protocol):
     names: list[str]
     model_paths: list[Path]
 
-    def read_base(self, name: str) -> Optional[torch.Tensor]: ...  # (*S) float32, or None without a base
+    def read_base(self, name: str) -> Optional[torch.Tensor]:
+        """(*S) float32 base tensor ``name``, or None without a base."""
 
-    def read_models(self, name: str) -> torch.Tensor: ...  # (N, *S) float32 (or the stored dtype if not float)
+    def read_models(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 tensor ``name`` of every model, stacked (non-float tensors: stored dtype)."""
 
 
 def merge_tensor(
@@ -153,12 +155,15 @@ class MergePlan:
 
     @property
     def model_paths(self) -> list[Path]:
+        """The models' paths, in recipe order."""
         return [c.path for c in self.models]
 
     def read_base(self, name: str) -> Optional[torch.Tensor]:
+        """(*S) float32 base tensor ``name``, or None without a base."""
         return read_float(self.base, name) if self.base else None
 
     def read_models(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 tensor ``name`` of every model, stacked (non-float tensors: stored dtype)."""
         return read_stacked(self.models, name)
 
 

@@ -197,11 +197,12 @@ class FisherInputs:
         self.files = [safe_open(str(f), framework="pt") for f in files]
 
     def __call__(self, name: str) -> dict[str, Optional[torch.Tensor]]:
+        """{"fisher": (N, *S) float32 Fisher of tensor ``name``, or None when a model has none for it}."""
         keys = [model.own_name(name) for model in self.models]
-        if not all(key in f.keys() for key, f in zip(keys, self.files)):
+        if not all(key in f.keys() for key, f in zip(keys, self.files, strict=True)):
             return {"fisher": None}
         placed = []
-        for model, key, file, path in zip(self.models, keys, self.files, self.paths):
+        for model, key, file, path in zip(self.models, keys, self.files, self.paths, strict=True):
             fisher = model.place_rows(name, file.get_tensor(key).float())
             if tuple(fisher.shape) != tuple(model.shape(name)):
                 raise ValueError(

@@ -14,7 +14,13 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from explorer.checkpoint import Checkpoint, CheckpointError, check_compatible, check_config, open_checkpoint
+from explorer.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_compatible,
+    check_config,
+    open_checkpoint,
+)
 from explorer.choices import TokenizerSource
 from explorer.vocab import align_embeddings
 

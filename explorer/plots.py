@@ -67,8 +67,10 @@ def message_figure(message: str) -> go.Figure:
 
 
 def histogram_figure(table: pd.DataFrame, title: str = "Task-vector values") -> go.Figure:
-    """Step lines of ``stats.histogram`` (or ``dare_effect``) counts at bin centres, log count axis,
-    one trace per expert (and stage, dashed after), all on the same bins."""
+    """Step lines of ``stats.histogram`` (or ``dare_effect``) counts at bin centres, log count axis.
+
+    One trace per expert (and stage, dashed after), all on the same bins.
+    """
     fig = go.Figure()
     keys = ["expert", "stage"] if "stage" in table else ["expert"]
     for key, rows in table.groupby(keys, sort=False):
@@ -85,8 +87,10 @@ def layer_norms_figure(table: pd.DataFrame) -> go.Figure:
 
 
 def quantiles_figure(table: pd.DataFrame) -> go.Figure:
-    """Per-layer box of ``stats.delta_quantiles`` (by layer), one trace per expert: box from q0.25 to
-    q0.75 with the median, whiskers at q0.01 and q0.99."""
+    """Per-layer box of ``stats.delta_quantiles`` (by layer), one trace per expert.
+
+    Box from q0.25 to q0.75 with the median, whiskers at q0.01 and q0.99.
+    """
     fig = go.Figure()
     for expert, rows in table.groupby("expert", sort=False):
         fig.add_trace(go.Box(x=rows["layer"], q1=rows["q0.25"], median=rows["q0.5"], q3=rows["q0.75"],
@@ -124,8 +128,10 @@ def sign_conflict_figure(table: pd.DataFrame) -> go.Figure:
 
 
 def kept_mass_figure(table: pd.DataFrame) -> go.Figure:
-    """``stats.kept_mass``: one curve per expert over the density grid, the exact value at the current
-    density as a marker, and a vertical line at that density."""
+    """``stats.kept_mass``: one curve per expert over the density grid, marked at the current density.
+
+    The exact value at the current density is a marker, with a vertical line at that density.
+    """
     fig = go.Figure()
     for expert, rows in table.groupby("expert", sort=False):
         curve, now = rows[~rows["current"]], rows[rows["current"]]
@@ -139,8 +145,11 @@ def kept_mass_figure(table: pd.DataFrame) -> go.Figure:
 
 
 def merge_distance_figure(table: pd.DataFrame) -> go.Figure:
-    """Relative distance of the merge from each target per layer (rows of ``stats.merge_distance`` by
-    layer; rows with layer "all" hold the totals shown in the legend)."""
+    """Relative distance of the merge from each target per layer.
+
+    Rows of ``stats.merge_distance_table``: by layer; rows with layer "all" hold the totals shown in
+    the legend.
+    """
     fig = go.Figure()
     for target, rows in table.groupby("target", sort=False):
         layers, total = rows[rows["layer"] != "all"], rows.loc[rows["layer"] == "all", "relative"]

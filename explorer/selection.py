@@ -24,13 +24,17 @@ MERGE_CHUNK = 1 << 21
 
 
 class Workspace:
-    """Grow-only work buffers reused across chunks and tensors (fresh large allocations are slow on
-    CPU: every page is faulted in again). ``get(key, *shape)`` is a view of the buffer ``key``."""
+    """Grow-only work buffers reused across chunks and tensors.
+
+    Fresh large allocations are slow on CPU (every page is faulted in again). ``get(key, *shape)`` is
+    a view of the buffer ``key``.
+    """
 
     def __init__(self) -> None:
         self._flat: dict[str, torch.Tensor] = {}
 
     def get(self, key: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A buffer of ``shape`` and ``dtype`` kept under ``key``: reused while it is big enough, else reallocated."""
         size = math.prod(shape)
         if key not in self._flat or self._flat[key].numel() < size:
             self._flat[key] = torch.empty(size, dtype=dtype)
@@ -71,7 +75,7 @@ def kth_largest(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chu
         above += torch.gt(ax, hi, out=work.get("tmp", n_rows, b - a)).sum(1)
         clamped = torch.clamp(ax, lo, hi, out=work.get("tmp", n_rows, b - a))
         keep = torch.eq(clamped, ax, out=work.get("keep", n_rows, b - a, dtype=torch.bool))  # lo <= |x| <= hi
-        for row, kept in zip(inside, ax[keep].split(keep.sum(1).tolist())):
+        for row, kept in zip(inside, ax[keep].split(keep.sum(1).tolist()), strict=True):
             row.append(kept)
     out = torch.empty(n_rows)
     for i, row in enumerate(inside):

@@ -80,7 +80,7 @@ def delta_summary(scan: Scan, by: str = "layer") -> pd.DataFrame:
     out = grouped_sum(scan.experts, by, ["expert"], ["numel", "sumsq", "l1", "zeros", *below, "kept", "kept_l1"])
     table = pd.DataFrame({by: out[by], "expert": out["expert"], "numel": out["numel"], "l2": np.sqrt(out["sumsq"]),
                           "mean_abs": out["l1"] / out["numel"], "sparsity": out["zeros"] / out["numel"]})
-    for t, column in zip(scan.thresholds, below):
+    for column in below:
         table["share_" + column] = out[column] / out["numel"]
     table["kept_share"] = out["kept"] / out["numel"]
     table["kept_mass"] = out["kept_l1"] / out["l1"].where(out["l1"] > 0)
@@ -128,7 +128,7 @@ def weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, quantiles: S
     order = np.argsort(values.numpy(), axis=1)
     ordered = np.take_along_axis(values.numpy(), order, axis=1)
     cumulative = np.cumsum(weights.double().numpy()[order], axis=1)
-    out = [row[np.searchsorted(cum, np.asarray(quantiles) * cum[-1]).clip(max=len(row) - 1)] for row, cum in zip(ordered, cumulative)]
+    out = [row[np.searchsorted(cum, np.asarray(quantiles) * cum[-1]).clip(max=len(row) - 1)] for row, cum in zip(ordered, cumulative, strict=True)]
     return torch.from_numpy(np.stack(out))
 
 
@@ -139,7 +139,7 @@ def _groups(scan: Scan, by: str) -> dict[str, torch.Tensor]:
     code = {g: i for i, g in enumerate(ordered)}
     owner = torch.tensor([code[k] for k in keys])[scan.sample_tensor]
     columns = torch.argsort(owner, stable=True).split(torch.bincount(owner, minlength=len(ordered)).tolist())
-    return dict(zip(ordered, columns))
+    return dict(zip(ordered, columns, strict=True))
 
 
 def delta_quantiles(scan: Scan, by: str = "layer", quantiles: Sequence[float] = QUANTILES) -> pd.DataFrame:
@@ -155,8 +155,8 @@ def delta_quantiles(scan: Scan, by: str = "layer", quantiles: Sequence[float] = 
     for group, columns in _groups(scan, by).items():
         weights = scan.sample_weight[columns]
         values = weighted_quantiles(scan.samples[:, columns], weights, quantiles)
-        for label, row in zip(scan.labels, values.tolist()):
-            rows.append({by: group, "expert": label, **{f"q{q:g}": v for q, v in zip(quantiles, row)}, "exact": bool((weights == 1).all())})
+        for label, row in zip(scan.labels, values.tolist(), strict=True):
+            rows.append({by: group, "expert": label, **{f"q{q:g}": v for q, v in zip(quantiles, row, strict=True)}, "exact": bool((weights == 1).all())})
     return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), "weighted uniform samples of entries per tensor")
 
 
@@ -173,9 +173,11 @@ def _edges(values: torch.Tensor, bins: int) -> torch.Tensor:
 
 
 def weighted_histogram(values: torch.Tensor, weights: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """(R, B) summed ``weights`` (K,) of each row of ``values`` (R, K) per bin of the equal-width
-    ``edges`` (B + 1,): bin floor((v - edges[0]) / width) computed in the values' dtype, values
-    beyond the edges counted in the first or last bin (so the last bin is closed)."""
+    """(R, B) summed ``weights`` (K,) of each row of ``values`` (R, K) per bin of ``edges`` (B + 1,).
+
+    Equal-width bins: bin floor((v - edges[0]) / width) computed in the values' dtype, values beyond
+    the edges counted in the first or last bin (so the last bin is closed).
+    """
     bins, scale = edges.numel() - 1, 1 / float(edges[1] - edges[0])
     index = ((values - float(edges[0])) * scale).floor_().clamp_(0, bins - 1).long()
     return torch.stack([torch.bincount(row, weights=weights.double(), minlength=bins) for row in index])
@@ -185,7 +187,7 @@ def _histogram_rows(labels: Sequence[str], values: torch.Tensor, weights: torch.
     """One row per (label, bin): left, right, count = summed weights of the row's values in the bin."""
     counts = weighted_histogram(values, weights, edges).tolist()
     lefts, rights = edges[:-1].tolist(), edges[1:].tolist()
-    return [{"expert": label, **extra, "left": lo, "right": hi, "count": c} for label, row in zip(labels, counts) for lo, hi, c in zip(lefts, rights, row)]
+    return [{"expert": label, **extra, "left": lo, "right": hi, "count": c} for label, row in zip(labels, counts, strict=True) for lo, hi, c in zip(lefts, rights, row, strict=True)]
 
 
 def histogram(scan: Scan, bins: int = DEFAULT_BINS) -> pd.DataFrame:
@@ -235,7 +237,7 @@ def kept_mass(scan: Scan) -> pd.DataFrame:
     exact = _all_exact(scan)
     rows = [{"density": d, "expert": e, "kept_mass": curve[i, g], "exact": exact, "current": False} for g, d in enumerate(scan.grid) for i, e in enumerate(scan.labels)]
     now = delta_summary(scan, "model")
-    rows += [{"density": scan.density, "expert": e, "kept_mass": m, "exact": True, "current": True} for e, m in zip(now["expert"], now["kept_mass"])]
+    rows += [{"density": scan.density, "expert": e, "kept_mass": m, "exact": True, "current": True} for e, m in zip(now["expert"], now["kept_mass"], strict=True)]
     return with_attrs(pd.DataFrame(rows), scan, exact, "sorted uniform samples per tensor weighted by exact L1 mass; exact at the current density")
 
 

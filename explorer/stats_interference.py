@@ -70,7 +70,7 @@ def sign_conflict(scan: Scan, by: str = "layer") -> pd.DataFrame:
     pairs = grouped_sum(scan.pairs, by, ["a", "b"], ["both_kept", "sign_dot"])
     pairs = pd.DataFrame({
         by: pairs[by],
-        "pair": [pair_label(a, b) for a, b in zip(pairs["a"], pairs["b"])],
+        "pair": [pair_label(a, b) for a, b in zip(pairs["a"], pairs["b"], strict=True)],
         "kept": pairs["both_kept"],
         "conflicts": (pairs["both_kept"] - pairs["sign_dot"]) // 2,  # agree - disagree = sign_dot
     })

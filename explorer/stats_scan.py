@@ -28,7 +28,13 @@ import torch
 
 from explorer.progress import Progress
 from explorer.registry import tensor_generator
-from explorer.selection import DEFAULT_CHUNK, Workspace, chunks, kth_largest, sorted_descending
+from explorer.selection import (
+    DEFAULT_CHUNK,
+    Workspace,
+    chunks,
+    kth_largest,
+    sorted_descending,
+)
 from explorer.stats_source import TaskVectorSource, expert_labels, layer_of, layer_rank
 
 DEFAULT_SAMPLE = 4096  # sampled entries per tensor
@@ -97,8 +103,11 @@ def grouped_sum(frame: pd.DataFrame, by: str, keys: Sequence[str], columns: Sequ
 
 
 def with_attrs(frame: pd.DataFrame, scan: Scan, exact: bool, how: str) -> pd.DataFrame:
-    """``frame`` with attrs saying how it was computed: exact (bool), sample_size (entries sampled
-    per tensor, None when exact), samples (sampled entries per expert in all), density, seed, how."""
+    """``frame`` with attrs saying how it was computed.
+
+    exact (bool), sample_size (entries sampled per tensor, None when exact), samples (sampled entries
+    per expert in all), density, seed, how.
+    """
     frame.attrs.update(
         exact=exact,
         sample_size=None if exact else scan.sample,
@@ -150,9 +159,11 @@ class _TaskVectors:
 
 
 def _cutoffs(x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, work: Workspace) -> torch.Tensor:
-    """(N,) smallest |x| each expert keeps at ``density``: the k-th largest |x|, at least the smallest
-    positive float (so zeros are never kept); inf at density 0 (nothing kept). ``ranked``: the
-    sampled |x| sorted descending."""
+    """(N,) smallest |x| each expert keeps at ``density``.
+
+    The k-th largest |x|, at least the smallest positive float (so zeros are never kept); inf at
+    density 0 (nothing kept). ``ranked``: the sampled |x| sorted descending.
+    """
     numel = x.numel
     if density <= 0:
         return torch.full((x.n_experts,), math.inf)
@@ -165,8 +176,11 @@ def _cutoffs(x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, 
 
 
 def grid_shares(ranked: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
-    """(N, G) share of the L1 mass of each row of ``ranked`` (N, s; |values| sorted descending) held
-    by its max(1, int(d * s)) largest entries, for each d in ``grid``; 0 for an all-zero row."""
+    """(N, G) share of the L1 mass of each row of ``ranked`` held by its largest entries.
+
+    ``ranked``: (N, s) |values| sorted descending; for each d in ``grid`` the max(1, int(d * s))
+    largest entries; 0 for an all-zero row.
+    """
     cumulative = ranked.double().cumsum(dim=1)
     take = torch.tensor([max(1, int(d * ranked.shape[1])) - 1 for d in grid])
     return cumulative[:, take] / cumulative[:, -1:].clamp(min=torch.finfo(torch.float64).tiny)
@@ -205,8 +219,11 @@ def _accumulate(x: _TaskVectors, cutoff: torch.Tensor, thresholds: Sequence[floa
 
 
 def _entries(acc: dict[str, torch.Tensor], kept: torch.Tensor, signs: torch.Tensor, work: Workspace) -> None:
-    """Add per-entry cross-expert counts: an entry conflicts when its kept signs are not all equal,
-    i.e. |sum of signs| < number of experts keeping it."""
+    """Add per-entry cross-expert counts.
+
+    An entry conflicts when its kept signs are not all equal, i.e. |sum of signs| < number of
+    experts keeping it.
+    """
     c = kept.shape[1]
     count = torch.sum(kept, 0, out=work.get("count", c))
     net = torch.sum(signs, 0, out=work.get("net", c)).abs_()
@@ -218,8 +235,10 @@ def _entries(acc: dict[str, torch.Tensor], kept: torch.Tensor, signs: torch.Tens
 
 
 def _distances(acc: dict[str, torch.Tensor], x: torch.Tensor, merged: torch.Tensor, base: torch.Tensor, work: Workspace) -> None:
-    """Add squared distances of the merge (B + moved) from each expert (B + x_i) and from the base,
-    and the dot products that give the experts' norms (||B + x_i||^2 = ||B||^2 + 2 B.x_i + ||x_i||^2)."""
+    """Add squared distances of the merge (B + moved) from each expert (B + x_i) and from the base.
+
+    Also the dot products that give the experts' norms (||B + x_i||^2 = ||B||^2 + 2 B.x_i + ||x_i||^2).
+    """
     moved = torch.sub(merged, base, out=work.get("moved", base.shape[0]))
     acc["dist_sq"] += torch.linalg.vector_norm(torch.sub(x, moved, out=work.get("tmp", *x.shape)), dim=1).double().square()
     acc["moved_sq"] += moved.dot(moved)

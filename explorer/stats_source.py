@@ -30,10 +30,12 @@ _RANK = {"embed": -1, "norm": 1 << 30, "head": (1 << 30) + 1}
 
 
 def layer_of(name: str) -> str:
-    """Layer label of tensor ``name``: the block index as a string ("0", "1", ...) for
-    ``model.layers.{i}.`` (also ``h.{i}.``, ``layer.{i}.``, ``blocks.{i}.``), else "embed", "norm",
-    "head" or "other" by the name's parts (``embed_tokens``/``wte`` -> embed, ``lm_head`` -> head,
-    final ``norm``/``ln_f`` -> norm)."""
+    """Layer label of tensor ``name``.
+
+    The block index as a string ("0", "1", ...) for ``model.layers.{i}.`` (also ``h.{i}.``,
+    ``layer.{i}.``, ``blocks.{i}.``), else "embed", "norm", "head" or "other" by the name's parts
+    (``embed_tokens``/``wte`` -> embed, ``lm_head`` -> head, final ``norm``/``ln_f`` -> norm).
+    """
     match = _BLOCK.search(name)
     if match:
         return match.group(1)
@@ -50,12 +52,15 @@ class TaskVectorSource(Protocol):
 
     names: Sequence[str]
 
-    def task_vectors(self, name: str) -> torch.Tensor: ...
+    def task_vectors(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 task vectors M_i - B of tensor ``name``."""
 
 
 def expert_labels(source: TaskVectorSource, n: int) -> list[str]:
-    """``n`` distinct expert labels: ``source.labels``, else the folder names of ``source.model_paths``
-    (suffixed " (2)", " (3)" where they repeat), else "expert 0", "expert 1", ...
+    """``n`` distinct expert labels.
+
+    ``source.labels``, else the folder names of ``source.model_paths`` (suffixed " (2)", " (3)" where
+    they repeat), else "expert 0", "expert 1", ...
 
     Raises ValueError when the source's labels do not number ``n``.
     """
@@ -121,8 +126,11 @@ class DiskTaskVectors:
 
 
 class TensorTaskVectors:
-    """Task vectors already in memory: ``vectors`` maps name -> (N, *S) tensor; ``base`` (optional)
-    maps name -> (*S) base weights, needed only for distances of a merge from its inputs."""
+    """Task vectors already in memory.
+
+    ``vectors`` maps name -> (N, *S) tensor; ``base`` (optional) maps name -> (*S) base weights,
+    needed only for distances of a merge from its inputs.
+    """
 
     def __init__(self, vectors: Mapping[str, torch.Tensor], labels: Sequence[str] | None = None, base: Mapping[str, torch.Tensor] | None = None):
         self.vectors, self.base = dict(vectors), base

@@ -29,9 +29,15 @@ from typing import Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from explorer.finite import check_finite
 from explorer.choices import TokenizerSource, parse_choice
-from explorer.formats.base import TOKENIZER_FILES, Checkpoint, CheckpointError, EmbeddingNames, embedding_names
+from explorer.finite import check_finite
+from explorer.formats.base import (
+    TOKENIZER_FILES,
+    Checkpoint,
+    CheckpointError,
+    EmbeddingNames,
+    embedding_names,
+)
 
 __all__ = ["EmbeddingNames", "TokenizerSource", "align_embeddings", "embedding_names", "is_tied"]
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json")
@@ -80,8 +86,10 @@ class Alignment:
         return out
 
     def place(self, index: int, tensor: torch.Tensor, value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(member ``index``'s rows of ``tensor`` (V_i, *D) in the shared vocabulary, ``value`` elsewhere:
-        (rows, *D) float32; (rows,) bool, True where the member has the row)."""
+        """Member ``index``'s rows of ``tensor`` (V_i, *D) in the shared vocabulary, ``value`` elsewhere.
+
+        Returns ((rows, *D) float32, (rows,) bool: True where the member has the row).
+        """
         src = self.layout.sources[index]
         out = torch.full((self.layout.rows, *tensor.shape[1:]), value, dtype=torch.float32)
         have = src >= 0
@@ -89,8 +97,11 @@ class Alignment:
         return out, have
 
     def fill(self, name: str) -> torch.Tensor:
-        """(M, *D) float32 rows for the shared rows some member lacks: the base's row, else the mean of the
-        rows of the models that have it (0 where none has it). Cached for the last tensor name."""
+        """(M, *D) float32 rows for the shared rows some member lacks.
+
+        The base's row, else the mean of the rows of the models that have it (0 where none has it).
+        Cached for the last tensor name.
+        """
         if self._fill[0] == name:
             return self._fill[1]
         missing = self.layout.missing
@@ -219,16 +230,16 @@ def _layout(members: list[Checkpoint], names: EmbeddingNames, tokenizer_source: 
     if len(set(rows)) == 1 and _same_tokenizer_files(members):
         return None
     tokenizers = [m.tokenizer() for m in members]
-    lacking = [m for m, t in zip(members, tokenizers) if t is None]
+    lacking = [m for m, t in zip(members, tokenizers, strict=True) if t is None]
     if lacking:
         if len(set(rows)) == 1:
             return None  # same size and nothing to align by: rows are taken to mean the same tokens
         raise CheckpointError(
             f"{lacking[0].path}: has no tokenizer, and the models' embeddings have different row counts "
-            f"({', '.join(f'{m.name}: {r}' for m, r in zip(members, rows))}); add the tokenizer files so rows can be aligned by token"
+            f"({', '.join(f'{m.name}: {r}' for m, r in zip(members, rows, strict=True))}); add the tokenizer files so rows can be aligned by token"
         )
     vocabs = [t.get_vocab() for t in tokenizers]
-    for member, vocab, count in zip(members, vocabs, rows):
+    for member, vocab, count in zip(members, vocabs, rows, strict=True):
         if max(vocab.values()) >= count:
             raise CheckpointError(
                 f"{member.path}: tokenizer has token id {max(vocab.values())} but {names.input!r} has only {count} rows; "
@@ -253,7 +264,7 @@ def _layout(members: list[Checkpoint], names: EmbeddingNames, tokenizer_source: 
 def _union(tokenizers: list[PreTrainedTokenizerBase], vocabs: list[dict[str, int]]) -> PreTrainedTokenizerBase:
     """The first tokenizer with the tokens of the others that it lacks added, in model then id order."""
     union, have = tokenizers[0], set(vocabs[0])
-    for tokenizer, vocab in zip(tokenizers[1:], vocabs[1:]):
+    for tokenizer, vocab in zip(tokenizers[1:], vocabs[1:], strict=True):
         added = tokenizer.added_tokens_decoder
         for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
             if token not in have:

@@ -19,7 +19,14 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from explorer.checkpoint import INDEX_FILE, PARTIAL_MARK, SINGLE_FILE, Checkpoint, CheckpointError, open_checkpoint
+from explorer.checkpoint import (
+    INDEX_FILE,
+    PARTIAL_MARK,
+    SINGLE_FILE,
+    Checkpoint,
+    CheckpointError,
+    open_checkpoint,
+)
 from explorer.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
 
@@ -100,8 +107,9 @@ def write_checkpoint(
 
 @contextmanager
 def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a new hidden temporary folder beside ``out``; on success list its files in the manifest
-    and rename it to ``out``.
+    """Yield a new hidden temporary folder beside ``out``; on success rename it to ``out``.
+
+    Before the rename its files are listed in the manifest.
 
     Any failure inside the block removes the temporary folder and leaves ``out`` as it was; an
     OSError (e.g. a full disk) becomes a CheckpointError that says nothing was written.

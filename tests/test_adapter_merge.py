@@ -47,15 +47,18 @@ def _folded(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
 def _weighted_sum(base: Path, adapters: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
     """base + sum_i w_i (folded_i - base): the exact task-arithmetic merge of the adapters."""
     expected = {n: t.float() for n, t in state(base).items()}
-    for adapter, w in zip(adapters, weights):
+    for adapter, w in zip(adapters, weights, strict=True):
         for name, tensor in _folded(base, adapter).items():
             expected[name] += w * (tensor - state(base)[name].float())
     return expected
 
 
 def _assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
-    """Every tensor close; an SVD's float32 rounding is about 1e-7 of a tensor's largest entries (here up to ~20),
-    so SVD results are compared with atol=1e-4."""
+    """Every tensor close.
+
+    An SVD's float32 rounding is about 1e-7 of a tensor's largest entries (here up to ~20), so SVD
+    results are compared with atol=1e-4.
+    """
     assert sorted(actual) == sorted(expected)
     for name, tensor in expected.items():
         assert_expected(actual[name].float(), tensor.float(), rtol=1e-5, atol=atol)
@@ -117,7 +120,7 @@ def test_svd_at_full_rank_equals_the_full_checkpoint_merge(lora_family, tmp_path
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16  # min(out, in) of every module
     recipe = MergeRecipe(
         merge_method=method, base_model=str(base), parameters={"density": 0.5}, seed=3,
-        models=[{"model": str(a), "parameters": {"weight": w}} for a, w in zip(adapters, WEIGHTS)],
+        models=[{"model": str(a), "parameters": {"weight": w}} for a, w in zip(adapters, WEIGHTS, strict=True)],
     )
     full = merge_to_folder(recipe, tmp_path / "full")
     _assert_same(_folded(base, out), state(full), atol=1e-4)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import errno
-import re
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,8 +202,10 @@ def test_not_a_checkpoint_refused(family, tmp_path):
 
 
 def test_output_onto_the_blobs_of_a_cached_input_refused(family, tmp_path):
-    """A hub-cache input reads files that live in blobs/ through symlinks: --out there (even with
-    overwrite) or inside it is refused, and the input stays readable."""
+    """A hub-cache input reads files that live in blobs/ through symlinks: --out there is refused.
+
+    Also with overwrite, and inside it; the input stays readable.
+    """
     _, experts = family
     snapshot = hub_cache(tmp_path / "hub", "org/e1", experts[0])
     blobs = tmp_path / "hub" / "models--org--e1" / "blobs"
@@ -215,8 +217,11 @@ def test_output_onto_the_blobs_of_a_cached_input_refused(family, tmp_path):
 
 
 def test_overwrite_replaces_only_an_earlier_merge(family, tmp_path):
-    """overwrite replaces a folder this tool wrote and nothing else: not a file, not a folder with a
-    stray file, not a folder of unrelated files; an empty path is refused."""
+    """Overwrite replaces a folder this tool wrote and nothing else.
+
+    Not a file, not a folder with a stray file, not a folder of unrelated files; an empty path is
+    refused.
+    """
     base, experts = family
     out = tmp_path / "out"
     merge_to_folder(_recipe(experts), out)

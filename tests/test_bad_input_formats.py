@@ -18,7 +18,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from explorer.checkpoint import CheckpointError, check_compatible, open_checkpoint, split_adapter_spec
+from explorer.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    open_checkpoint,
+    split_adapter_spec,
+)
 from explorer.executor import merge_to_folder
 from explorer.inputs import compatibility_report
 from explorer.recipe import MergeRecipe

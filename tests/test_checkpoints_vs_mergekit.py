@@ -95,8 +95,11 @@ def test_checkpoint_merge_equals_mergekit(family, tmp_path, method, per_model, p
 
 
 def test_dare_at_density_one_is_ties_and_task_arithmetic(family, tmp_path):
-    """Nothing is dropped at density 1, so the random draw plays no part: DARE-TIES is TIES, DARE-linear
-    is task arithmetic, tensor for tensor (and mergekit agrees, see above)."""
+    """Nothing is dropped at density 1, so the random draw plays no part.
+
+    DARE-TIES is TIES, DARE-linear is task arithmetic, tensor for tensor (and mergekit agrees, see
+    above).
+    """
     ones = {"density": [1.0, 1.0, 1.0]}
     pairs = [("dare_ties", "ties", ones, {"normalize": True}), ("dare_linear", "task_arithmetic", ones, {})]
     for dare, plain, per_model, parameters in pairs:
@@ -106,8 +109,11 @@ def test_dare_at_density_one_is_ties_and_task_arithmetic(family, tmp_path):
 
 
 def _content_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep an entry when the fractional part of |delta| * 2^21 is below density: as random as a
-    Bernoulli(density) draw for fine-tuning deltas, but the same in any implementation and order."""
+    """Keep an entry when the fractional part of |delta| * 2^21 is below density.
+
+    As random as a Bernoulli(density) draw for fine-tuning deltas, but the same in any
+    implementation and order.
+    """
     return torch.frac(delta.abs().double() * 2**21) < density
 
 

@@ -80,8 +80,11 @@ def test_session_builds_model_in_memory(family):
 
 
 def test_session_recipe_names_an_adapter_with_its_base_and_replays(family, tmp_path):
-    """A LoRA adapter given as BASE+ADAPTER (its config names no reachable base) stays BASE+ADAPTER in
-    the session's recipe, so the CLI replays the export exactly, even with a '+' in the folder name."""
+    """A LoRA adapter given as BASE+ADAPTER stays BASE+ADAPTER in the session's recipe.
+
+    Its config names no reachable base; the CLI replays the export exactly, even with a '+' in the
+    folder name.
+    """
     base, experts = family
     save_lora(base, tmp_path / "lora+v2")
     config = tmp_path / "lora+v2" / "adapter_config.json"

@@ -53,8 +53,11 @@ def _pairs(n: int, vocab: int = 4) -> torch.Tensor:
 
 
 def _closed_form(model: Bigram, pairs: torch.Tensor, sampled: bool) -> dict[str, torch.Tensor]:
-    """Per-token Fisher by hand. With r = onehot(b) - p for context a, d log p(b|a)/dW = r e_a^T and
-    d/dE[a] = W^T r; the true Fisher replaces r r^T by its expectation diag(p) - p p^T."""
+    """Per-token Fisher by hand.
+
+    With r = onehot(b) - p for context a, d log p(b|a)/dW = r e_a^T and d/dE[a] = W^T r; the true
+    Fisher replaces r r^T by its expectation diag(p) - p p^T.
+    """
     e, w = model.emb.weight.detach()[pairs[:, 0]], model.head.weight.detach()
     p = torch.softmax(e @ w.T, dim=-1)  # (n, V)
     n, vocab = p.shape
@@ -78,8 +81,10 @@ def test_empirical_fisher_one_token_per_backward_is_exact():
 
 @pytest.mark.parametrize("batch_size, length", [(1, 2), (2, 5)])
 def test_true_fisher_matches_the_closed_form_in_expectation(batch_size, length):
-    """Sampled labels (and random signs when batched), 3000 tokens: each block's total within 15% of the
-    exact true Fisher (over 10 seeds the ratio's standard deviation was at most 3.8%)."""
+    """Sampled labels (and random signs when batched), 3000 tokens: within 15% of the true Fisher.
+
+    Each block's total; over 10 seeds the ratio's standard deviation was at most 3.8%.
+    """
     model = Bigram()
     ids = torch.randint(0, 4, (3000 // (length - 1), length), generator=torch.Generator().manual_seed(2))
     pairs = torch.stack([ids[:, :-1].reshape(-1), ids[:, 1:].reshape(-1)], dim=1)

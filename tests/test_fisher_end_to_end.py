@@ -61,7 +61,7 @@ def models(tmp_path_factory):
 
 
 def _recipe(paths, weights, tokenizer_source="base") -> MergeRecipe:
-    return MergeRecipe(merge_method="fisher", models=[{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, weights)],
+    return MergeRecipe(merge_method="fisher", models=[{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, weights, strict=True)],
                        parameters=PARAMS, tokenizer_source=tokenizer_source)
 
 
@@ -75,8 +75,8 @@ def _no_estimation(path):
 
 
 def _formula(weights: list[torch.Tensor], fishers: list[torch.Tensor], c: list[float]) -> torch.Tensor:
-    importance = [ci * (f + EPS) for ci, f in zip(c, fishers)]
-    return sum(i * w for i, w in zip(importance, weights)) / sum(importance)
+    importance = [ci * (f + EPS) for ci, f in zip(c, fishers, strict=True)]
+    return sum(i * w for i, w in zip(importance, weights, strict=True)) / sum(importance)
 
 
 def _assert_formula(merged: dict, aligned: dict[str, tuple[list, list]], c: list[float]) -> None:
@@ -86,7 +86,7 @@ def _assert_formula(merged: dict, aligned: dict[str, tuple[list, list]], c: list
     for name, (weights, fishers) in aligned.items():
         expected = _formula(weights, fishers, c)
         assert_expected(merged[name], expected)
-        plain = sum(ci * w for ci, w in zip(c, weights)) / sum(c)
+        plain = sum(ci * w for ci, w in zip(c, weights, strict=True)) / sum(c)
         moved += not torch.allclose(expected, plain, rtol=1e-4, atol=1e-5)
     assert moved >= len(aligned) // 2  # most tensors differ from the plain weighted average
 
@@ -97,8 +97,11 @@ def _aligned_identity(paths, cache, names) -> dict[str, tuple[list, list]]:
 
 
 def test_fisher_through_the_cli_and_the_session_with_a_union_vocabulary(models, tmp_path, monkeypatch):
-    """a (64 tokens) and b (64 + <tool>, <think>): the union has 66 rows; a lacks the last two, so its
-    weight rows there are b's (the fill) and its Fisher rows 0: the merge keeps b's rows."""
+    """Models a (64 tokens) and b (64 + <tool>, <think>): the union vocabulary has 66 rows.
+
+    a lacks the last two, so its weight rows there are b's (the fill) and its Fisher rows 0: the
+    merge keeps b's rows.
+    """
     a, b = models["a"], models["b"]
     cache = tmp_path / "cache"
     monkeypatch.setattr(explorer.fisher, "DEFAULT_CACHE", cache)  # the session uses the default cache
@@ -123,7 +126,7 @@ def test_fisher_through_the_cli_and_the_session_with_a_union_vocabulary(models, 
 
 
 def test_fisher_with_rows_padded_in_the_reference(models, tmp_path):
-    """c (reference) has 72 rows, 8 of them padding; a's view takes c's padding rows with Fisher 0."""
+    """Model c (reference) has 72 rows, 8 of them padding; a's view takes c's padding rows with Fisher 0."""
     c, a = models["c"], models["a"]
     out = merge_to_folder(_recipe([c, a], [1.0, 1.5]), tmp_path / "out", fisher_cache=tmp_path / "cache")
     merged = state(out)
@@ -136,8 +139,10 @@ def test_fisher_with_rows_padded_in_the_reference(models, tmp_path):
 
 
 def test_fisher_rows_follow_reordered_tokens(models, tmp_path):
-    """swapped has the same 64 rows as a, but w0 and w1 trade ids (4 <-> 5): its weight and Fisher rows
-    4 and 5 both swap. Using its Fisher rows unswapped gives another (wrong) merge."""
+    """Model swapped has a's 64 tokens, but w0 and w1 trade ids (4 <-> 5).
+
+    Its weight and Fisher rows 4 and 5 both swap; its Fisher rows unswapped give another (wrong) merge.
+    """
     a, swapped = models["a"], models["swapped"]
     cache = tmp_path / "cache"
     out = merge_to_folder(_recipe([a, swapped], [1.0, 1.0]), tmp_path / "out", fisher_cache=cache)
@@ -154,8 +159,7 @@ def test_fisher_rows_follow_reordered_tokens(models, tmp_path):
 
 
 def test_fisher_with_tied_and_untied_inputs(models, tmp_path):
-    """tied has no lm_head tensor: in the (untied) merge its output embedding is its input embedding,
-    and so is its Fisher."""
+    """Model tied has no lm_head tensor: its input embedding serves as the output one, Fisher too."""
     a, tied = models["a"], models["tied"]
     cache = tmp_path / "cache"
     merged = state(merge_to_folder(_recipe([a, tied], [2.0, 1.0]), tmp_path / "out", fisher_cache=cache))

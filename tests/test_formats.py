@@ -9,13 +9,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from explorer.checkpoint import CheckpointError, discover, open_checkpoint, trainer_checkpoints
+from explorer.checkpoint import (
+    CheckpointError,
+    discover,
+    open_checkpoint,
+    trainer_checkpoints,
+)
 from explorer.executor import merge_to_folder
 from explorer.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
 from tests.helpers import assert_expected
 from tests.tiny import save_tiny_gpt2, save_tiny_llama, tiny_family
-from tests.tiny_formats import hub_cache, save_lora, save_sharded, state, to_bin, trainer_run
+from tests.tiny_formats import (
+    hub_cache,
+    save_lora,
+    save_sharded,
+    state,
+    to_bin,
+    trainer_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +149,12 @@ def test_discover_finds_every_format(family, tmp_path):
 
 
 def test_discover_never_lists_what_a_killed_zoo_build_or_merge_left(family, tmp_path, monkeypatch):
-    """A zoo build killed before its rename leaves its temporary folder (a complete-looking checkpoint:
-    today the hidden .NAME.partial-build, earlier builds NAME.partial); a merge killed before its rename
-    leaves the writer's hidden .NAME.partial-XXXX. None is listed by ``discover`` or opened."""
+    """What a killed zoo build or merge leaves is neither listed by ``discover`` nor opened.
+
+    A zoo build killed before its rename leaves its temporary folder, a complete-looking checkpoint
+    (today the hidden .NAME.partial-build, earlier builds NAME.partial); a merge killed before its
+    rename leaves the writer's hidden .NAME.partial-XXXX.
+    """
     import shutil
 
     from transformers import AutoTokenizer, LlamaForCausalLM

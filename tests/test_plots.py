@@ -46,7 +46,7 @@ def test_histogram_figure_draws_the_table(scan):
     table = stats.histogram(scan)
     fig = plots.histogram_figure(table)
     assert [t.name for t in fig.data] == scan.labels and fig.layout.yaxis.type == "log"
-    for trace, (_, rows) in zip(fig.data, table.groupby("expert", sort=False)):
+    for trace, (_, rows) in zip(fig.data, table.groupby("expert", sort=False), strict=True):
         _close(trace.x, (rows["left"] + rows["right"]) / 2)
         _close(trace.y, rows["count"])
     assert "sampled: 64 entries per tensor" in fig.layout.title.text
@@ -56,7 +56,7 @@ def test_dare_figure_draws_both_stages(scan):
     table = stats.dare_effect(scan)
     fig = plots.histogram_figure(table, "DARE")
     assert len(fig.data) == 2 * len(scan.labels)
-    for trace, (key, rows) in zip(fig.data, table.groupby(["expert", "stage"], sort=False)):
+    for trace, (key, rows) in zip(fig.data, table.groupby(["expert", "stage"], sort=False), strict=True):
         assert trace.name == " ".join(key) and trace.line.dash == ("dash" if key[1] == "after" else "solid")
         _close(trace.y, rows["count"])
 
@@ -82,7 +82,7 @@ def test_sign_conflict_figure(scan):
 def test_quantiles_figure(scan):
     table = stats.delta_quantiles(scan, "layer")
     fig = plots.quantiles_figure(table)
-    for trace, (expert, rows) in zip(fig.data, table.groupby("expert", sort=False)):
+    for trace, (expert, rows) in zip(fig.data, table.groupby("expert", sort=False), strict=True):
         assert trace.name == expert and list(trace.x) == rows["layer"].tolist()
         for attribute, column in (("q1", "q0.25"), ("median", "q0.5"), ("q3", "q0.75"), ("lowerfence", "q0.01"), ("upperfence", "q0.99")):
             _close(getattr(trace, attribute), rows[column])
@@ -93,7 +93,7 @@ def test_kept_mass_figure_marks_the_density(scan):
     fig = plots.kept_mass_figure(table)
     (line,) = fig.layout.shapes
     assert line.x0 == line.x1 == 0.4
-    for i, (expert, rows) in enumerate(table.groupby("expert", sort=False)):
+    for i, (_expert, rows) in enumerate(table.groupby("expert", sort=False)):
         curve, current = fig.data[2 * i], fig.data[2 * i + 1]
         _close(curve.x, rows.loc[~rows["current"], "density"])
         _close(curve.y, rows.loc[~rows["current"], "kept_mass"])
@@ -104,7 +104,7 @@ def test_merge_distance_figure(scan):
     table = stats.merge_distance_table(scan)
     fig = plots.merge_distance_figure(table)
     assert [t.name.split(" (")[0] for t in fig.data] == [*scan.labels, "base"]
-    for trace, (_, rows) in zip(fig.data, table.groupby("target", sort=False)):
+    for trace, (_, rows) in zip(fig.data, table.groupby("target", sort=False), strict=True):
         layers = rows[rows["layer"] != "all"]
         assert list(trace.x) == layers["layer"].tolist()
         _close(trace.y, layers["relative"])

@@ -1,5 +1,7 @@
-"""Exact selection in bounded memory (``explorer.selection``): the k-th largest |x| and top-k masks,
-against torch.kthvalue / torch.topk, with ties, tiny and half-precision tensors."""
+"""Exact selection in bounded memory (``explorer.selection``): the k-th largest |x| and top-k masks.
+
+Checked against torch.kthvalue / torch.topk, with ties, tiny and half-precision tensors.
+"""
 
 from __future__ import annotations
 
@@ -42,8 +44,10 @@ def test_topk_mask_breaks_ties_by_index():
 
 
 def test_topk_mask_on_many_ties_from_half_precision():
-    """Task vectors of float16 models hold many equal magnitudes: still exactly k, and a superset of
-    every entry strictly above the k-th largest."""
+    """Task vectors of float16 models hold many equal magnitudes: still exactly k kept.
+
+    And a superset of every entry strictly above the k-th largest.
+    """
     g = torch.Generator().manual_seed(3)
     a, b = (0.02 * torch.randn(200_000, generator=g)).half(), (0.02 * torch.randn(200_000, generator=g)).half()
     delta = a.float() - b.float()

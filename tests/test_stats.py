@@ -1,5 +1,7 @@
-"""Inspect statistics on hand-made task vectors with answers computed by hand, and oracle checks
-against ``sparsify.magnitude_mask`` (the trim the merge methods use) and torch.kthvalue."""
+"""Inspect statistics on hand-made task vectors with answers computed by hand.
+
+Oracle checks against ``sparsify.magnitude_mask`` (the trim the merge methods use) and torch.kthvalue.
+"""
 
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def test_hand_made_interference(pair_scan):
     agreement = stats.sign_agreement(pair_scan, "model")
     assert agreement["kept_any"].item() == 5 and agreement["agreement"].item() == pytest.approx(3 / 5)
     assert stats.jaccard(pair_scan).loc["a", "b"] == pytest.approx(3 / 5)
-    dot = sum(x * y for x, y in zip(TAU_A, TAU_B))
+    dot = sum(x * y for x, y in zip(TAU_A, TAU_B, strict=True))
     cosine = stats.cosine_similarity(pair_scan)
     assert cosine.loc["a", "b"] == pytest.approx(dot / (5.5 * math.sqrt(39.01)), rel=1e-6)
     assert cosine.loc["b", "a"] == cosine.loc["a", "b"] and cosine.loc["a", "a"] == pytest.approx(1.0)

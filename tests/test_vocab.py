@@ -101,8 +101,10 @@ def test_session_merge_equals_streaming_merge_with_union(vocab_family, tmp_path)
 
 
 def test_nan_in_an_added_token_row_blames_the_model_it_comes_from(vocab_family, tmp_path):
-    """With a union vocabulary the other models' rows for b's added tokens are filled from b: a NaN
-    there is b's, not theirs."""
+    """With a union vocabulary the other models' rows for b's added tokens are filled from b.
+
+    So a NaN there is b's, not theirs.
+    """
     _, a, b, _ = vocab_family
     tensors = state(b)
     tensors[EMBED][65] = float("nan")  # the row of b's second added token

@@ -18,7 +18,12 @@ from typing import Optional
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 TIED_NAMES = ("lm_head.weight",)
@@ -85,6 +90,7 @@ def load_tokenizer(folder: Path, gguf_file: Optional[str] = None) -> PreTrainedT
 
 
 def has_tokenizer_files(folder: Optional[Path]) -> bool:
+    """True when ``folder`` holds any tokenizer file (tokenizer.json, vocab.json, ...)."""
     return folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
@@ -119,6 +125,7 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
+        """The folder (or file) name, for messages and labels."""
         return self.path.name
 
     @property
@@ -136,6 +143,7 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> Optional[int]:
+        """num_hidden_layers from the config, or None when it has none."""
         return self.config.get("num_hidden_layers")
 
     @cached_property
@@ -205,6 +213,7 @@ class Checkpoint:
         return CheckpointError(f"{self.path}: no tensor {name!r}; the checkpoint has {len(self.files)} tensors")
 
     def has_tokenizer(self) -> bool:
+        """True when this model ships tokenizer files."""
         return has_tokenizer_files(self.assets_dir)
 
     def tokenizer(self) -> Optional[PreTrainedTokenizerBase]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from typing_extensions import override
 
 from explorer.formats.base import DTYPE_NAMES, Checkpoint, CheckpointError, read_json
 
@@ -21,6 +22,7 @@ BIN_SINGLE = "pytorch_model.bin"
 
 
 def is_bin_dir(path: Path) -> bool:
+    """True for a folder with config.json and pytorch_model.bin (or its shard index)."""
     return (path / "config.json").is_file() and ((path / BIN_INDEX).is_file() or (path / BIN_SINGLE).is_file())
 
 
@@ -55,15 +57,19 @@ class PickleFile:
         self.path, self.state = path, load_state_dict(path)
 
     def keys(self) -> list[str]:
+        """Tensor names of the state dict, in stored order."""
         return list(self.state)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` in the loaded state dict."""
         return tuple(self.state[name].shape)
 
     def dtype(self, name: str) -> str:
+        """safetensors dtype name of tensor ``name`` (``F16``, ...)."""
         return DTYPE_NAMES[self.state[name].dtype]
 
     def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` of the state dict (loaded with weights_only=True: no code executed)."""
         return self.state[name]
 
 
@@ -99,20 +105,24 @@ class BinCheckpoint(Checkpoint):
             self._loaded = PickleFile(file)
         return self._loaded
 
+    @override
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._meta:
             raise self._missing(name)
         return self._meta[name][0]
 
+    @override
     def dtype(self, name: str) -> str:
         if name not in self._meta:
             raise self._missing(name)
         return self._meta[name][1]
 
+    @override
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise self._missing(name)
         return self._file(self.files[name]).read(name)
 
+    @override
     def close(self) -> None:
         self._loaded = None

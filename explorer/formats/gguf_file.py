@@ -21,13 +21,21 @@ import numpy as np
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from typing_extensions import override
 
-from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, empty_model, load_tokenizer
+from explorer.formats.base import (
+    TIED_NAMES,
+    Checkpoint,
+    CheckpointError,
+    empty_model,
+    load_tokenizer,
+)
 
 SUFFIX = ".gguf"
 
 
 def is_gguf(path: Path) -> bool:
+    """True for a file whose name ends in .gguf."""
     return path.is_file() and path.suffix == SUFFIX
 
 
@@ -48,7 +56,12 @@ class GgufCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, load_gguf_checkpoint, read_field
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            load_gguf_checkpoint,
+            read_field,
+        )
 
         if "-of-" in path.stem:
             raise CheckpointError(f"{path}: is one part of a split GGUF; join the parts first (llama-gguf-split --merge) and give the joined file")
@@ -108,14 +121,17 @@ class GgufCheckpoint(Checkpoint):
                 )
 
     @property
+    @override
     def assets_dir(self) -> Optional[Path]:
         return None
 
+    @override
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._tensors:
             raise self._missing(name)
         return self._shapes[name]
 
+    @override
     def dtype(self, name: str) -> str:
         if name not in self._tensors:
             raise self._missing(name)
@@ -132,6 +148,7 @@ class GgufCheckpoint(Checkpoint):
         result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._mapping, parsed_parameters=self._meta)
         return torch.from_numpy(np.copy(result.weights)).reshape(self._shapes[name])
 
+    @override
     def has_tokenizer(self) -> bool:
         return bool(self._meta.get("tokenizer", {}).get("tokens"))
 
@@ -141,6 +158,7 @@ class GgufCheckpoint(Checkpoint):
             return None
         return load_tokenizer(self.path.parent, self.path.name)
 
+    @override
     def save_assets(self, dst: Path) -> None:
         tokenizer = self.tokenizer()
         if tokenizer is not None:

@@ -26,8 +26,16 @@ from typing import Optional
 
 import torch
 from peft.utils.other import get_pattern_key
+from typing_extensions import override
 
-from explorer.formats.base import TIED_NAMES, Checkpoint, CheckpointError, embedding_names, has_tokenizer_files, read_json
+from explorer.formats.base import (
+    TIED_NAMES,
+    Checkpoint,
+    CheckpointError,
+    embedding_names,
+    has_tokenizer_files,
+    read_json,
+)
 from explorer.formats.bin import PickleFile
 from explorer.formats.hf_cache import hub_snapshot
 from explorer.formats.refs import ADAPTER_CONFIG
@@ -186,6 +194,7 @@ class LoraCheckpoint(Checkpoint):
         return shape[::-1] if entry["embedding"] or self.adapter_config.get("fan_in_fan_out") else shape
 
     @property
+    @override
     def sources(self) -> list[Path]:
         return [self.path] + self.base.sources
 
@@ -199,11 +208,13 @@ class LoraCheckpoint(Checkpoint):
         """The adapter's own tokenizer files when it has them (added tokens), else the base's."""
         return self.path if has_tokenizer_files(self.path) else self.base.assets_dir
 
+    @override
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._whole:
             return tuple(self._adapter.shape(self._whole[name]))
         return self.base.shape(name)
 
+    @override
     def dtype(self, name: str) -> str:
         if name in self._lora:
             return "F32"
@@ -219,5 +230,6 @@ class LoraCheckpoint(Checkpoint):
             return tensor
         return tensor.float() + fold_delta(self._adapter, entry, self.adapter_config)
 
+    @override
     def close(self) -> None:
         self.base.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from typing_extensions import override
 
 from explorer.formats.base import Checkpoint, CheckpointError, read_json
 from explorer.formats.safetensors_io import SafetensorsFile
@@ -18,6 +19,7 @@ SINGLE_FILE = "model.safetensors"
 
 
 def is_safetensors_dir(path: Path) -> bool:
+    """True for a folder with config.json and model.safetensors (or its shard index)."""
     return (path / "config.json").is_file() and ((path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file())
 
 
@@ -51,11 +53,14 @@ class SafetensorsCheckpoint(Checkpoint):
             raise self._missing(name)
         return self._shards[self.files[name]]
 
+    @override
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
 
+    @override
     def dtype(self, name: str) -> str:
         return self._file(name).dtype(name)
 
+    @override
     def get(self, name: str) -> torch.Tensor:
         return self._file(name).read(name)

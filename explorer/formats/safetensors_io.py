@@ -73,12 +73,15 @@ class SafetensorsFile:
             )
 
     def keys(self) -> list[str]:
+        """Tensor names in the file's header, in stored order."""
         return list(self.entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` from the header (no data read)."""
         return tuple(self.entries[name]["shape"])
 
     def dtype(self, name: str) -> str:
+        """safetensors dtype name of tensor ``name`` from the header (``F16``, ...)."""
         return self.entries[name]["dtype"]
 
     def read(self, name: str) -> torch.Tensor:
@@ -151,6 +154,7 @@ class ShardWriter:
         self._file.close()
 
     def abort(self) -> None:
+        """Close the file after a failed write, without a header (the writer then removes its folder)."""
         self._file.close()
 
     def _entry_bytes(self, name: str, tensor: torch.Tensor) -> int:

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from explorer.methods.linear import linear
 from explorer.choices import Space
+from explorer.methods.linear import linear
 from explorer.registry import MethodSpec, Param, register
 
 

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from explorer.methods.weighted_sum import weighted_sum
 from explorer.choices import Space
+from explorer.methods.weighted_sum import weighted_sum
 from explorer.registry import MethodSpec, Param, register
 
 

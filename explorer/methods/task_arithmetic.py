@@ -24,7 +24,15 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from explorer.choices import Consensus, Divisor, Election, Rescale, Sparsification, TrimScope, parse_choice
+from explorer.choices import (
+    Consensus,
+    Divisor,
+    Election,
+    Rescale,
+    Sparsification,
+    TrimScope,
+    parse_choice,
+)
 from explorer.methods.sparsify import sparsify
 from explorer.methods.weighted_sum import weighted_sum
 from explorer.selection import MERGE_CHUNK, chunks
@@ -113,13 +121,13 @@ def disjoint_sum_(
     positive = votes >= 0
     del votes
     agree = torch.empty(deltas.shape, dtype=torch.bool)
-    for d, a in zip(deltas, agree):
+    for d, a in zip(deltas, agree, strict=True):
         torch.where(positive, torch.gt(d, 0, out=a), d < 0, out=a)
     del positive
     if election == Election.unweighted:
         deltas.mul_(scale)
     mixed = torch.zeros_like(deltas[0])
-    for d, a in zip(deltas, agree):
+    for d, a in zip(deltas, agree, strict=True):
         mixed.add_(d.masked_fill_(~a, 0))  # masked_fill_: multiplying by a bool tensor copies it to float
     if divisor is None:
         return mixed
@@ -129,11 +137,13 @@ def disjoint_sum_(
 
 
 def add_masks_(out: torch.Tensor, masks: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """out (*S) += sum_i weights[i] * masks[i] for bool ``masks`` (N, *S), chunk by chunk: adding a whole
-    bool tensor to a float one first copies it to float (S x 4 bytes)."""
+    """out (*S) += sum_i weights[i] * masks[i] for bool ``masks`` (N, *S), chunk by chunk.
+
+    Adding a whole bool tensor to a float one would first copy it to float (S x 4 bytes).
+    """
     flat, rows = out.view(-1), masks.view(len(weights), -1)
     for a, b in chunks(flat.numel(), MERGE_CHUNK):
-        for w, row in zip(weights, rows):
+        for w, row in zip(weights, rows, strict=True):
             flat[a:b].add_(row[a:b], alpha=w)
     return out
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from functools import partial
 
-from explorer.choices import Consensus, Divisor, Election, Rescale, Space, Sparsification, TrimScope
+from explorer.choices import (
+    Consensus,
+    Divisor,
+    Election,
+    Rescale,
+    Space,
+    Sparsification,
+    TrimScope,
+)
 from explorer.methods.task_arithmetic import generalized_task_arithmetic
 from explorer.methods.trim_scope import model_bands
 from explorer.registry import MethodSpec, Param, register

@@ -13,6 +13,6 @@ def weighted_sum(weights: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> 
     """
     coefficients = (weights.double() * scale).tolist()
     out = x[0] * coefficients[0]
-    for xi, c in zip(x[1:], coefficients[1:]):
+    for xi, c in zip(x[1:], coefficients[1:], strict=True):
         out.add_(xi, alpha=c)
     return out
