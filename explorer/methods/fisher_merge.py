@@ -5,7 +5,7 @@
 F_i is the diagonal Fisher of model i (estimated by ``explorer.fisher``), c_i >= 0 its weight and eps
 a floor that keeps parameters nobody is sure about at the weighted average. The executor passes the
 Fisher of each model for this tensor as ``fisher`` (N, *S); the estimation settings are ``setup``
-params the executor hands to ``explorer.fisher.fisher_file``, not arguments of the merge.
+params the executor's setup (``explorer.fisher.fisher_extras``) reads, not arguments of the merge.
 """
 
 from __future__ import annotations
