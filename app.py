@@ -81,9 +81,10 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS) -> gr.Blocks:
                 density = gr.Slider(0.01, 1.0, value=0.5, step=0.01, label="Density for trim / interference statistics", elem_id="inspect-density")
                 threshold = gr.Textbox("0.005", label="|delta| threshold (the DARE paper uses 0.005 and 0.002)", elem_id="threshold")
                 shown = gr.Dropdown([], label="Merge shown", elem_id="inspect-merge", interactive=True)
+                other = gr.Dropdown([], label="Compare with", elem_id="inspect-other", interactive=True)
                 inspect_btn = gr.Button("Refresh", elem_id="inspect-btn")
             inspect_status = gr.Markdown(elem_id="inspect-status")
-            inspect_outputs = [inspect_status]
+            inspect_outputs = [inspect_status, gr.Markdown(elem_id="caption-compare", visible=False), gr.Plot(show_label=False, elem_id="plot-compare", visible=False)]
             for key in plots.PANEL_KEYS:
                 inspect_outputs += [
                     gr.Markdown(elem_id=f"caption-{key}"),
@@ -127,13 +128,13 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS) -> gr.Blocks:
                     widget.change(ui.preview, settings, [recipe_preview, merge_status], show_progress="hidden")
                     getattr(widget, "release", widget.change)(ui.live_merge, [live, *settings], merged_outputs, **HEAVY)
 
-        merged_outputs = [bench, merge_status, recipe_preview, history, shown, merges]
+        merged_outputs = [bench, merge_status, recipe_preview, history, shown, merges, other]
         scan_args = ([bench, folder], [bench, catalog, base, experts, models_status, tasks])
         demo.load(ui.scan, *scan_args)
         scan_btn.click(ui.scan, *scan_args)
         folder.change(ui.scan, *scan_args)
         base.change(ui.experts_without_base, [bench, base, experts], [experts])
-        cleared = [merge_status, recipe_preview, history, shown, merges, eval_status, table, chart, export_status, recipe_view, *inspect_outputs]
+        cleared = [merge_status, recipe_preview, history, shown, merges, other, eval_status, table, chart, export_status, recipe_view, *inspect_outputs]
         load_btn.click(ui.load, [bench, base, experts, loaded, values, method, dtype, seed], [bench, loaded, models_status, *cleared], **HEAVY)
         settings = [bench, values, method, dtype, seed]
         for event in (method.change, dtype.change, seed.change):
@@ -141,8 +142,8 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS) -> gr.Blocks:
         run = merge_btn.click(ui.merge, settings, merged_outputs, **HEAVY)
         cancel_btn.click(ui.cancel, [bench], [merge_status], cancels=[run], queue=False)
         import_btn.click(ui.import_recipe, [bench, values, recipe_in, recipe_file, loaded], [bench, method, loaded, *merged_outputs[1:]], **HEAVY)
-        for event in (inspect_btn.click, density.release, threshold.submit, shown.change):  # shown changes with each new merge
-            event(ui.inspect, [bench, density, threshold, shown], inspect_outputs)
+        for event in (inspect_btn.click, density.release, threshold.submit, shown.change, other.input):  # shown changes with each new merge
+            event(ui.inspect, [bench, density, threshold, shown, other], inspect_outputs)
         evaluation = eval_btn.click(ui.evaluate, [bench, tasks, merges, limit, include], [eval_status, table, chart, history], **HEAVY)
         eval_cancel.click(ui.cancel, [bench], [eval_status], cancels=[evaluation], queue=False)
         for event in (out_folder.change, demo.load):

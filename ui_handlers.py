@@ -20,6 +20,7 @@ from pydantic import ValidationError
 import evals
 from explorer import plots, registry
 from explorer.recipe import MergeRecipe
+from explorer.stats_compare import merge_comparison, merge_comparison_figure
 from explorer.workbench import Workbench
 
 log = logging.getLogger("merge_explorer.app")
@@ -71,7 +72,8 @@ def experts_without_base(bench: Workbench, base: str, experts: list[str]):
 def load(bench: Workbench, base: str, experts: list[str], loaded: dict, values: dict, method: str, dtype: str, seed: float, progress=gr.Progress()):
     """Open base and experts; clears every output of the previous models and shows the recipe."""
     root = bench.models_dir
-    cleared = [""] * 2 + [None, gr.update(choices=[], value=None), gr.update(choices=[], value=[])] + [""] + [None] * 2 + ["", ""]
+    no_merges = [gr.update(choices=[], value=None), gr.update(choices=[], value=[]), gr.update(choices=[], value=None)]
+    cleared = ["", "", None, *no_merges, "", None, None, "", ""]
     cleared += inspect_placeholder("Press Refresh, or merge, to inspect the task vectors of the loaded experts.")
     try:
         message = bench.load(str(root / base) if base else None, [str(root / e) for e in experts], _progress(progress))
@@ -135,7 +137,8 @@ def _merged(bench: Workbench, message: str):
     labels = [e.label for e in bench.history]
     current = labels[-1] if labels and bench.merged is not None else None
     recipe = bench.recipe.to_yaml() if bench.recipe else gr.update()
-    return bench, message, recipe, bench.history_table(), gr.update(choices=labels, value=current), gr.update(choices=labels, value=[current] if current else [])
+    choices = gr.update(choices=labels, value=current), gr.update(choices=labels, value=[current] if current else [])
+    return bench, message, recipe, bench.history_table(), *choices, gr.update(choices=labels, value=None)
 
 
 def merge(bench: Workbench, values: dict, method: str, dtype: str, seed: float, progress=gr.Progress()):
@@ -151,7 +154,7 @@ def merge(bench: Workbench, values: dict, method: str, dtype: str, seed: float, 
 def live_merge(live: bool, bench: Workbench, values: dict, method: str, dtype: str, seed: float, key: str, value, progress=gr.Progress()):
     """When Live is ticked: remember control ``key``'s ``value`` and merge; otherwise nothing changes."""
     if not live or bench.session is None:
-        return (bench,) + (gr.update(),) * 5
+        return (bench,) + (gr.update(),) * 6
     values[key] = value
     return merge(bench, values, method, dtype, seed, progress=progress)
 
@@ -181,10 +184,24 @@ def cancel(bench: Workbench) -> str:
 
 def inspect_placeholder(message: str) -> list:
     """Inspect's outputs when there is nothing to draw: the message, and every panel hidden."""
-    return [message] + [gr.update(value=v, visible=False) for _ in plots.PANEL_KEYS for v in ("", None, None)]
+    compare = [gr.update(value="", visible=False), gr.update(value=None, visible=False)]
+    return [message, *compare] + [gr.update(value=v, visible=False) for _ in plots.PANEL_KEYS for v in ("", None, None)]
 
 
-def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[str]):
+def _comparison(bench: Workbench, shown: Optional[str], other: Optional[str]) -> list:
+    """Caption and figure comparing merges ``shown`` and ``other`` (hidden unless both are chosen and differ)."""
+    entries = {e.label: e for e in bench.history}
+    if shown not in entries or other not in entries or shown == other:
+        return [gr.update(value="", visible=False), gr.update(value=None, visible=False)]
+    first, second = (entries[label] for label in (shown, other))
+    table = merge_comparison(
+        bench.session.base, (f"#{first.number}", bench.merged_tensors(first.number)), (f"#{second.number}", bench.merged_tensors(second.number)), bench.session.names
+    )
+    caption = f"#### Two merges compared\n{first.label} against {second.label}: relative L2 distance of each from the base, and between them, per layer (exact)."
+    return [gr.update(value=caption, visible=True), gr.update(value=merge_comparison_figure(table), visible=True)]
+
+
+def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[str], other: Optional[str] = None):
     """All Inspect panels for the loaded experts and the merge chosen in ``shown``."""
     if bench.session is None or bench.session.base is None:
         return inspect_placeholder("Load a base and experts to inspect their task vectors M_i - B.")
@@ -199,6 +216,7 @@ def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[st
     panels = plots.inspect_panels(bench.session, density=density, merged=merged, threshold=value)
     about = f" and merge {entry.label}" if entry else " (no merge chosen)"
     outputs = ["Task vectors of " + ", ".join(bench.label(p) for p in bench.session.model_paths) + about + "."]
+    outputs += _comparison(bench, shown, other)
     for panel in panels:
         csv = DOWNLOADS / f"{panel.key}.csv"
         panel.table.to_csv(csv, index=False)

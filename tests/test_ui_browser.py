@@ -188,6 +188,12 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("#2 ties")
 
+    _tab(page, "Inspect")  # two merges side by side
+    _choose(page, "inspect-other", "#1 ties")
+    expect(page.locator("#caption-compare")).to_contain_text("#2 ties (density=0.5,0.5) against #1 ties")
+    legend = page.locator("#plot-compare .js-plotly-plot").evaluate("e => e.data.map(t => t.name)")
+    assert [name.split(" (")[0] for name in legend] == ["#2 vs base", "#1 vs base", "#2 vs #1"], legend
+
     _tab(page, "Evaluate")  # compare the two merges side by side
     boxes = page.locator("#tasks input[type=checkbox]")
     expect(boxes.first).to_be_visible()
