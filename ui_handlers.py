@@ -78,6 +78,9 @@ def load(bench: Workbench, base: str, experts: list[str], loaded: dict, values: 
     try:
         message = bench.load(str(root / base) if base else None, [str(root / e) for e in experts], _progress(progress))
         labels = _labels(bench)
+        for label, found in bench.training_metadata().items():
+            values.update({f"{name}{KEY_SEP}{label}": value for name, value in found.items()})
+            message += f"\n\n{label}: from trainer_state.json " + ", ".join(f"{k} = {v:g}" for k, v in found.items())
     except Exception as e:
         message, labels = readable(e), []
     cleared[1] = current_recipe(bench, values, method, dtype, seed)[0]

@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from explorer import registry
 from explorer.checkpoint import TIED_NAMES, resolved_spec
-from explorer.executor import Progress, merge_stream, read_float
+from explorer.executor import merge_stream
+from explorer.finite import read_float
+from explorer.progress import Progress
 from explorer.inputs import open_inputs
 from explorer.recipe import MergeRecipe
 from explorer.writer import check_output_dir, write_checkpoint

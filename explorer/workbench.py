@@ -11,6 +11,7 @@ exceptions into messages. A notebook drives the same object directly::
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from explorer import registry
 from explorer.checkpoint import discover, open_checkpoint
-from explorer.executor import Progress
+from explorer.formats.trainer import STATE_FILE, checkpoint_state
+from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.session import MergeSession
-from explorer.writer import check_output_dir, is_merge_output
+from explorer.writer import is_merge_output
 
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
@@ -45,18 +47,17 @@ class HistoryEntry:
     @property
     def label(self) -> str:
         """Short name with the settings that differ from the method's defaults, e.g. ``#2 ties (density=0.5,0.5)``."""
-        spec = registry.get(self.recipe.merge_method)
-        settings = dict(self.recipe.parameters)
-        for entry in self.recipe.models:
-            for key, value in entry.parameters.items():
-                settings.setdefault(key, []).append(value)
-        changed = {k: v for k, v in settings.items() if any(x != spec.param(k).default for x in (v if isinstance(v, list) else [v]))}
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in changed.items())
+        recipe, shown = self.recipe, []
+        for p in registry.get(recipe.merge_method).params:
+            value = recipe.parameters.get(p.name, p.default)
+            values = [e.parameters.get(p.name, value) for e in recipe.models] if p.per_model else [value]
+            if any(v != p.default for v in values):
+                shown.append(f"{p.name}={_short(values)}")
+        shown = ", ".join(shown)
         return f"#{self.number} {self.recipe.merge_method}" + (f" ({shown})" if shown else "")
 
 
-def _short(value) -> str:
-    values = value if isinstance(value, list) else [value]
+def _short(values: list) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
@@ -125,6 +126,20 @@ class Workbench:
         n = sum(t.numel() for t in self.session.models[0].values())
         arch = self.session.reference.architecture
         return f"Loaded {len(experts)} model(s){' and a base' if base else ''}: {arch}, {n / 1e6:.2f}M parameters, {len(self.session.names)} tensors, all compatible."
+
+    def training_metadata(self) -> dict[str, dict[str, float]]:
+        """Per-model parameter values that the loaded experts' ``trainer_state.json`` gives, by label:
+        ``examples`` (FedAvg's n_i = global_step x train_batch_size) and ``metric`` (metric-weighted
+        averaging's loss: the last eval_loss, else the last training loss). Missing values are left out."""
+        found = {}
+        for path in self.require_session().model_paths:
+            if not (Path(path) / STATE_FILE).is_file():
+                continue
+            state = checkpoint_state(Path(path))
+            loss = state["eval_loss"] if math.isfinite(state["eval_loss"]) else state["loss"]
+            values = {"examples": state["examples"], "metric": loss}
+            found[self.label(path)] = {k: v for k, v in values.items() if math.isfinite(v)}
+        return found
 
     def require_session(self) -> MergeSession:
         """The loaded inputs; ValueError saying what to do when nothing is loaded."""

@@ -36,14 +36,21 @@ def trainer_checkpoints(run_dir: str | Path) -> pd.DataFrame:
     folders = [c for c in run_dir.iterdir() if CHECKPOINT_NAME.match(c.name) and c.is_dir()] if run_dir.is_dir() else []
     if not folders:
         raise CheckpointError(f"{run_dir}: no checkpoint-STEP folders; give the output_dir of a Trainer run saved with save_strategy")
-    rows = [_row(folder) for folder in folders]
+    rows = [checkpoint_state(folder) for folder in folders]
     return pd.DataFrame(rows, columns=["path", "step", "epoch", "loss", "eval_loss"]).sort_values("step", ignore_index=True)
 
 
-def _row(folder: Path) -> dict:
-    step = int(CHECKPOINT_NAME.match(folder.name).group(1))
+def checkpoint_state(folder: Path) -> dict:
+    """What ``trainer_state.json`` in ``folder`` says: path, step, epoch, loss, eval_loss, examples.
+
+    ``step`` is global_step (else the number in a ``checkpoint-STEP`` name, else NaN); ``examples`` the
+    training examples seen, global_step x train_batch_size (NaN when either is unknown). Values never
+    logged are NaN. Raises CheckpointError when trainer_state.json is not valid JSON.
+    """
+    match = CHECKPOINT_NAME.match(folder.name)
     state = read_json(folder / STATE_FILE, STATE_FILE) if (folder / STATE_FILE).is_file() else {}
-    step = int(state.get("global_step", step))
+    step = int(state.get("global_step", match.group(1) if match else -1))
+    step = step if step >= 0 else math.nan
     logged = [entry for entry in state.get("log_history", []) if entry.get("step", 0) <= step]
     return {
         "path": str(folder),
@@ -51,6 +58,7 @@ def _row(folder: Path) -> dict:
         "epoch": math.nan if state.get("epoch") is None else float(state["epoch"]),
         "loss": _last(logged, "loss"),
         "eval_loss": _last(logged, "eval_loss"),
+        "examples": float(step * state["train_batch_size"]) if state.get("train_batch_size") and step == step else math.nan,
     }
 
 
