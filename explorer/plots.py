@@ -45,11 +45,13 @@ def _layout(fig: go.Figure, title: str, **axes: str) -> go.Figure:
     return fig
 
 
-def _heatmap(table: pd.DataFrame, title: str, zmin: float, zmax: float, colorscale: str = "Viridis", text: bool = False) -> go.Figure:
-    """Heatmap of a wide table: y = index (categories, first row on top), x = columns, z = values."""
+def _heatmap(table: pd.DataFrame, title: str, zmin: float, zmax: float, unit: str, colorscale: str = "Viridis", text: bool = False) -> go.Figure:
+    """Heatmap of a wide table: y = index (categories, first row on top), x = columns, z = values;
+    ``unit`` titles the colorbar."""
     trace = go.Heatmap(
         z=table.to_numpy(dtype=float), x=[str(c) for c in table.columns], y=[str(i) for i in table.index],
         zmin=zmin, zmax=zmax, colorscale=colorscale, texttemplate="%{z:.2f}" if text else None,
+        colorbar={"title": {"text": unit, "side": "right"}},
     )
     fig = _layout(go.Figure(trace), title, x=table.columns.name or "", y=table.index.name or "")
     fig.update_yaxes(type="category", autorange="reversed")
@@ -69,21 +71,26 @@ def message_figure(message: str) -> go.Figure:
 def histogram_figure(table: pd.DataFrame, title: str = "Task-vector values") -> go.Figure:
     """Step lines of ``stats.histogram`` (or ``dare_effect``) counts at bin centres, log count axis.
 
-    One trace per expert (and stage, dashed after), all on the same bins.
+    One trace per expert (and stage, dashed after), all on the same bins; earlier traces are drawn
+    wider so that identical histograms stay visible. The count axis says whether it counts every
+    entry or the sampled ones.
     """
     fig = go.Figure()
     keys = ["expert", "stage"] if "stage" in table else ["expert"]
-    for key, rows in table.groupby(keys, sort=False):
+    groups = list(table.groupby(keys, sort=False))
+    for i, (key, rows) in enumerate(groups):
         dash = "dash" if "stage" in table and key[1] == "after" else "solid"
+        width = 1.5 + 2.5 * (len(groups) - 1 - i) / max(len(groups) - 1, 1)  # earlier traces wider: coinciding lines stay visible
         fig.add_trace(go.Scatter(x=(rows["left"] + rows["right"]) / 2, y=rows["count"], name=" ".join(key),
-                                 mode="lines", line_shape="hvh", line_dash=dash))
-    fig = _layout(fig, _title(title, table), x="task-vector value (M_i - B)", y="entries (log scale)")
+                                 mode="lines", line_shape="hvh", line={"dash": dash, "width": width}))
+    counted = "entries (log scale)" if table.attrs.get("exact", True) else "entries in the sample (log scale)"
+    fig = _layout(fig, _title(title, table), x="task-vector value (M_i - B)", y=counted)
     return fig.update_yaxes(type="log")
 
 
 def layer_norms_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap layer x expert of ``stats.layer_norms``."""
-    return _heatmap(table, "L2 norm of the task vector per layer", 0, float(table.max().max()))
+    return _heatmap(table, "L2 norm of the task vector per layer", 0, float(table.max().max()), "L2 norm (weight units)")
 
 
 def quantiles_figure(table: pd.DataFrame) -> go.Figure:
@@ -101,17 +108,17 @@ def quantiles_figure(table: pd.DataFrame) -> go.Figure:
 
 def layer_stats_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap layer x statistic of ``stats.layer_stats`` (all shares in [0, 1])."""
-    return _heatmap(table, "Per-layer shares: small deltas, zeros, kept mass, sign conflict", 0, 1)
+    return _heatmap(table, "Per-layer shares: small deltas, zeros, kept mass, sign conflict", 0, 1, "share (0-1)")
 
 
 def cosine_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap expert x expert of ``stats.cosine_similarity``, values written in the cells."""
-    return _heatmap(table, "Cosine similarity of task vectors", -1, 1, colorscale="RdBu", text=True)
+    return _heatmap(table, "Cosine similarity of task vectors", -1, 1, "cosine (-1 to 1)", colorscale="RdBu", text=True)
 
 
 def jaccard_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap expert x expert of ``stats.jaccard``, values written in the cells."""
-    return _heatmap(table, f"Overlap (Jaccard) of kept entries at density {table.attrs['density']:g}", 0, 1, text=True)
+    return _heatmap(table, f"Overlap (Jaccard) of kept entries at density {table.attrs['density']:g}", 0, 1, "Jaccard (0-1)", text=True)
 
 
 def conflict_matrix(table: pd.DataFrame) -> pd.DataFrame:
@@ -124,7 +131,7 @@ def conflict_matrix(table: pd.DataFrame) -> pd.DataFrame:
 
 def sign_conflict_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap layer x pair of the conflict rate in ``stats.sign_conflict`` (by layer)."""
-    return _heatmap(conflict_matrix(table), f"Sign conflicts among kept entries at density {table.attrs['density']:g}", 0, 1)
+    return _heatmap(conflict_matrix(table), f"Sign conflicts among kept entries at density {table.attrs['density']:g}", 0, 1, "conflict rate (share of kept entries)")
 
 
 def kept_mass_figure(table: pd.DataFrame) -> go.Figure:
@@ -158,6 +165,8 @@ def merge_distance_figure(table: pd.DataFrame) -> go.Figure:
     fig = _layout(fig, "How far the merge moved: ||merged - W|| / ||W|| per layer", x="layer", y="relative L2 distance")
     return fig.update_xaxes(type="category")
 
+
+PAIR_PANELS = ("cosine", "sign_conflict", "jaccard")  # panels about pairs of experts: need two or more
 
 _TEXT = {
     "histogram": ("Delta histogram", "Distribution of task-vector values M_i - B for each expert over the whole model, counts on a log scale and the same bins for every expert."),
@@ -211,10 +220,13 @@ def inspect_panels(
     ``stats.TaskVectorSource``; density in [0, 1]; merged: the current merge or None; threshold: the
     |delta| of the share-below statistic; sample: entries sampled per tensor). Panels that cannot be
     drawn (no merge yet; merge distances without base weights; a source with no base, hence no task
-    vectors) hold a figure saying why and an empty table, so every key is always present. Raises
+    vectors; the pair panels of a single expert) hold a figure saying why and an empty table, so every
+    key is always present. Raises
     ValueError on out-of-range arguments (see ``stats.scan``).
     """
     tables = stats.inspect_tables(source, density, merged, threshold, sample, seed, progress)
+    if isinstance(tables["cosine"], pd.DataFrame) and len(tables["cosine"]) < 2:  # one expert: nothing to compare
+        tables.update(dict.fromkeys(PAIR_PANELS, "Choose two or more experts: this panel compares experts with each other."))
     return [
         _placeholder(key, table) if isinstance(table, str) else _panel(key, _FIGURES[key](table), table)
         for key, table in tables.items()

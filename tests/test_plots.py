@@ -142,6 +142,24 @@ def test_one_expert_and_extreme_densities(density):
     vectors = {names[0]: torch.randn(1, 50, 40, generator=torch.Generator().manual_seed(0)), names[1]: torch.zeros(1, 40)}
     base = {names[0]: torch.zeros(50, 40), names[1]: torch.ones(40)}
     panels = plots.inspect_panels(stats.TensorTaskVectors(vectors, base=base), density, merged=base, sample=100)
-    assert all(not p.table.empty for p in panels)
+    assert all(p.table.empty == (p.key in plots.PAIR_PANELS) for p in panels)
+    for p in panels:  # the pair panels of one expert say so instead of a trivial 1 x 1 plot
+        notes = [a.text for a in p.figure.layout.annotations if not a.text.startswith("density ")]
+        assert notes == (["Choose two or more experts: this panel compares experts with each other."] if p.key in plots.PAIR_PANELS else []), (p.key, notes)
     kept = panels[plots.PANEL_KEYS.index("layer_stats")].table["expert 0: kept mass"]
     assert kept.loc["0"] == (1.0 if density else 0.0) and np.isnan(kept.loc["norm"])  # an all-zero task vector
+
+
+def test_colorbars_have_units_and_histogram_counts_say_what_they_count(session, merged):
+    """Every heatmap's colorbar is titled; a sampled histogram's count axis says it counts the sample;
+    identical histograms stay visible (the first drawn is wider)."""
+    session_panels = plots.inspect_panels(session, 0.5, merged=merged, sample=100)
+    for panel in session_panels:
+        for trace in panel.figure.data:
+            if trace.type == "heatmap":
+                assert trace.colorbar.title.text, panel.key
+    histogram = next(p for p in session_panels if p.key == "histogram")
+    sampled = not histogram.table.attrs.get("exact", True)
+    assert histogram.figure.layout.yaxis.title.text == ("entries in the sample (log scale)" if sampled else "entries (log scale)")
+    widths = [t.line.width for t in histogram.figure.data]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
