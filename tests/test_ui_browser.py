@@ -307,3 +307,21 @@ def test_once_broken_cases(page, served, tmp_path, shots):
     page.locator("#experts label", has_text="other/gpt2-tiny").click()  # two architectures: refused on Load
     page.locator("#load").click()
     expect(page.locator("#models-status")).to_contain_text("architecture GPT2LMHeadModel differs")
+
+
+def test_two_browser_tabs_keep_their_own_state(page, browser, served):
+    other = browser.new_page(viewport={"width": 1400, "height": 1000})
+    other.set_default_timeout(TIMEOUT)
+    other.goto(served[0])
+    expect(other.locator("#models-status")).to_contain_text("Found", timeout=60_000)
+    _load(page)
+    _load(other, ("zoo/expert-add", "zoo/expert-upper"))
+    _tab(page, "Merge")
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("#1 ties")
+    _tab(other, "Merge")
+    mine, theirs = _wait_recipe(page, lambda r: True), _wait_recipe(other, lambda r: True)
+    assert [m["model"].rsplit("/", 1)[1] for m in mine["models"]] == ["expert-add", "expert-reverse"]
+    assert [m["model"].rsplit("/", 1)[1] for m in theirs["models"]] == ["expert-add", "expert-upper"]
+    expect(other.locator("#history")).not_to_contain_text("ties")
+    other.close()
