@@ -1,8 +1,8 @@
-"""The app's event handlers: each calls ``explorer.workbench.Workbench`` or ``evals`` and returns what
-the widgets show. Errors become one readable sentence with the fix; the details go to the server log.
+"""The app's event handlers: each calls ``explorer.workbench.Workbench`` or ``evals``.
 
-Per-method controls are named by keys: ``"lambda"`` for a global param, ``"density · zoo/expert-add"``
-for a per-model one (``KEY_SEP`` between the param and the expert's label).
+Each returns what the widgets show. Errors become one readable sentence with the fix; the details go
+to the server log. Per-method controls are named by keys: ``"lambda"`` for a global param,
+``"density · zoo/expert-add"`` for a per-model one (``KEY_SEP`` between the param and the label).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 import evals
 from explorer import plots, registry
+from explorer.background import BackgroundJob
 from explorer.recipe import MergeRecipe
 from explorer.stats_compare import merge_comparison, merge_comparison_figure
 from explorer.workbench import Workbench
@@ -61,6 +62,13 @@ def scan(bench: Workbench, folder: str):
     tasks = gr.update(choices=evals.list_tasks(evals.task_dirs(bench.models_dir)), value=[])
     expert_choices = [lab for lab in labels if lab != base]
     return bench, bench.catalog(), gr.update(choices=[""] + labels, value=base), gr.update(choices=expert_choices, value=experts), message, tasks
+
+
+def build_tick(job: BackgroundJob, bench: Workbench, folder: str, known: int):
+    """Poll the demo build: its status line, a rescan when checkpoints appeared, the timer off when done."""
+    found = len(bench.checkpoints())
+    rescan = scan(bench, folder) if found != known else (bench, *(gr.update(),) * 5)
+    return job.status(), found, gr.Timer(active=not job.done), *rescan
 
 
 def experts_without_base(bench: Workbench, base: str, experts: list[str]):
@@ -171,7 +179,7 @@ def import_recipe(bench: Workbench, values: dict, text: str, file: Optional[str]
         return bench, gr.update(), gr.update(), *_merged(bench, readable(e))[1:]
     labels = _labels(bench)
     values.update(recipe.parameters)
-    for label, entry in zip(labels, recipe.models):
+    for label, entry in zip(labels, recipe.models, strict=True):
         values.update({f"{k}{KEY_SEP}{label}": v for k, v in entry.parameters.items()})
     state = {"labels": labels, "version": loaded["version"] + 1}
     return bench, recipe.merge_method, state, *_merged(bench, message)[1:]

@@ -64,8 +64,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def task_dirs(models_dir: str | Path) -> list[Path]:
-    """Folders at most ``MAX_SEARCH_DEPTH`` levels under ``models_dir`` (itself included) holding
-    lm-eval task YAML files (a mapping with a ``task`` key), following symlinks, sorted.
+    """Folders holding lm-eval task YAML files (a mapping with a ``task`` key), sorted.
+
+    Searched at most ``MAX_SEARCH_DEPTH`` levels under ``models_dir`` (itself included), following symlinks.
     """
     root = Path(models_dir)
     found = []
@@ -180,7 +181,10 @@ def compare(
 
     Args:
         models: ``{label: (model, tokenizer)}``, e.g. ``{"base": ..., "merge": ...}``.
-        tasks, task_dir, limit, batch_size: as in ``evaluate_model``.
+        tasks: task names, as in ``evaluate_model``.
+        task_dir: folder (or folders) of task YAML files.
+        limit: examples per task; ``None`` for all.
+        batch_size: sequences per forward pass.
 
     Returns:
         One row per model in ``models`` order: a ``model`` column with the label, then one ``acc``

@@ -46,8 +46,10 @@ def _layout(fig: go.Figure, title: str, **axes: str) -> go.Figure:
 
 
 def _heatmap(table: pd.DataFrame, title: str, zmin: float, zmax: float, unit: str, colorscale: str = "Viridis", text: bool = False) -> go.Figure:
-    """Heatmap of a wide table: y = index (categories, first row on top), x = columns, z = values;
-    ``unit`` titles the colorbar."""
+    """Heatmap of a wide table: y = index (categories, first row on top), x = columns, z = values.
+
+    ``unit`` titles the colorbar.
+    """
     trace = go.Heatmap(
         z=table.to_numpy(dtype=float), x=[str(c) for c in table.columns], y=[str(i) for i in table.index],
         zmin=zmin, zmax=zmax, colorscale=colorscale, texttemplate="%{z:.2f}" if text else None,

@@ -18,8 +18,8 @@ from explorer import registry
 from explorer.checkpoint import TIED_NAMES, resolved_spec
 from explorer.executor import merge_stream
 from explorer.finite import read_float
-from explorer.progress import Progress
 from explorer.inputs import open_inputs
+from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.writer import check_output_dir, write_checkpoint
 
@@ -43,6 +43,7 @@ class MergeSession:
 
     @property
     def model_paths(self) -> list[Path]:
+        """Folders (or files) of the experts, in load order."""
         return [c.path for c in self.model_ckpts]
 
     def task_vectors(self, name: str) -> torch.Tensor:
@@ -59,7 +60,7 @@ class MergeSession:
         return MergeRecipe(
             merge_method=method,
             base_model=self.base_ckpt.spec if self.base_ckpt else None,
-            models=[{"model": c.spec, "parameters": pm} for c, pm in zip(self.model_ckpts, per_model)],
+            models=[{"model": c.spec, "parameters": pm} for c, pm in zip(self.model_ckpts, per_model, strict=True)],
             parameters=parameters,
             dtype=dtype,
             seed=seed,
@@ -67,9 +68,11 @@ class MergeSession:
         )
 
     def read_base(self, name: str) -> Optional[torch.Tensor]:
+        """(*S) float32 base tensor ``name``, or None without a base."""
         return self.base[name] if self.base is not None else None
 
     def read_models(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 stacked expert tensors ``name``."""
         return torch.stack([m[name] for m in self.models])
 
     def same_inputs(self, recipe: MergeRecipe) -> bool:

@@ -21,7 +21,8 @@ def merge_comparison(
 
     Args:
         base: {name: (*S) tensor} base weights.
-        first, second: (label, {name: (*S) tensor}) of two merges of the same models (any float dtype).
+        first: (label, {name: (*S) tensor}) of a merge of the same models (any float dtype).
+        second: the same for the other merge.
         names: tensor names to compare (the merge's names).
 
     Returns:

@@ -94,8 +94,11 @@ class Workbench:
             return str(path)
 
     def catalog(self) -> pd.DataFrame:
-        """One row per checkpoint under ``models_dir``: label, format, architecture, layers, size in MB,
-        dtype of its floating tensors; a checkpoint that cannot be opened says why in ``problem``."""
+        """One row per checkpoint under ``models_dir``, for the Models tab.
+
+        Columns: label, format, architecture, layers, size in MB, dtype of its tensors; a checkpoint
+        that cannot be opened says why in ``problem``.
+        """
         rows = []
         for path in self.checkpoints():
             row = {"checkpoint": self.label(path)}
@@ -128,9 +131,11 @@ class Workbench:
         return f"Loaded {len(experts)} model(s){' and a base' if base else ''}: {arch}, {n / 1e6:.2f}M parameters, {len(self.session.names)} tensors, all compatible."
 
     def training_metadata(self) -> dict[str, dict[str, float]]:
-        """Per-model parameter values that the loaded experts' ``trainer_state.json`` gives, by label:
-        ``examples`` (FedAvg's n_i = global_step x train_batch_size) and ``metric`` (metric-weighted
-        averaging's loss: the last eval_loss, else the last training loss). Missing values are left out."""
+        """Per-model parameter values that the loaded experts' ``trainer_state.json`` gives, by label.
+
+        ``examples`` is FedAvg's n_i = global_step x train_batch_size; ``metric`` is metric-weighted
+        averaging's loss: the last eval_loss, else the last training loss. Missing values are left out.
+        """
         found = {}
         for path in self.require_session().model_paths:
             if not (Path(path) / STATE_FILE).is_file():
@@ -177,8 +182,10 @@ class Workbench:
         return self.recipe, self.merged
 
     def merged_tensors(self, number: int, progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
-        """The tensors of history entry ``number``: the current merge, or that recipe merged again
-        (merges are deterministic: the same recipe gives the same tensors)."""
+        """The tensors of history entry ``number``: the current merge, or that recipe merged again.
+
+        Merges are deterministic: the same recipe gives the same tensors.
+        """
         entry = self.history[number - 1]
         if entry.recipe is self.recipe and self.merged is not None:
             return self.merged
@@ -187,15 +194,18 @@ class Workbench:
     # Evaluation -----------------------------------------------------------------------------------
 
     def eval_models(self, include_inputs: bool, merges: Optional[list[int]] = None, progress: Optional[Progress] = None) -> dict[str, Loaded]:
-        """{label: (model, tokenizer)} built in memory from the loaded tensors: base and experts when
-        ``include_inputs``, then history entries ``merges`` (default: the current merge)."""
+        """{label: (model, tokenizer)} built in memory from the loaded tensors.
+
+        Base and experts when ``include_inputs``, then history entries ``merges`` (default: the current
+        merge). Every input format that loads also evaluates (GGUF, LoRA, ``BASE+ADAPTER``).
+        """
         session = self.require_session()
         self.require_merge()
         self.cancel_requested = False
         tokenizer = session.reference.tokenizer()
         if tokenizer is None:
             raise ValueError(f"{session.reference.path} has no tokenizer files; evaluation needs them (add them from the original model)")
-        inputs = ([(session.base_ckpt, session.base)] if session.base_ckpt else []) + list(zip(session.model_ckpts, session.models))
+        inputs = ([(session.base_ckpt, session.base)] if session.base_ckpt else []) + list(zip(session.model_ckpts, session.models, strict=True))
         wanted = [(self.label(c.path), lambda t=t: t) for c, t in inputs] if include_inputs else []
         numbers = merges or [self.history[-1].number]
         wanted += [(self.history[n - 1].label, lambda n=n: self.merged_tensors(n, progress)) for n in numbers]
@@ -265,8 +275,10 @@ class Workbench:
             raise Cancelled("cancelled; nothing was changed")
 
     def guard(self, progress: Optional[Progress]) -> Progress:
-        """``progress`` wrapped so that every step first checks for a cancel request (work that starts
-        now clears any earlier request)."""
+        """``progress`` wrapped so that every step first checks for a cancel request.
+
+        Work that starts now clears any earlier request.
+        """
         self.cancel_requested = False
 
         def report(fraction: float, message: str) -> None:

@@ -151,8 +151,10 @@ def test_one_expert_and_extreme_densities(density):
 
 
 def test_colorbars_have_units_and_histogram_counts_say_what_they_count(session, merged):
-    """Every heatmap's colorbar is titled; a sampled histogram's count axis says it counts the sample;
-    identical histograms stay visible (the first drawn is wider)."""
+    """Colorbars are titled, count axes say what they count, identical histograms stay visible.
+
+    A sampled histogram's count axis says it counts the sample; the first trace drawn is the widest.
+    """
     session_panels = plots.inspect_panels(session, 0.5, merged=merged, sample=100)
     for panel in session_panels:
         for trace in panel.figure.data:

@@ -1,7 +1,9 @@
-"""The app in a real browser (Debian chromium via Playwright), used as a person uses it: move each kind
-of control and read the recipe it makes, merge, inspect, compare merges, evaluate with lm-eval, import a
-recipe, cancel, export; and each case that was once broken (disabled controls, an export that deleted
-files, silent folder creation, raw error dumps, stale state after a second Load)."""
+"""The app in a real browser (Debian chromium via Playwright), used as a person uses it.
+
+Move each kind of control and read the recipe it makes, merge, inspect, compare merges, evaluate with
+lm-eval, import a recipe, cancel, export; and each case that was once broken (disabled controls, an
+export that deleted files, silent folder creation, raw error dumps, stale state after a second Load).
+"""
 
 from __future__ import annotations
 
