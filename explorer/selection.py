@@ -59,6 +59,16 @@ def kth_largest(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chu
     chunks counts entries above the bracket and collects those inside it (a few percent); the answer
     is a kthvalue over those. A row whose bracket misses (rare) falls back to kthvalue over the row.
     """
+    return top_cutoff(read, numel, k, ranked, chunk, work)[0]
+
+
+def top_cutoff(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chunk: int = DEFAULT_CHUNK, work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kth, ties): the top-k selection of each row of an (N, numel) matrix, for 1 <= k <= numel.
+
+    kth (N,) float32: the exact k-th largest |value| (as ``kth_largest``); ties (N,) int64: how many
+    entries equal to kth the top k take, k - #(|value| > kth), >= 1. ``mark_top`` turns these into
+    the mask chunk by chunk; arguments as ``kth_largest``.
+    """
     work = work or Workspace()
     n_rows, s = ranked.shape
     share = k / numel
@@ -77,14 +87,33 @@ def kth_largest(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chu
         keep = torch.eq(clamped, ax, out=work.get("keep", n_rows, b - a, dtype=torch.bool))  # lo <= |x| <= hi
         for row, kept in zip(inside, ax[keep].split(keep.sum(1).tolist()), strict=True):
             row.append(kept)
-    out = torch.empty(n_rows)
+    out, ties = torch.empty(n_rows), torch.empty(n_rows, dtype=torch.long)
     for i, row in enumerate(inside):
         candidates, rank = row.values(), k - int(above[i])
         if 1 <= rank <= candidates.numel():
             out[i] = torch.kthvalue(candidates, candidates.numel() - rank + 1).values
+            ties[i] = rank - int(torch.count_nonzero(candidates > out[i]))
         else:
             whole = torch.cat([read(a, b)[i].abs() for a, b in chunks(numel, chunk)])
             out[i] = torch.kthvalue(whole, numel - k + 1).values
+            ties[i] = k - int(torch.count_nonzero(whole > out[i]))
+    return out, ties
+
+
+def mark_top(magnitude: torch.Tensor, kth: torch.Tensor, ties: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Mark one column chunk of a top-k selection; chunks must come in column order.
+
+    magnitude (N, c): |values| of columns [a, b); kth (N, 1) and ties (N,) from ``top_cutoff``. Marks
+    ``out`` (N, c) bool (or float 0/1) where |value| > kth, and where |value| == kth for the first
+    ``ties`` such entries by column, counting down ``ties`` in place (so the next chunk continues).
+    This is the one definition of which entries a top-k keeps (``topk_mask``, the Inspect scan).
+    """
+    torch.gt(magnitude, kth, out=out)
+    tied = magnitude == kth
+    if bool(ties.any()) and bool(tied.any()):
+        take = tied.logical_and_(tied.cumsum(1) <= ties[:, None])
+        out.logical_or_(take) if out.dtype == torch.bool else out.add_(take)
+        ties.sub_(take.sum(1))
     return out
 
 
@@ -115,11 +144,12 @@ def sorted_descending(values: torch.Tensor) -> torch.Tensor:
 def topk_mask(t: torch.Tensor, k: int, chunk: int = MERGE_CHUNK) -> torch.Tensor:
     """(*S) bool mask: True on the k largest |t| entries of ``t`` (*S), False elsewhere; 0 <= k <= numel.
 
-    Exact: ``kth_largest`` finds the k-th largest |t| v from a seeded sample (the sample only sets the
-    speed), one chunked pass marks |t| >= v, and when entries tied with v make that more than k the
-    last tied entries by flat index are unmarked (``torch.topk`` breaks such ties arbitrarily; mergekit
-    and PEFT use it, so results differ from theirs only where |t| has exact ties at v). Memory beyond
-    ``t``: the mask (numel bytes) plus a few percent of ``t``, against about 6.75 x ``t`` for topk.
+    Exact: ``top_cutoff`` finds the k-th largest |t| v from a seeded sample (the sample only sets the
+    speed) and how many entries tied with v belong to the top k; one chunked pass (``mark_top``) marks
+    |t| > v and the first of the tied entries by flat index (``torch.topk`` breaks such ties
+    arbitrarily; mergekit and PEFT use it, so results differ from theirs only where |t| has exact ties
+    at v). Memory beyond ``t``: the mask (numel bytes) plus a few percent of ``t``, against about
+    6.75 x ``t`` for topk.
     """
     flat = t.reshape(-1)
     n = flat.numel()
@@ -128,14 +158,7 @@ def topk_mask(t: torch.Tensor, k: int, chunk: int = MERGE_CHUNK) -> torch.Tensor
         return mask.fill_(k >= n).reshape(t.shape)
     picks = torch.randint(n, (min(SAMPLE, n),), generator=torch.Generator().manual_seed(0))
     ranked = sorted_descending(flat[picks].abs().float()[None])
-    kth = float(kth_largest(lambda a, b: flat[a:b].float().view(1, -1), n, k, ranked, chunk)[0])
+    kth, ties = top_cutoff(lambda a, b: flat[a:b].float().view(1, -1), n, k, ranked, chunk)
     for a, b in chunks(n, chunk):
-        torch.ge(flat[a:b].abs(), kth, out=mask[a:b])
-    excess = int(torch.count_nonzero(mask)) - k  # entries tied with the k-th largest beyond k
-    for a, b in reversed(list(chunks(n, chunk))):
-        if excess == 0:
-            break
-        ties = (flat[a:b].abs() == kth).nonzero().squeeze(1)[-excess:]
-        mask[a + ties] = False
-        excess -= ties.numel()
+        mark_top(flat[a:b].abs().view(1, -1), kth[:, None], ties, mask[a:b].view(1, -1))
     return mask.reshape(t.shape)

@@ -23,7 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from explorer.choices import Rescale, Sparsification
+from explorer.methods.sparsify import sparsify
 from explorer.progress import Progress
+from explorer.registry import tensor_generator
 from explorer.stats_interference import (
     cosine_similarity,
     jaccard,
@@ -202,23 +205,32 @@ def histogram(scan: Scan, bins: int = DEFAULT_BINS) -> pd.DataFrame:
     return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), "weighted uniform samples of entries per tensor")
 
 
-def dare_effect(scan: Scan, bins: int = DEFAULT_BINS) -> pd.DataFrame:
+def dare_effect(scan: Scan, bins: int = DEFAULT_BINS, rescale: Rescale | str = Rescale.inverse_density) -> pd.DataFrame:
     """Histograms of each expert's task vector before and after DARE's drop and rescale at the density.
 
-    DARE (arXiv:2311.03099): keep each entry with probability p = density (Bernoulli, a generator
-    seeded with the scan's seed) and divide kept entries by p (the paper's rescale; mergekit's
-    ``rescale=l1`` differs); at p = 0 everything is dropped. Applied to the sampled entries, which is
-    the same distribution as applying it to all entries (the drop is independent per entry).
+    The "after" values are the DARE method's own stage (``sparsify.sparsify`` with
+    ``Sparsification.random``, arXiv:2311.03099) applied to each tensor's sampled entries, expert
+    after expert, with the generator the merge uses for that tensor (``registry.tensor_generator``
+    seeded with the scan's seed): keep each entry with probability p = density, then ``rescale``
+    ("inverse_density", the paper's 1/p, by default; "l1" as mergekit, here matching each tensor's
+    sampled L1 mass; "none"); at p = 0 everything is dropped. For a tensor taken whole these are
+    exactly the values a dare_linear / dare_ties merge with that seed thins it to; for a sampled
+    tensor they follow the same distribution (the drop is independent per entry).
     Rows (expert, stage in {"before", "after"}, bin) as in ``histogram``, edges shared by both stages.
     """
-    generator = torch.Generator().manual_seed(scan.seed)
-    keep = torch.bernoulli(torch.full_like(scan.samples, scan.density), generator=generator)
-    after = scan.samples * keep / scan.density if scan.density > 0 else torch.zeros_like(scan.samples)
+    after = torch.empty_like(scan.samples)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(scan.sample_tensor, minlength=len(scan.names)).cumsum(0)])
+    for t, name in enumerate(scan.names):
+        generator = tensor_generator(scan.seed, name)
+        a, b = int(starts[t]), int(starts[t + 1])
+        for i in range(len(scan.labels)):
+            after[i, a:b] = sparsify(scan.samples[i, a:b].clone(), scan.density, Sparsification.random, rescale, generator)
     edges = _edges(torch.cat([scan.samples, after], dim=1), bins)
     rows = []
     for stage, values in (("before", scan.samples), ("after", after)):
         rows += _histogram_rows(scan.labels, values, scan.sample_weight, edges, stage=stage)
-    return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), "seeded drop and 1/density rescale of uniform samples per tensor")
+    how = f"the DARE method's seeded drop and {Rescale(rescale).value} rescale of uniform samples per tensor"
+    return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), how)
 
 
 def kept_mass(scan: Scan) -> pd.DataFrame:

@@ -6,15 +6,17 @@ on CPU). Per tensor it records exact counts and sums, and a uniform random sampl
 
   exact   sum of squares, L1 mass, exact zeros, entries with |x| < threshold, pairwise dot products,
           the magnitude trim at ``density`` (TIES, arXiv:2306.01708): per tensor and expert the kept
-          set is the k = max(1, int(density * numel)) largest |x| (as ``sparsify.magnitude_mask``),
-          found exactly by a sample-bracketed selection (no topk, no full sort); counts of kept
-          entries, their overlaps, sign conflicts and L1 mass; distances of a merge from its inputs.
+          set is the one ``sparsify.magnitude_mask`` keeps (``sparsify.magnitude_count`` entries,
+          ties with the k-th largest |x| broken by flat index), found exactly by the same
+          sample-bracketed selection (``selection.top_cutoff`` and ``mark_top``: no topk, no full
+          sort, chunk by chunk); counts of kept entries, their overlaps, sign conflicts and L1 mass;
+          distances of a merge from its inputs.
   sampled ``sample`` entries per tensor (uniform, with replacement, the same positions for every
           expert; the whole tensor when it has no more entries), drawn from a generator seeded by
           ``registry.tensor_seed(seed, name)``. Each sampled entry stands for numel / sample entries.
 
 Conventions: N experts, a task vector is x_i = M_i - B; "kept" means kept by the trim *and* nonzero
-(a zero has no sign); entries tied with the k-th largest |x| are all kept.
+(a zero has no sign), so the kept L1 mass is exactly that of the TIES trim's output.
 """
 
 from __future__ import annotations
@@ -26,21 +28,22 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from explorer.methods.sparsify import magnitude_count
 from explorer.progress import Progress
 from explorer.registry import tensor_generator
 from explorer.selection import (
     DEFAULT_CHUNK,
     Workspace,
     chunks,
-    kth_largest,
+    mark_top,
     sorted_descending,
+    top_cutoff,
 )
 from explorer.stats_source import TaskVectorSource, expert_labels, layer_of, layer_rank
 
 DEFAULT_SAMPLE = 4096  # sampled entries per tensor
 DENSITY_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _COLUMNS = {"pairs": ["name", "layer", "a", "b", "dot", "both_kept", "sign_dot"]}  # may have no rows (N = 1)
-_TINY = float(torch.finfo(torch.float32).tiny) * torch.finfo(torch.float32).eps  # smallest subnormal > 0
 
 
 @dataclass
@@ -59,7 +62,7 @@ class Scan:
     samples: (N, K) sampled task-vector entries, all tensors concatenated; sample_weight (K,) entries
         each stands for; sample_tensor (K,) index into ``names`` of the tensor it came from.
     grid, grid_shares: densities in (0, 1] and (T, N, G) the share of each tensor's sampled L1 mass
-        held by its largest max(1, int(d * s)) sampled |x| (``grid_shares``).
+        held by its largest ``magnitude_count(d, s)`` sampled |x| (``grid_shares``).
     """
 
     labels: list[str]
@@ -158,35 +161,38 @@ class _TaskVectors:
         return torch.stack([w[index] for w in self._weights]) - self.base[index]
 
 
-def _cutoffs(x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, work: Workspace) -> torch.Tensor:
-    """(N,) smallest |x| each expert keeps at ``density``.
+def _cutoffs(x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kth, ties), each (N,): the magnitude trim of each expert at ``density``, for ``mark_top``.
 
-    The k-th largest |x|, at least the smallest positive float (so zeros are never kept); inf at
-    density 0 (nothing kept). ``ranked``: the sampled |x| sorted descending.
+    The trim keeps ``magnitude_count(density, numel)`` entries (as the TIES method): |x| > kth and the
+    first ``ties`` entries with |x| == kth by flat index. kth = inf at density 0 (nothing kept);
+    ties = 0 where kth = 0 (zeros are never "kept": the trim's zeros carry no sign and no mass).
+    ``ranked``: the sampled |x| sorted descending (the whole tensor when it was sampled whole).
     """
-    numel = x.numel
-    if density <= 0:
-        return torch.full((x.n_experts,), math.inf)
-    k = max(1, int(density * numel))
+    numel, n = x.numel, x.n_experts
+    k = magnitude_count(density, numel)
+    if k == 0:
+        return torch.full((n,), math.inf), torch.zeros(n, dtype=torch.long)
     if ranked.shape[1] == numel:  # the sample is the whole tensor
-        kth = ranked[:, k - 1]
+        kth = ranked[:, k - 1].clone()
+        ties = k - (ranked > kth[:, None]).sum(1)
     else:
-        kth = kth_largest(x.read, numel, k, ranked, chunk, work)
-    return kth.clamp(min=_TINY)
+        kth, ties = top_cutoff(x.read, numel, k, ranked, chunk, work)
+    return kth, ties.masked_fill_(kth == 0, 0)
 
 
 def grid_shares(ranked: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
     """(N, G) share of the L1 mass of each row of ``ranked`` held by its largest entries.
 
-    ``ranked``: (N, s) |values| sorted descending; for each d in ``grid`` the max(1, int(d * s))
-    largest entries; 0 for an all-zero row.
+    ``ranked``: (N, s) |values| sorted descending; for each d in ``grid`` the ``magnitude_count(d, s)``
+    largest entries (as the TIES trim of the sample); 0 for an all-zero row.
     """
     cumulative = ranked.double().cumsum(dim=1)
-    take = torch.tensor([max(1, int(d * ranked.shape[1])) - 1 for d in grid])
+    take = torch.tensor([magnitude_count(d, ranked.shape[1]) - 1 for d in grid])
     return cumulative[:, take] / cumulative[:, -1:].clamp(min=torch.finfo(torch.float64).tiny)
 
 
-def _accumulate(x: _TaskVectors, cutoff: torch.Tensor, thresholds: Sequence[float], merged: torch.Tensor | None, chunk: int, work: Workspace) -> dict[str, torch.Tensor]:
+def _accumulate(x: _TaskVectors, cutoff: tuple[torch.Tensor, torch.Tensor], thresholds: Sequence[float], merged: torch.Tensor | None, chunk: int, work: Workspace) -> dict[str, torch.Tensor]:
     """Exact sums over the task vectors ``x`` of one tensor, chunk by chunk (see ``Scan``).
 
     All temporaries live in ``work``; 0/1 indicators are float32 (exact: a chunk has < 2^24 entries).
@@ -196,7 +202,7 @@ def _accumulate(x: _TaskVectors, cutoff: torch.Tensor, thresholds: Sequence[floa
     acc |= {key: torch.zeros(n, n, dtype=torch.float64) for key in ("gram", "inter", "sdot")}
     acc |= {key: torch.zeros((), dtype=torch.float64) for key in ("kept_any", "kept_2plus", "conflicts", "agreement_sum", "bb", "moved_sq")}
     acc["below"] = torch.zeros(len(thresholds), n, dtype=torch.float64)
-    cutoff = cutoff[:, None]
+    kth, ties = cutoff[0][:, None], cutoff[1].clone()  # mark_top counts ties down chunk by chunk
     for a, b in chunks(x.numel, chunk):
         xc, c = x.read(a, b), b - a  # (N, c)
         ax, tmp = torch.abs(xc, out=work.get("abs", n, c)), work.get("tmp", n, c)
@@ -205,7 +211,7 @@ def _accumulate(x: _TaskVectors, cutoff: torch.Tensor, thresholds: Sequence[floa
         acc["zeros"] += torch.eq(ax, 0, out=tmp).sum(1)
         for j, t in enumerate(thresholds):
             acc["below"][j] += torch.lt(ax, t, out=tmp).sum(1)
-        kept = torch.ge(ax, cutoff, out=work.get("kept", n, c))  # 1.0 where kept
+        kept = mark_top(ax, kth, ties, work.get("kept", n, c))  # 1.0 where the TIES trim keeps a nonzero x
         signs = torch.sign(xc, out=work.get("signs", n, c)).mul_(kept)  # -1/0/+1 on kept entries
         acc["inter"] += kept @ kept.T
         acc["sdot"] += signs @ signs.T
@@ -303,7 +309,7 @@ def scan(
             cutoff = _cutoffs(x, density, ranked, chunk, work)
             shares.append(grid_shares(ranked, grid))
             acc = _accumulate(x, cutoff, thresholds, moved, chunk, work)
-            _add_rows(rows, name, numel, labels, thresholds, cutoff, acc, moved is not None)
+            _add_rows(rows, name, numel, labels, thresholds, cutoff[0], acc, moved is not None)
             samples.append(values)
             weights.append(torch.full((values.shape[1],), numel / values.shape[1], dtype=torch.float64))
             owners.append(torch.full((values.shape[1],), len(names), dtype=torch.long))

@@ -14,8 +14,12 @@ import pytest
 import torch
 
 import explorer.methods  # noqa: F401  (registers the methods the session merges with)
-from explorer import stats
-from explorer.methods.sparsify import magnitude_mask
+from explorer import registry, stats
+from explorer.choices import Sparsification
+from explorer.executor import merge_tensor
+from explorer.methods.sparsify import magnitude_count, magnitude_mask, sparsify
+from explorer.recipe import MergeRecipe
+from explorer.registry import tensor_generator
 from explorer.session import MergeSession
 from tests.helpers import assert_expected
 from tests.tiny import tiny_family
@@ -232,3 +236,64 @@ def test_layer_stats_columns(pair_scan):
     table = stats.layer_stats(pair_scan)
     assert table.columns.tolist() == ["a: |x|<0.2", "a: zeros", "a: kept mass", "b: |x|<0.2", "b: zeros", "b: kept mass", "sign conflict", "sign agreement"]
     assert table.loc["0"].tolist() == pytest.approx([3 / 8, 3 / 8, 10 / 10.5, 4 / 8, 3 / 8, 11 / 11.1, 2 / 3, 3 / 5])
+
+
+def _merge_one_tensor(method: str, x: torch.Tensor, params: dict, seed: int = 0) -> torch.Tensor:
+    """The registered method's merge of task vectors ``x`` (N, *S) over a zero base, for tensor NAME."""
+    recipe = MergeRecipe(merge_method=method, base_model="base", models=[{"model": f"m{i}"} for i in range(x.shape[0])], parameters=params, seed=seed)
+    return merge_tensor(registry.get(method), recipe.resolved_params(), NAME, torch.zeros(x.shape[1:]), x.clone(), seed)
+
+
+@pytest.mark.parametrize(("density", "sample", "chunk"), [(0.3, 10_000, 700), (0.3, 200, 700), (0.55, 200, 333), (0.9, 200, 1000)])
+def test_kept_mass_is_the_ties_trim_exactly(density, sample, chunk):
+    """Inspect's kept mass, kept counts and Jaccard at density d are those of the TIES method's own trim.
+
+    Integer task vectors with many ties in magnitude and many zeros (sums are exact in float32), read
+    whole (sample >= numel) or through the streaming bracketed selection across chunks: the trim keeps
+    exactly magnitude_count(d, n) entries, ties by flat index, like the merge.
+    """
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (2, 60, 50), generator=g).float()
+    x[:, :10] = 0  # a block of zeros on top of the random ones
+    s = stats.scan(stats.TensorTaskVectors({NAME: x}, labels=["a", "b"]), density, sample=sample, chunk=chunk)
+    trimmed = [_merge_one_tensor("ties", x[i : i + 1], {"density": density}) for i in range(2)]  # TIES of one expert = its trim
+    for i, t in enumerate(trimmed):
+        assert torch.equal(t, sparsify(x[i].clone(), density, Sparsification.magnitude))
+        assert int(magnitude_mask(x[i], density).sum()) == magnitude_count(density, x[i].numel())
+    expected = [float(t.abs().sum()) / float(x[i].abs().sum()) for i, t in enumerate(trimmed)]  # integer sums: exact
+    summary = stats.delta_summary(s, "model")
+    assert summary["kept_mass"].tolist() == expected  # exact
+    current = stats.kept_mass(s).query("current")
+    assert current["kept_mass"].tolist() == expected
+    kept = [t != 0 for t in trimmed]
+    assert s.experts["kept"].tolist() == [int(k.sum()) for k in kept]
+    both = int((kept[0] & kept[1]).sum())
+    assert stats.jaccard(s).loc["a", "b"] == both / int((kept[0] | kept[1]).sum())
+    conflicts = int((kept[0] & kept[1] & (x[0].sign() != x[1].sign())).sum())
+    assert stats.sign_conflict(s, "model")["conflicts"].tolist() == [conflicts, conflicts]
+
+
+def test_kept_mass_grid_uses_the_trim_count():
+    """The sampled kept-mass curve takes magnitude_count(d, s) largest sampled |x| per density."""
+    x = torch.tensor([[4.0, 3.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    s = stats.scan(stats.TensorTaskVectors({NAME: x}), 0.5, grid=(0.1, 0.25, 1.0))
+    expected = [float(sparsify(x[0].clone(), d, Sparsification.magnitude).abs().sum()) / float(x.abs().sum()) for d in (0.1, 0.25, 1.0)]
+    assert stats.kept_mass(s).query("not current")["kept_mass"].tolist() == expected
+
+
+@pytest.mark.parametrize("rescale", ["inverse_density", "l1"])
+def test_dare_panel_is_the_methods_drop(rescale):
+    """For tensors taken whole, the DARE panel's "after" values are the dare_linear merge's own drop (same seed)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 12, 9, generator=g)
+    density, seed = 0.4, 7
+    s = stats.scan(stats.TensorTaskVectors({NAME: x}, labels=["a", "b"]), density, seed=seed)
+    generator = tensor_generator(seed, NAME)  # the merge's generator for this tensor; experts drawn in order
+    dropped = torch.stack([sparsify(x[i].clone(), density, Sparsification.random, rescale, generator) for i in range(2)])
+    merged = _merge_one_tensor("dare_linear", x, {"density": density, "weight": 1.0, "rescale": rescale}, seed)
+    assert_expected(merged, dropped.sum(0))  # the drop replayed here is the merge's
+    table = stats.dare_effect(s, rescale=rescale)
+    after = table[table["stage"] == "after"]
+    edges = torch.tensor([*after["left"].iloc[: stats.DEFAULT_BINS], after["right"].iloc[stats.DEFAULT_BINS - 1]], dtype=torch.float64)
+    counts = stats.weighted_histogram(dropped.reshape(2, -1), torch.ones(x[0].numel()), edges)
+    assert after["count"].tolist() == counts.reshape(-1).tolist()

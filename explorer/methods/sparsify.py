@@ -16,7 +16,9 @@ import torch
 from explorer.choices import Rescale, Sparsification, parse_choice
 from explorer.selection import MERGE_CHUNK, topk_mask
 
-__all__ = ["Rescale", "Sparsification", "della_mask", "magnitude_mask", "outlier_mask", "random_mask", "sparsify"]
+__all__ = [
+    "Rescale", "Sparsification", "della_mask", "magnitude_count", "magnitude_mask", "outlier_mask", "random_mask", "sparsify",
+]
 
 
 def sparsify(
@@ -67,9 +69,19 @@ def sparsify(
     return kept
 
 
+def magnitude_count(density: float, numel: int) -> int:
+    """How many entries the magnitude trim keeps: 0 at density <= 0, numel at density >= 1, else max(1, int(density * numel)).
+
+    The one definition of the TIES trim's size, used by ``magnitude_mask`` and the Inspect statistics.
+    """
+    if density <= 0:
+        return 0
+    return numel if density >= 1 else max(1, int(density * numel))
+
+
 def magnitude_mask(delta: torch.Tensor, density: float, *_: object) -> torch.Tensor:
-    """True on the k = max(1, int(density * numel)) largest |delta| entries (see ``topk_mask``)."""
-    return topk_mask(delta, max(1, int(density * delta.numel())))
+    """True on the ``magnitude_count(density, numel)`` largest |delta| entries, ties by flat index (``topk_mask``)."""
+    return topk_mask(delta, magnitude_count(density, delta.numel()))
 
 
 def random_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Generator], *_: object) -> torch.Tensor:
