@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -66,6 +66,7 @@ from explorer.formats.lora import (
 )
 from explorer.formats.refs import ADAPTER_CONFIG
 from explorer.formats.safetensors_io import SafetensorsFile
+from explorer.inputs import task_vectors
 from explorer.recipe import MergeRecipe
 from explorer.writer import check_output_dir, staged_folder
 
@@ -116,6 +117,10 @@ class LoraAdapter:
     def delta(self, name: str) -> torch.Tensor:
         """Task vector s B A of target ``name``, float32, in the base weight's layout (out, in)."""
         return self._finite(name, fold_delta(self.file, self.lora[name], self.config))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """``delta(name)``: read by tensor name, an adapter is a model of a source whose base is zero (``_DeltaSource``)."""
+        return self.delta(name)
 
     def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(tensor).all():
@@ -221,20 +226,51 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class _DeltaSource:
-    """The adapters' task vectors as an ``explorer.executor.TensorSource`` with a zero base."""
+    """The adapters' task vectors B A as an ``explorer.inputs.TensorSource`` whose base is zero.
+
+    ``models`` are the adapters (``LoraAdapter[name]`` is its task vector); ``base`` maps every name
+    to zeros, so the merge loop's M_i - B is the adapters' own B A.
+    """
 
     adapters: list[LoraAdapter]
     names: list[str]
+
+    @property
+    def base(self) -> Mapping[str, torch.Tensor]:
+        return _Zeros(self.adapters[0])
+
+    @property
+    def models(self) -> list[LoraAdapter]:
+        return self.adapters
 
     @property
     def model_paths(self) -> list[Path]:
         return [a.path for a in self.adapters]
 
     def read_base(self, name: str) -> torch.Tensor:
-        return torch.zeros(self.adapters[0].weight_shape(name))
+        return self.base[name]
 
     def read_models(self, name: str) -> torch.Tensor:
-        return torch.stack([a.delta(name) for a in self.adapters])  # (N, out, in)
+        return torch.stack([a[name] for a in self.adapters])  # (N, out, in)
+
+    def task_vectors(self, name: str) -> torch.Tensor:
+        return task_vectors(self, name)
+
+
+@dataclass
+class _Zeros(Mapping):
+    """name -> zeros shaped like the weight ``adapter`` adapts under that name."""
+
+    adapter: LoraAdapter
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.zeros(self.adapter.weight_shape(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.adapter.lora)
+
+    def __len__(self) -> int:
+        return len(self.adapter.lora)
 
 
 def merge_adapters(

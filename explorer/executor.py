@@ -12,43 +12,28 @@ the loop and handed in per tensor (``extras``): the merge loop itself loads no m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from explorer import registry
-from explorer.checkpoint import Checkpoint
 from explorer.choices import OutOfRange, Space, parse_choice
 from explorer.finite import read_float, read_stacked
 from explorer.fisher import fisher_extras
-from explorer.inputs import open_inputs
+from explorer.inputs import MergeInputs, TensorSource, open_inputs
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.registry import MethodSpec, tensor_seed
 from explorer.writer import check_output_dir, write_checkpoint
 
 __all__ = [
-    "Extras", "MergePlan", "Progress", "TensorSource", "cast_output", "merge_stream", "merge_tensor", "merge_to_folder",
+    "Extras", "MergeInputs", "Progress", "TensorSource", "cast_output", "merge_stream", "merge_tensor", "merge_to_folder",
     "method_inputs", "no_extras", "plan", "read_float", "read_stacked", "setup_extras", "tensor_seed",
 ]
 
 # extras(tensor name) -> keyword inputs of the method for that tensor beyond params (e.g. {"fisher": ...})
 Extras = Callable[[str], dict]
-
-
-class TensorSource(Protocol):
-    """Inputs of a merge, read by tensor name: from disk (``MergePlan``) or memory (``MergeSession``)."""
-
-    names: list[str]
-    model_paths: list[Path]
-
-    def read_base(self, name: str) -> Optional[torch.Tensor]:
-        """(*S) float32 base tensor ``name``, or None without a base."""
-
-    def read_models(self, name: str) -> torch.Tensor:
-        """(N, *S) float32 tensor ``name`` of every model, stacked (non-float tensors: stored dtype)."""
 
 
 def merge_tensor(
@@ -74,8 +59,7 @@ def merge_tensor(
 
 def method_inputs(source: TensorSource, name: str, spec: MethodSpec) -> torch.Tensor:
     """What the method sees for ``name``: task vectors for delta-space methods, else the weights."""
-    models = source.read_models(name)
-    return models - source.read_base(name) if spec.space == Space.delta else models
+    return source.task_vectors(name) if spec.space == Space.delta else source.read_models(name)
 
 
 def no_extras(_name: str) -> dict:
@@ -96,10 +80,8 @@ def setup_extras(
     if not spec.needs_fisher:
         return no_extras
     # The Fisher is laid out like the tensors the merge reads (aligned vocabularies): it needs the opened
-    # models. A MergePlan holds them; another source (a MergeSession) names the same inputs as the recipe.
-    models = source.models if isinstance(source, MergePlan) else open_inputs(
-        recipe.base_model, recipe.model_paths(), recipe.tokenizer_source).models
-    return fisher_extras(spec, recipe.resolved_params(), models, recipe.seed, fisher_cache, progress)
+    # checkpoints, which every source over checkpoints (MergeInputs, MergeSession) holds as model_ckpts.
+    return fisher_extras(spec, recipe.resolved_params(), source.model_ckpts, recipe.seed, fisher_cache, progress)
 
 
 def merge_stream(
@@ -135,46 +117,13 @@ def merge_stream(
             progress((i + 1) / len(source.names), name)
 
 
-@dataclass
-class MergePlan:
-    """Opened, checked inputs of a recipe: what the executor iterates over."""
-
-    recipe: MergeRecipe
-    base: Optional[Checkpoint]
-    models: list[Checkpoint]
-    names: list[str]
-
-    @property
-    def reference(self) -> Checkpoint:
-        """The checkpoint whose config, tokenizer and non-float tensors the output takes."""
-        return self.base or self.models[0]
-
-    def inputs(self) -> list[Path]:
-        """Every file and folder the merge reads (for a LoRA adapter: the adapter and its base)."""
-        return [s for c in ([self.base] if self.base else []) + self.models for s in c.sources]
-
-    @property
-    def model_paths(self) -> list[Path]:
-        """The models' paths, in recipe order."""
-        return [c.path for c in self.models]
-
-    def read_base(self, name: str) -> Optional[torch.Tensor]:
-        """(*S) float32 base tensor ``name``, or None without a base."""
-        return read_float(self.base, name) if self.base else None
-
-    def read_models(self, name: str) -> torch.Tensor:
-        """(N, *S) float32 tensor ``name`` of every model, stacked (non-float tensors: stored dtype)."""
-        return read_stacked(self.models, name)
-
-
-def plan(recipe: MergeRecipe) -> MergePlan:
-    """Open, check and align every input before any work (``explorer.inputs.open_inputs``).
+def plan(recipe: MergeRecipe) -> MergeInputs:
+    """Check the recipe's params, then open, check and align every input before any work (``open_inputs``).
 
     Raises CheckpointError/ValueError naming the model, tensor and fix.
     """
     recipe.resolved_params()
-    inputs = open_inputs(recipe.base_model, recipe.model_paths(), recipe.tokenizer_source)
-    return MergePlan(recipe, inputs.base, inputs.models, inputs.names)
+    return open_inputs(recipe.base_model, recipe.model_paths(), recipe.tokenizer_source)
 
 
 def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_range: OutOfRange | str = OutOfRange.refuse) -> torch.Tensor:
@@ -214,7 +163,7 @@ def merge_to_folder(
     before anything is written; the folder appears only when complete.
     """
     merge_plan = plan(recipe)
-    out = check_output_dir(out_dir, merge_plan.inputs(), overwrite)
+    out = check_output_dir(out_dir, merge_plan.sources(), overwrite)
     extras = setup_extras(merge_plan, recipe, progress, fisher_cache)
     stream = merge_stream(merge_plan, recipe, progress, extras=extras)
     return write_checkpoint(out, stream, merge_plan.reference, recipe, overwrite)

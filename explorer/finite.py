@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from explorer.formats.base import Checkpoint, CheckpointError
+from explorer.formats.base import Checkpoint, CheckpointError, check_finite
 
-
-def check_finite(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> None:
-    """Raise CheckpointError naming ``checkpoint`` and tensor ``name`` if ``tensor`` holds NaN or inf.
-
-    ``tensor``: any shape, float. One aminmax pass (NaN propagates into min and max).
-    """
-    if tensor.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(tensor)):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} has {bad} NaN/inf values; this checkpoint is corrupt or diverged; re-export or drop it")
+__all__ = ["CheckpointError", "check_finite", "read_float", "read_stacked"]
 
 
 def read_float(checkpoint: Checkpoint, name: str) -> torch.Tensor:
     """Tensor ``name`` as float32 (from F16, BF16, F32, dequantized GGUF, ...); non-float tensors as stored.
 
-    Raises CheckpointError naming model and tensor if it holds NaN or inf.
+    The same as ``checkpoint[name]`` (``Checkpoint.__getitem__``). Raises CheckpointError naming model
+    and tensor if it holds NaN or inf.
     """
-    tensor = checkpoint.get(name)
-    if not tensor.is_floating_point():
-        return tensor
-    tensor = tensor.to(torch.float32)
-    check_finite(checkpoint, name, tensor)
-    return tensor
+    return checkpoint[name]
 
 
 def read_stacked(checkpoints: list[Checkpoint], name: str) -> torch.Tensor:

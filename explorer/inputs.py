@@ -1,18 +1,25 @@
 """The inputs of one merge: opened, checked against each other and aligned, before any work is done.
 
-``open_inputs`` is what the streaming executor's ``plan`` and the interactive ``MergeSession`` both
-call, so they read the same views and refuse the same inputs with the same messages.
-``compatibility_report`` runs the same checks model by model and reports instead of raising.
+``open_inputs`` is what the streaming executor's ``plan``, the interactive ``MergeSession`` and
+Inspect from disk all call, so they read the same views (vocabulary alignment, tied/untied
+embeddings) and refuse the same inputs with the same messages. ``compatibility_report`` runs the
+same checks model by model and reports instead of raising.
+
+``TensorSource`` is the one protocol every reader of inputs uses (the executor's merge loop, the
+Inspect statistics): ``MergeInputs`` reads from disk one tensor name at a time; ``MergeSession``
+holds the same tensors in memory. Task vectors M_i - B are formed in one place, ``task_vectors``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import pandas as pd
+import torch
 
 from explorer.checkpoint import (
     Checkpoint,
@@ -22,36 +29,107 @@ from explorer.checkpoint import (
     open_checkpoint,
 )
 from explorer.choices import TokenizerSource
+from explorer.finite import read_stacked
 from explorer.vocab import align_embeddings
 
 REPORT_COLUMNS = ["path", "role", "format", "architecture", "layers", "vocab", "dtype", "tied", "status", "message"]
 
 
+class TensorSource(Protocol):
+    """Inputs read by tensor name: from disk (``MergeInputs``) or memory (``MergeSession``).
+
+    ``base`` and each of ``models`` map tensor name -> float32 tensor (non-float tensors as stored): a
+    ``Checkpoint`` (read at each lookup) or a dict. ``base`` is None without a base model.
+    """
+
+    names: list[str]  # the tensors, in the reference model's order
+    base: Optional[Mapping[str, torch.Tensor]]
+    models: Sequence[Mapping[str, torch.Tensor]]
+
+    @property
+    def model_paths(self) -> list[Path]:
+        """The models' paths, in order (labels of the experts)."""
+
+    def read_base(self, name: str) -> Optional[torch.Tensor]:
+        """(*S) float32 base tensor ``name``, or None without a base."""
+
+    def read_models(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 tensor ``name`` of every model, stacked (non-float tensors: stored dtype)."""
+
+    def task_vectors(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 task vectors M_i - B of tensor ``name`` (``task_vectors``); ValueError without a base."""
+
+
+def task_vectors(source: TensorSource, name: str) -> torch.Tensor:
+    """(N, *S) float32 task vectors M_i - B of tensor ``name`` of ``source``, formed in the stacked read.
+
+    The one definition of a task vector for every source. Raises ValueError without a base.
+    """
+    base = source.read_base(name)
+    if base is None:
+        raise ValueError("task vectors need a base model; choose one in the Models tab")
+    return source.read_models(name).sub_(base)
+
+
 @dataclass
 class MergeInputs:
-    """Checked inputs: ``base`` (optional) and ``models`` as views that agree tensor by tensor."""
+    """Checked inputs on disk: ``base`` (optional) and ``models`` as views that agree tensor by tensor.
+
+    A ``TensorSource`` that reads one tensor name at a time (bounded memory: about N + 1 tensors):
+    the streaming executor merges it, the Inspect statistics scan it. labels: optional expert names
+    for tables and legends (default: the models' folder names).
+    """
 
     base: Optional[Checkpoint]
     models: list[Checkpoint]
     names: list[str]  # the tensors to merge, in the reference model's order
+    labels: Optional[list[str]] = None
 
     @property
     def reference(self) -> Checkpoint:
-        """The checkpoint whose config and tokenizer the output takes: the base, else the first model."""
+        """The checkpoint whose config, tokenizer and non-float tensors the output takes: the base, else the first model."""
         return self.base or self.models[0]
 
+    @property
+    def base_ckpt(self) -> Optional[Checkpoint]:
+        """The base checkpoint (as ``MergeSession.base_ckpt``)."""
+        return self.base
+
+    @property
+    def model_ckpts(self) -> list[Checkpoint]:
+        """The models' checkpoints (as ``MergeSession.model_ckpts``)."""
+        return self.models
+
+    @property
+    def model_paths(self) -> list[Path]:
+        """The models' paths, in recipe order."""
+        return [c.path for c in self.models]
+
     def sources(self) -> list[Path]:
-        """Every file and folder the merge reads (an output must stay clear of all of them)."""
+        """Every file and folder the merge reads (for a LoRA adapter: the adapter and its base); an output must stay clear of all of them."""
         return [s for c in ([self.base] if self.base else []) + self.models for s in c.sources]
+
+    def read_base(self, name: str) -> Optional[torch.Tensor]:
+        """(*S) float32 base tensor ``name``, read now, or None without a base."""
+        return self.base[name] if self.base else None
+
+    def read_models(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 tensor ``name`` of every model, read now and stacked (``finite.read_stacked``)."""
+        return read_stacked(self.models, name)
+
+    def task_vectors(self, name: str) -> torch.Tensor:
+        """(N, *S) float32 task vectors M_i - B of tensor ``name``, read now (``task_vectors``)."""
+        return task_vectors(self, name)
 
 
 def open_inputs(
-    base: Optional[str | Path], models: Sequence[str | Path], tokenizer_source: TokenizerSource | str = TokenizerSource.base
+    base: Optional[str | Path], models: Sequence[str | Path], tokenizer_source: TokenizerSource | str = TokenizerSource.base,
+    labels: Optional[Sequence[str]] = None,
 ) -> MergeInputs:
     """Open, check and align the inputs of a merge; raises CheckpointError naming model, tensor and fix.
 
     Order: open every input (format errors), architecture and depth, vocabulary and tying alignment
-    (``explorer.vocab``), then tensor names and shapes.
+    (``explorer.vocab``), then tensor names and shapes. labels: expert names for Inspect (optional).
     """
     if not models:
         raise CheckpointError("no models to merge; give at least one model")
@@ -61,7 +139,7 @@ def open_inputs(
     for other in model_ckpts:
         check_config(reference, other)
     base_ckpt, model_ckpts = align_embeddings(base_ckpt, model_ckpts, tokenizer_source)
-    return MergeInputs(base_ckpt, model_ckpts, check_compatible(base_ckpt, model_ckpts))
+    return MergeInputs(base_ckpt, model_ckpts, check_compatible(base_ckpt, model_ckpts), list(labels) if labels is not None else None)
 
 
 def compatibility_report(

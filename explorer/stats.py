@@ -297,7 +297,7 @@ def inspect_tables(
     """
     if lacks_base(source):
         return dict.fromkeys(PANEL_KEYS, "Choose a base model: these statistics are about task vectors M_i - B.")
-    has_base = getattr(source, "base", None) is not None
+    has_base = source.base is not None
     missing = {}
     if merged is None:
         missing["merge_distance"] = "Merge first: this panel compares the merged weights with the base and each expert."

@@ -132,11 +132,11 @@ class _TaskVectors:
 
     With the source's weights (``models`` and ``base``) a chunk is M_i - B computed into a reused
     buffer (nothing of tensor size is allocated); otherwise chunks are views of
-    ``source.task_vectors(name)``. Both give the same float32 values.
+    ``source.task_vectors(name)`` (``explorer.inputs.task_vectors``). Both give the same float32 values.
     """
 
     def __init__(self, source: TaskVectorSource, name: str, work: Workspace):
-        models, bases = getattr(source, "models", None), getattr(source, "base", None)
+        models, bases = source.models, source.base
         self.base = bases[name].reshape(-1) if bases is not None else None
         self._work, self._weights, self._stack = work, None, None
         if models is not None and self.base is not None:
@@ -293,7 +293,7 @@ def scan(
     that lacks a tensor or has another size; CheckpointError from a disk source's bad tensor.
     """
     _check(density, thresholds, sample, grid, chunk)
-    if merged is not None and getattr(source, "base", None) is None:
+    if merged is not None and source.base is None:
         raise ValueError("distances of a merge need the base weights; this source has none")
     rows: dict[str, list] = {"experts": [], "entries": [], "pairs": [], "distances": []}
     samples, weights, owners, shares, names, labels, work = [], [], [], [], [], None, Workspace()

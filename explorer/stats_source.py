@@ -1,28 +1,26 @@
 """Where the Inspect statistics read task vectors from, and how tensor names map to layers.
 
-A *source* is anything with ``names`` (tensor names, in order) and ``task_vectors(name)`` returning the
-(N, *S) float32 task vectors M_i - B of one tensor. ``MergeSession`` is one; ``DiskTaskVectors`` reads
-checkpoints from disk one tensor name at a time (for models that do not fit in RAM);
-``TensorTaskVectors`` wraps task vectors already in memory (tests, notebooks).
+A source is an ``explorer.inputs.TensorSource``, the same protocol the merge reads: ``names``,
+``base`` and ``models`` (mappings name -> float32 weights) and ``task_vectors(name)``. A
+``MergeSession`` holds them in memory; ``open_inputs`` (``DiskTaskVectors`` here) reads checkpoints
+from disk one tensor name at a time, with the merge's vocabulary alignment and tied/untied handling;
+``TensorTaskVectors`` wraps task vectors already in memory (tests, notebooks) and has no ``models``.
 
-Optional attributes a source may have:
-  ``labels``  expert names for tables and legends (default: the folder names of ``model_paths``);
-  ``base``    mapping name -> base weights B (needed for distances of a merge from its inputs);
-  ``models``  list of mappings name -> expert weights M_i; with ``base`` the statistics compute
-              M_i - B chunk by chunk instead of materializing the (N, *S) stack (same numbers, faster).
+With ``base`` and ``models`` the statistics compute M_i - B chunk by chunk instead of materializing
+the (N, *S) stack (same numbers, faster); ``base`` is also needed for distances of a merge from its
+inputs. An optional ``labels`` gives expert names (default: the folder names of ``model_paths``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from explorer.checkpoint import Checkpoint, check_compatible, open_checkpoint
-from explorer.finite import read_float
+from explorer.choices import TokenizerSource
+from explorer.inputs import MergeInputs, TensorSource, open_inputs
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 _OUTSIDE_BLOCKS = (("embed", "embed"), ("wte", "embed"), ("wpe", "embed"), ("lm_head", "head"), ("norm", "norm"), ("ln_f", "norm"))
@@ -47,13 +45,7 @@ def layer_rank(label: str) -> int:
     return int(label) if label.isdigit() else _RANK.get(label, (1 << 30) + 2)
 
 
-class TaskVectorSource(Protocol):
-    """What the statistics need: tensor names and their stacked task vectors (N, *S) float32."""
-
-    names: Sequence[str]
-
-    def task_vectors(self, name: str) -> torch.Tensor:
-        """(N, *S) float32 task vectors M_i - B of tensor ``name``."""
+TaskVectorSource = TensorSource  # the statistics read the merge's source protocol
 
 
 def expert_labels(source: TaskVectorSource, n: int) -> list[str]:
@@ -84,45 +76,20 @@ def _distinct(labels: list[str]) -> list[str]:
 
 def lacks_base(source: TaskVectorSource) -> bool:
     """True for a source that holds weights (``models``) but no base: it has no task vectors."""
-    return getattr(source, "models", None) is not None and getattr(source, "base", None) is None
+    return source.models is not None and source.base is None
 
 
-class CheckpointTensors(Mapping):
-    """Read-only mapping name -> float32 tensor, read from a checkpoint on disk at each lookup."""
+def DiskTaskVectors(  # noqa: N802  (named as the class it replaces)
+    base: str | Path, models: Sequence[str | Path], labels: Sequence[str] | None = None, tokenizer_source: TokenizerSource | str = TokenizerSource.base
+) -> MergeInputs:
+    """Checkpoints on disk as an Inspect source, read one tensor name at a time (bounded memory).
 
-    def __init__(self, checkpoint: Checkpoint, names: Sequence[str]):
-        self.checkpoint, self._names = checkpoint, list(names)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return read_float(self.checkpoint, name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-class DiskTaskVectors:
-    """Task vectors of checkpoints on disk, read one tensor name at a time (bounded memory).
-
-    Peak memory is about (N + 1) x the largest tensor in float32 plus the statistics' work buffers.
-    Raises CheckpointError (from ``check_compatible``) when the models do not share the base's
-    architecture, tensor names or shapes.
+    Exactly the inputs a merge of the same models reads (``explorer.inputs.open_inputs``): vocabularies
+    aligned by token (``tokenizer_source``), tied and untied embeddings reconciled. Peak memory is
+    about (N + 1) x the largest tensor in float32 plus the statistics' work buffers. Raises
+    CheckpointError naming the model, tensor and fix when the models do not merge with the base.
     """
-
-    def __init__(self, base: str | Path, models: Sequence[str | Path], labels: Sequence[str] | None = None):
-        base_ckpt = open_checkpoint(base)
-        model_ckpts = [open_checkpoint(m) for m in models]
-        self.names = check_compatible(base_ckpt, model_ckpts)
-        self.model_paths = [c.path for c in model_ckpts]
-        self.labels = list(labels) if labels is not None else None
-        self.base = CheckpointTensors(base_ckpt, self.names)
-        self.models = [CheckpointTensors(c, self.names) for c in model_ckpts]
-
-    def task_vectors(self, name: str) -> torch.Tensor:
-        """(N, *S) float32 task vectors M_i - B of tensor ``name``, read from disk now."""
-        return torch.stack([m[name] for m in self.models]) - self.base[name]
+    return open_inputs(base, models, tokenizer_source, labels)
 
 
 class TensorTaskVectors:
@@ -131,6 +98,8 @@ class TensorTaskVectors:
     ``vectors`` maps name -> (N, *S) tensor; ``base`` (optional) maps name -> (*S) base weights,
     needed only for distances of a merge from its inputs.
     """
+
+    models = None  # only task vectors are known
 
     def __init__(self, vectors: Mapping[str, torch.Tensor], labels: Sequence[str] | None = None, base: Mapping[str, torch.Tensor] | None = None):
         self.vectors, self.base = dict(vectors), base

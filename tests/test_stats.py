@@ -23,6 +23,7 @@ from explorer.registry import tensor_generator
 from explorer.session import MergeSession
 from tests.helpers import assert_expected
 from tests.tiny import tiny_family
+from tests.tiny_formats import llama_with_tokenizer
 
 # Two experts, one tensor of 8 entries; at density 0.5 each keeps its 4 largest |x|:
 # expert a keeps entries 0, 1, 2, 3 and b keeps 0, 1, 2, 4. Both keep 0 (signs +,+), 1 (-,+), 2 (+,-).
@@ -297,3 +298,28 @@ def test_dare_panel_is_the_methods_drop(rescale):
     edges = torch.tensor([*after["left"].iloc[: stats.DEFAULT_BINS], after["right"].iloc[stats.DEFAULT_BINS - 1]], dtype=torch.float64)
     counts = stats.weighted_histogram(dropped.reshape(2, -1), torch.ones(x[0].numel()), edges)
     assert after["count"].tolist() == counts.reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("tokenizer_source", ["base", "union"])
+def test_inspect_from_disk_aligns_vocabularies_like_the_session(tmp_path_factory, tokenizer_source):
+    """Inspect from disk reads the merge's inputs (open_inputs), vocabularies aligned as in the session.
+
+    Experts with added tokens and padded rows are aligned by token, and every table equals Inspect on
+    the in-memory session of the same models.
+    """
+    root = tmp_path_factory.mktemp("inspect_vocab")
+    base = llama_with_tokenizer(root / "base")
+    added = llama_with_tokenizer(root / "added", seed=2, base=base, added=("<tool>", "<think>"))
+    padded = llama_with_tokenizer(root / "padded", seed=3, base=base, pad_to=72)
+    session = MergeSession(base, [added, padded], tokenizer_source=tokenizer_source)
+    disk = stats.DiskTaskVectors(base, [added, padded], tokenizer_source=tokenizer_source)
+    assert disk.names == session.names
+    merged = session.merge(session.recipe("task_arithmetic", {}, [{}, {}]))
+    in_memory = stats.inspect_tables(session, 0.3, merged, sample=100)
+    from_disk = stats.inspect_tables(disk, 0.3, merged, sample=100)
+    assert list(from_disk) == list(in_memory)
+    for key, table in in_memory.items():
+        pd.testing.assert_frame_equal(from_disk[key], table, obj=key)
+    rows = 66 if tokenizer_source == "union" else 64
+    assert disk.task_vectors("model.embed_tokens.weight").shape == (2, rows, 16)
+    assert torch.equal(disk.task_vectors("lm_head.weight"), session.task_vectors("lm_head.weight"))

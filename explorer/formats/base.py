@@ -10,11 +10,12 @@ tensor where there is one, and what to do.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import transformers
@@ -47,6 +48,16 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or merged; the message says which file/tensor and the fix."""
+
+
+def check_finite(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> None:
+    """Raise CheckpointError naming ``checkpoint`` and tensor ``name`` if ``tensor`` holds NaN or inf.
+
+    ``tensor``: any shape, float. One aminmax pass (NaN propagates into min and max).
+    """
+    if tensor.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(tensor)):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} has {bad} NaN/inf values; this checkpoint is corrupt or diverged; re-export or drop it")
 
 
 def is_float_dtype(name: str) -> bool:
@@ -189,6 +200,24 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` (its stored dtype), read from disk now; CheckpointError if there is none."""
         raise NotImplementedError
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as float32 (from F16, BF16, F32, dequantized GGUF, ...), read now; non-float tensors as stored.
+
+        How every tensor is read for a merge or a statistic: a checkpoint is a read-only mapping of
+        tensor name -> float32 tensor, like the dicts of an in-memory session (``explorer.inputs``).
+        Raises CheckpointError naming model and tensor if it holds NaN or inf, or if there is none.
+        """
+        tensor = self.get(name)
+        if not tensor.is_floating_point():
+            return tensor
+        tensor = tensor.to(torch.float32)
+        check_finite(self, name, tensor)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        """Tensor names in file order."""
+        return iter(self.files)
 
     def close(self) -> None:
         """Release open files; reading again reopens them."""
