@@ -18,7 +18,7 @@ from explorer import registry
 from explorer.checkpoint import TIED_NAMES, resolved_spec
 from explorer.executor import merge_stream
 from explorer.finite import read_float
-from explorer.inputs import open_inputs
+from explorer.inputs import open_inputs, task_vectors
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.writer import check_output_dir, write_checkpoint
@@ -48,9 +48,7 @@ class MergeSession:
 
     def task_vectors(self, name: str) -> torch.Tensor:
         """(N, *S) float32 task vectors M_i - B of tensor ``name``; ValueError without a base."""
-        if self.base is None:
-            raise ValueError("task vectors need a base model; choose one in the Models tab")
-        return torch.stack([m[name] for m in self.models]) - self.base[name]
+        return task_vectors(self, name)
 
     def recipe(self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0) -> MergeRecipe:
         """A validated recipe over this session's inputs (what the app exports and the CLI replays).
