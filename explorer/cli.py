@@ -1,4 +1,11 @@
-"""Command line: ``python -m explorer merge RECIPE.yaml --out DIR``, ``merge-adapters ADAPTER ... --out DIR``, ``methods``."""
+"""Command line: ``python -m explorer merge | average-run | prune | merge-adapters | methods``.
+
+``merge RECIPE.yaml --out DIR`` runs a recipe; ``average-run RUN_DIR --last-k K | --every-k K | --ema D``
+averages a Trainer run's checkpoints (``explorer.run_average``); ``prune MODEL --sparsity S`` writes a
+magnitude-pruned copy (``explorer.prune``); ``merge-adapters ADAPTER ... --out DIR`` merges LoRA
+adapters; ``methods`` lists the methods. Every output goes through ``explorer.writer`` (checked output
+folder, written to a hidden temporary folder, renamed when complete; inputs only read).
+"""
 
 from __future__ import annotations
 
@@ -18,20 +25,29 @@ from explorer.recipe import MergeRecipe
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: sys.argv); returns the exit status (0 ok, 2 refused)."""
-    parser = argparse.ArgumentParser(prog="python -m explorer", description="Merge Explorer command line")
+    parser = argparse.ArgumentParser(
+        prog="python -m explorer", description="Merge Explorer command line",
+        epilog="Greedy soup (needs lm-eval): python -m evals greedy-soup MODEL ... --task-dir DIR --task TASK --out DIR",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="merge the checkpoints a recipe names into a new folder")
     merge.add_argument("recipe", type=Path, help="mergekit-style YAML recipe")
     merge.add_argument("--out", type=Path, required=True, help="output folder (must not be an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder when done")
     merge.add_argument("--fisher-cache", type=Path, help="folder of cached Fisher estimates (fisher method; default ~/.cache/merge_explorer/fisher)")
-    sub.add_parser("methods", help="list the merge methods and their parameters")
+    _add_average_run(sub)
+    _add_prune(sub)
     _add_merge_adapters(sub)
+    sub.add_parser("methods", help="list the merge methods and their parameters")
     args = parser.parse_args(argv)
     if args.command == "methods":
         return _methods()
     if args.command == "merge-adapters":
         return _merge_adapters(args)
+    if args.command == "average-run":
+        return _average_run(args)
+    if args.command == "prune":
+        return _prune(args)
     return _merge(args.recipe, args.out, args.overwrite, args.fisher_cache)
 
 
@@ -44,6 +60,10 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool, fisher_cache: Path | N
         return _fail(f"{recipe_path}: cannot read the recipe file ({e.strerror}); give the path of a YAML file")
     except (ValidationError, ValueError, KeyError, yaml.YAMLError) as e:
         return _fail(f"{recipe_path}: invalid recipe: {e}")
+    return _run_recipe(recipe, out, overwrite, fisher_cache)
+
+
+def _run_recipe(recipe: MergeRecipe, out: Path, overwrite: bool, fisher_cache: Path | None = None) -> int:
     bars: list[tqdm] = []  # created on the first progress report, after every input passed its checks
 
     def progress(fraction: float, _name: str) -> None:
@@ -62,6 +82,66 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool, fisher_cache: Path | N
     if error:
         return _fail(error)
     print(f"wrote {out}")
+    return 0
+
+
+def _add_average_run(sub) -> None:
+    run = sub.add_parser(
+        "average-run", help="average the checkpoint-STEP folders of one Trainer run (last k, every k-th, EMA)",
+        description="Average the checkpoints of a Trainer run with the streaming merge: linear (equal weights) over the "
+        "chosen checkpoints, or --ema over them oldest first. --print-recipe prints the recipe "
+        "(replay it with: python -m explorer merge RECIPE.yaml --out DIR).",
+    )
+    run.add_argument("run_dir", type=Path, help="Trainer output_dir holding checkpoint-STEP folders")
+    pick = run.add_mutually_exclusive_group()
+    pick.add_argument("--last-k", type=int, metavar="K", help="the K newest checkpoints")
+    pick.add_argument("--every-k", type=int, metavar="K", help="every K-th checkpoint counted back from the newest")
+    run.add_argument("--ema", type=float, metavar="DECAY", help="exponential moving average with this decay in [0, 1] over the chosen checkpoints (all by default), instead of a plain average")
+    run.add_argument("--dtype", default="float32", help="output dtype: float32, float16 or bfloat16")
+    run.add_argument("--print-recipe", action="store_true", help="print the recipe YAML (without --out: print only, merge nothing)")
+    run.add_argument("--out", type=Path, help="output folder (must not be an input)")
+    run.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out when done")
+
+
+def _average_run(args: argparse.Namespace) -> int:
+    from explorer.run_average import run_recipe
+
+    if args.out is None and not args.print_recipe:
+        return _fail("give --out DIR to write the average, or --print-recipe to see the recipe")
+    try:
+        recipe = run_recipe(args.run_dir, args.last_k, args.every_k, args.ema, args.dtype)
+    except (ValidationError, ValueError) as e:  # CheckpointError is a ValueError
+        return _fail(f"{args.run_dir}: {e}")
+    if args.print_recipe:
+        print(recipe.to_yaml(), end="")
+    return 0 if args.out is None else _run_recipe(recipe, args.out, args.overwrite)
+
+
+def _add_prune(sub) -> None:
+    prune = sub.add_parser(
+        "prune", help="write a magnitude-pruned copy of a checkpoint",
+        description="Zero the smallest-magnitude entries of every weight matrix (norms and biases are copied); "
+        "each tensor keeps its dtype. The sparsity reached is printed and saved as prune_report.json.",
+    )
+    prune.add_argument("model", help="checkpoint folder (or any input the merge reads: .gguf, LoRA adapter, ...)")
+    prune.add_argument("--sparsity", type=float, required=True, help="fraction of entries set to zero, in [0, 1]")
+    prune.add_argument("--scope", default="tensor", help="tensor: each matrix to the sparsity (default); model: one magnitude cutoff over all matrices together")
+    prune.add_argument("--out", type=Path, required=True, help="output folder (must not be the input or inside it)")
+    prune.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out when done")
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from explorer.prune import prune_to_folder
+
+    try:
+        report = prune_to_folder(args.model, args.out, args.sparsity, args.scope, args.overwrite)
+    except (CheckpointError, ValueError) as e:
+        return _fail(str(e))
+    print(
+        f"pruned {len(report.pruned_tensors)} tensors (kept {len(report.kept_tensors)} as they are) per {report.scope}: "
+        f"sparsity {report.sparsity_before:.4f} -> {report.sparsity_after:.4f}"
+    )
+    print(f"wrote {args.out}")
     return 0
 
 

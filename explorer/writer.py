@@ -15,7 +15,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -84,24 +84,32 @@ def write_checkpoint(
     out: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
     source: Checkpoint | Path,
-    recipe: MergeRecipe,
+    recipe: Optional[MergeRecipe],
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
+    files: Optional[dict[str, str | Callable[[], str]]] = None,
 ) -> Path:
     """Consume ``tensors`` into the new checkpoint folder ``out``; returns ``out``.
 
     ``source`` (the reference checkpoint, or its folder) gives the config (with the output dtype) and
-    the tokenizer and generation config files. Shards hold at most ``shard_bytes`` bytes (one larger
-    tensor gets a shard of its own). An OSError while writing (e.g. a full disk) becomes a
-    CheckpointError; any failure leaves nothing at ``out`` and removes the temporary folder.
+    the tokenizer and generation config files. ``recipe`` adds ``merge_recipe.yaml`` and a model card
+    (README.md); None for a checkpoint that is not a merge (e.g. a pruned model, ``explorer.prune``).
+    ``files``: more text files to write, {file name: text, or a function returning it, called once every
+    tensor is written}, written after (so replacing) those.
+    Shards hold at most ``shard_bytes`` bytes (one larger tensor gets a shard of its own). An OSError
+    while writing (e.g. a full disk) becomes a CheckpointError; any failure leaves nothing at ``out``
+    and removes the temporary folder.
     """
     source = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     with staged_folder(out, overwrite) as tmp:
         dtype = _write_shards(tmp, tensors, shard_bytes)
         _write_config(tmp, source.config, dtype)
         source.save_assets(tmp)
-        (tmp / "merge_recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(model_card(recipe))
+        if recipe is not None:
+            (tmp / "merge_recipe.yaml").write_text(recipe.to_yaml())
+            (tmp / "README.md").write_text(model_card(recipe))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text() if callable(text) else text)
     return out
 
 
