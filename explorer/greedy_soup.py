@@ -3,7 +3,8 @@
 Candidates are tried in order of their own held-out score, best first; each joins the soup only if the
 soup's held-out score does not drop. The algorithm is pure: the caller supplies ``soup`` (candidates ->
 anything, e.g. a uniform ``linear`` merge in memory) and ``score`` (that thing -> held-out score,
-higher is better), so it runs without models in tests.
+higher is better), so it runs without models in tests. Over checkpoint folders scored with lm-eval:
+``evals.greedy_soup`` (``python -m evals greedy-soup MODEL ... --task-dir DIR --task TASK --out DIR``).
 """
 
 from __future__ import annotations

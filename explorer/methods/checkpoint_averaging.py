@@ -2,7 +2,8 @@
 
 The selection helpers are pure functions from the number of checkpoints n (ordered oldest first) to
 n per-model weights summing to 1, ready for the ``linear`` merge (weight 0 leaves a checkpoint out).
-``ema`` is also registered as a method over checkpoints given oldest first. References: checkpoint
+``ema`` is also registered as a method over checkpoints given oldest first. ``explorer.run_average``
+builds the recipes over a Trainer run (``python -m explorer average-run RUN --last-k K``). References: checkpoint
 averaging in NMT (Vaswani et al. 2017, arXiv:1706.03762; Gao et al. 2022, arXiv:2210.11803); Polyak
 averaging / EMA of weights (Polyak & Juditsky 1992).
 """
