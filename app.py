@@ -14,15 +14,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-
 import argparse
 import re
 from pathlib import Path
+from typing import Optional
 
 import gradio as gr
 import pandas as pd
 
 import ui_handlers as ui
 from explorer import plots, registry
+from explorer.background import BackgroundJob
 from explorer.workbench import Workbench
+from explorer.zoo_experts import build_smollm2_experts, smollm2_experts_built
 
 DEFAULT_MODELS = Path("models")
+DEMO_DIR = "smollm2"  # the demo experts' folder inside the first models folder
 HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}  # one merge/eval/export per process; the rest queue
 
 
@@ -41,8 +45,12 @@ def _control(p: registry.Param, key: str, value):
     return gr.Slider(p.low, p.high, value=value, step=p.step, **common)
 
 
-def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS) -> gr.Blocks:
-    """The whole UI over checkpoints found under ``models_dirs`` (the only folders it reads or writes)."""
+def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS, demo_build: Optional[BackgroundJob] = None) -> gr.Blocks:
+    """The whole UI over checkpoints found under ``models_dirs`` (the only folders it reads or writes).
+
+    ``demo_build``: the demo models' build running in the background; the Models tab shows its
+    progress and lists its checkpoints as they are finished.
+    """
     roots = [Path(d) for d in ([models_dirs] if isinstance(models_dirs, (str, Path)) else models_dirs)]
     methods = [s.name for s in registry.all_methods()]
     with gr.Blocks(title="Merge Explorer") as demo:
@@ -54,6 +62,8 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS) -> gr.Blocks:
             with gr.Row():
                 folder = gr.Dropdown([str(r) for r in roots], value=str(roots[0]), label="Models folder (given with --models at start-up)", elem_id="models-folder", scale=4)
                 scan_btn = gr.Button("Scan again", elem_id="scan")
+            build_status = gr.Markdown(demo_build.status() if demo_build else "", elem_id="demo-build", visible=demo_build is not None)
+            known = gr.State(-1)  # checkpoints seen by the last poll of the demo build
             catalog = gr.Dataframe(elem_id="catalog", interactive=False, label="Checkpoints found: format, size, dtype")
             base = gr.Dropdown([], label="Base model (the experts' common ancestor)", elem_id="base")
             experts = gr.CheckboxGroup([], label="Experts to merge", elem_id="experts")
@@ -123,7 +133,7 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS) -> gr.Blocks:
                     with gr.Row():
                         mine = [(key, p) for key, p in keyed if p.per_model and key.endswith(ui.KEY_SEP + label)]
                         widgets += [_control(p, key, ui.remembered(remembered, p, key)) for key, p in mine]
-                for (key, _), widget in zip(keyed, widgets):
+                for (key, _), widget in zip(keyed, widgets, strict=True):
                     settings = [bench, values, method, dtype, seed, gr.State(key), widget]
                     widget.change(ui.preview, settings, [recipe_preview, merge_status], show_progress="hidden")
                     getattr(widget, "release", widget.change)(ui.live_merge, [live, *settings], merged_outputs, **HEAVY)
@@ -131,6 +141,10 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS) -> gr.Blocks:
         merged_outputs = [bench, merge_status, recipe_preview, history, shown, merges, other]
         scan_args = ([bench, folder], [bench, catalog, base, experts, models_status, tasks])
         demo.load(ui.scan, *scan_args)
+        if demo_build:
+            timer = gr.Timer(2.0)
+            tick = lambda wb, root, seen: ui.build_tick(demo_build, wb, root, seen)  # noqa: E731
+            timer.tick(tick, [bench, folder, known], [build_status, known, timer, *scan_args[1]], show_progress="hidden")
         scan_btn.click(ui.scan, *scan_args)
         folder.change(ui.scan, *scan_args)
         base.change(ui.experts_without_base, [bench, base, experts], [experts])
@@ -158,14 +172,15 @@ def main() -> None:
     parser.add_argument("--models", type=Path, action="append", help="folder of checkpoints; repeat for several (default ./models; the demo zoo is built there if empty)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--no-demo", action="store_true", help="do not build the SmolLM2 demo experts")
     args = parser.parse_args()
     roots = args.models or [DEFAULT_MODELS]
-    if not any(Workbench(r).checkpoints() for r in roots):
-        from explorer.zoo import build_zoo
-
-        print(f"No checkpoints in {roots[0]}: building the demo zoo in {roots[0] / 'zoo'} (about 2 minutes, once).")
-        build_zoo(roots[0] / "zoo")
-    build_demo(roots).launch(server_name=args.host, server_port=args.port)
+    demo_build = None
+    wanted = not args.no_demo and (args.models is None or not any(Workbench(r).checkpoints() for r in roots))
+    if wanted and not smollm2_experts_built(roots[0] / DEMO_DIR):
+        print(f"Building the SmolLM2 demo experts in {roots[0] / DEMO_DIR} in the background (about 8 minutes, once); the app serves meanwhile.")
+        demo_build = BackgroundJob("SmolLM2 demo experts", lambda progress: build_smollm2_experts(roots[0] / DEMO_DIR, progress)).start()
+    build_demo(roots, demo_build).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

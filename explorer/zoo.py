@@ -12,6 +12,8 @@
 
 ``python -m explorer.zoo --smollm2 OUT`` converts the packaged SmolLM2-135M-Instruct to
 ``OUT/smollm2-135m-instruct``; ``--smollm2-expert`` also fine-tunes ``OUT/smollm2-135m-upper``.
+``python -m explorer.zoo --smollm2-experts OUT`` builds the SmolLM2 expert set whose merges keep
+their skills (``explorer.zoo_experts``): ``OUT/base``, ``OUT/expert-{say,rev,add}``, ``OUT/tasks``.
 
 Every checkpoint is a normal Hugging Face folder (float32 safetensors, tokenizer, generation
 config). Seeds are fixed: a rebuild on the same machine gives the same weights.
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from explorer.zoo_experts import build_smollm2_experts
 from explorer.zoo_smollm2 import SmolExpertConfig, build_smollm2_expert, convert_smollm2
 from explorer.zoo_tasks import TASK_PREFIX, TaskSplit, make_tasks, write_task
 from explorer.zoo_train import (
@@ -53,6 +56,7 @@ __all__ = [
     "EXPERT_TASKS",
     "ZooConfig",
     "build_smollm2_expert",
+    "build_smollm2_experts",
     "build_zoo",
     "convert_smollm2",
     "zoo_is_built",
@@ -175,8 +179,13 @@ def build_zoo(
     return out_dir
 
 
+def print_progress(fraction: float, message: str) -> None:
+    """A ``Progress`` callback for the command line: ``[ 42%] message``."""
+    print(f"[{fraction:4.0%}] {message}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m explorer.zoo [--smollm2] [--smollm2-expert] OUT``."""
+    """``python -m explorer.zoo [--smollm2] [--smollm2-expert] [--smollm2-experts] OUT``."""
     parser = argparse.ArgumentParser(
         prog="python -m explorer.zoo", description=__doc__.split("\n")[0]
     )
@@ -192,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
         help="only make the SmolLM2 expert (converting SmolLM2 first if needed)",
     )
     parser.add_argument(
+        "--smollm2-experts",
+        action="store_true",
+        help="only build the SmolLM2 expert set (base, expert-say, expert-rev, expert-add, tasks)",
+    )
+    parser.add_argument(
         "--task",
         default=SmolExpertConfig.task,
         choices=EXPERT_TASKS,
@@ -205,7 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.smollm2_expert:
         with timed("smollm2 expert", timings):
             print(build_smollm2_expert(args.out, SmolExpertConfig(task=args.task)))
-    if not (args.smollm2 or args.smollm2_expert):
+    if args.smollm2_experts:
+        with timed("smollm2 expert set", timings):
+            print(build_smollm2_experts(args.out, print_progress))
+    if not (args.smollm2 or args.smollm2_expert or args.smollm2_experts):
         build_zoo(args.out)
 
 

