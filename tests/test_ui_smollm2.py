@@ -64,6 +64,7 @@ def test_a_merge_of_two_smollm2_experts_keeps_both_skills(smol_page, tmp_path):
     page.locator("#limit input").fill("100")
     page.locator("#eval-btn").click()
     expect(page.locator("#eval-status")).to_contain_text("Evaluated 4 model(s)", timeout=1_800_000)
+    expect(page.locator("#eval-chart .js-plotly-plot")).to_be_visible()
     page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
     cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()]
     assert cells[:3] == ["model", "smol_say", "smol_rev"], cells
