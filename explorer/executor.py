@@ -19,18 +19,14 @@ import torch
 
 from explorer import registry
 from explorer.choices import OutOfRange, Space, parse_choice
-from explorer.finite import read_float, read_stacked
 from explorer.fisher import fisher_extras
 from explorer.inputs import MergeInputs, TensorSource, open_inputs
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
-from explorer.registry import MethodSpec, tensor_seed
+from explorer.registry import MethodSpec
 from explorer.writer import check_output_dir, write_checkpoint
 
-__all__ = [
-    "Extras", "MergeInputs", "Progress", "TensorSource", "cast_output", "merge_stream", "merge_tensor", "merge_to_folder",
-    "method_inputs", "no_extras", "plan", "read_float", "read_stacked", "setup_extras", "tensor_seed",
-]
+__all__ = ["Extras", "cast_output", "merge_stream", "merge_tensor", "merge_to_folder", "method_inputs", "no_extras", "plan", "setup_extras"]
 
 # extras(tensor name) -> keyword inputs of the method for that tensor beyond params (e.g. {"fisher": ...})
 Extras = Callable[[str], dict]

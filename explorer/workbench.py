@@ -171,7 +171,6 @@ class Workbench:
         self.merged = None
         self.merged = session.merge(recipe, self.guard(progress))
         self.recipe = recipe
-        self._loaded.pop("merge", None)
         self.history.append(HistoryEntry(len(self.history) + 1, recipe))
         return f"Merged {len(session.model_paths)} model(s) with {recipe.merge_method} into {len(self.merged)} tensors ({recipe.dtype}): {self.history[-1].label}."
 
@@ -209,6 +208,7 @@ class Workbench:
         wanted = [(self.label(c.path), lambda t=t: t) for c, t in inputs] if include_inputs else []
         numbers = merges or [self.history[-1].number]
         wanted += [(self.history[n - 1].label, lambda n=n: self.merged_tensors(n, progress)) for n in numbers]
+        self._loaded = {label: model for label, model in self._loaded.items() if label in dict(wanted)}  # hold only what is asked for
         for label, tensors in wanted:
             if label not in self._loaded:
                 self.check_cancel()

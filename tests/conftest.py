@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Demo zoo ------------------------------------------------------------------------------------
 
@@ -42,3 +43,15 @@ def smollm2_experts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prebuilt = os.environ.get("MERGE_EXPLORER_SMOLLM2")
     out = Path(prebuilt).expanduser().resolve() if prebuilt else tmp_path_factory.mktemp("smollm2")
     return build_smollm2_experts(out)
+
+
+# Threads ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (10x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,14 +22,7 @@ from explorer.methods.fisher_merge import fisher_merge
 from tests.helpers import assert_expected
 from tests.tiny import save_tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (10x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Bigram(torch.nn.Module):
