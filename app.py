@@ -20,10 +20,11 @@ import gradio as gr
 import pandas as pd
 
 import ui_handlers as ui
-from explorer import plots, registry
+from explorer import registry
 from explorer.background import BackgroundJob
+from explorer.inspect import plots
 from explorer.workbench import Workbench
-from explorer.zoo_experts import build_smollm2_experts, smollm2_experts_built
+from explorer.zoo.experts import build_smollm2_experts, smollm2_experts_built
 
 DEFAULT_MODELS = Path("models")
 DEMO_DIR = "smollm2"  # the demo experts' folder inside the first models folder

@@ -18,10 +18,11 @@ import plotly.express as px
 from pydantic import ValidationError
 
 import evals
-from explorer import plots, registry
+from explorer import registry
 from explorer.background import BackgroundJob
+from explorer.inspect import plots
+from explorer.inspect.compare import merge_comparison, merge_comparison_figure
 from explorer.recipe import MergeRecipe
-from explorer.stats_compare import merge_comparison, merge_comparison_figure
 from explorer.workbench import Workbench
 
 log = logging.getLogger("merge_explorer.app")

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explorer import plots, stats
+from explorer.inspect import plots, stats
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 576, 30, 1536, 49152, 9, 3, 64
 

@@ -2,7 +2,7 @@
 
 Readers compared (each in a fresh subprocess, so peak RSS is its own):
 
-  ours       ``explorer.formats.safetensors_io.SafetensorsFile.read`` (plain reads into a fresh buffer)
+  ours       ``explorer.io.formats.safetensors_io.SafetensorsFile.read`` (plain reads into a fresh buffer)
   safe_open  ``safetensors.safe_open(path, "pt").get_tensor`` with one handle open for the whole pass
              (how a lazy loader uses it)
 
@@ -47,7 +47,7 @@ def read_all(reader: str, path: Path) -> dict:
     start = time.perf_counter()
     total = 0.0
     if reader == "ours":
-        from explorer.formats.safetensors_io import SafetensorsFile
+        from explorer.io.formats.safetensors_io import SafetensorsFile
 
         f = SafetensorsFile(path)
         for name in f.keys():

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import evals  # noqa: E402
 from evals.merge_sweep import merge_scores, retained_gain  # noqa: E402
-from explorer.zoo_experts import (  # noqa: E402
+from explorer.zoo.experts import (  # noqa: E402
     BASE_DIR,
     SMOL_TASKS,
     build_smollm2_experts,

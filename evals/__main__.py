@@ -67,7 +67,7 @@ def _greedy_soup(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from evals.greedy_soup import greedy_soup_models
-    from explorer.checkpoint import CheckpointError
+    from explorer.io.checkpoint import CheckpointError
 
     tasks = [t for arg in args.task for t in arg.split(",") if t]
     try:

@@ -20,9 +20,9 @@ from typing import Callable, Optional, Sequence
 from evals.lm_eval_runner import TaskDirs, evaluate_model
 from explorer.executor import merge_to_folder
 from explorer.greedy_soup import GreedySoup, greedy_soup
+from explorer.io.writer import check_output_dir
 from explorer.recipe import MergeRecipe
 from explorer.session import MergeSession
-from explorer.writer import check_output_dir
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Each input adapter i adapts module m with A_i (r_i, in) and B_i (out, r_i) at scale s_i
 (lora_alpha / r, or / sqrt(r) with use_rslora, per module with rank_pattern/alpha_pattern; see
-``explorer.formats.lora.lora_scale``); its task vector there is d_i = s_i B_i A_i (out, in).
+``explorer.io.formats.lora.lora_scale``); its task vector there is d_i = s_i B_i A_i (out, in).
 The new adapter has scale 1 on every module (lora_alpha = r, use_rslora off):
 
 - ``method="cat"`` (exact; task arithmetic with weights w_i, any real numbers):
@@ -32,7 +32,7 @@ Supported inputs: linear and embedding LoRA (lora_embedding_A/B), fan_in_fan_out
 ranks, rsLoRA, rank/alpha patterns, .safetensors or .bin weights. Whole tensors an adapter saves
 (modules_to_save, PEFT's copy of an adapted embedding ``*.base_layer.weight``) are copied when every
 adapter saves the identical tensor, and refused otherwise. Refused like the folding view refuses
-them (``explorer.formats.lora``): DoRA, LoRA biases, trainable tokens, target_parameters, non-LoRA.
+them (``explorer.io.formats.lora``): DoRA, LoRA biases, trainable tokens, target_parameters, non-LoRA.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ import torch
 from safetensors.torch import save_file
 
 from explorer import registry
-from explorer.checkpoint import open_checkpoint
 from explorer.choices import Space
 from explorer.executor import merge_stream
-from explorer.formats.base import DTYPES, CheckpointError
-from explorer.formats.bin import PickleFile
-from explorer.formats.hf_cache import hub_snapshot
-from explorer.formats.lora import (
+from explorer.io.checkpoint import open_checkpoint
+from explorer.io.formats.base import DTYPES, CheckpointError
+from explorer.io.formats.bin import PickleFile
+from explorer.io.formats.hf_cache import hub_snapshot
+from explorer.io.formats.lora import (
     LoraCheckpoint,
     adapter_base,
     check_ranks,
@@ -64,11 +64,11 @@ from explorer.formats.lora import (
     open_adapter,
     read_adapter_config,
 )
-from explorer.formats.refs import ADAPTER_CONFIG
-from explorer.formats.safetensors_io import SafetensorsFile
-from explorer.inputs import task_vectors
+from explorer.io.formats.refs import ADAPTER_CONFIG
+from explorer.io.formats.safetensors_io import SafetensorsFile
+from explorer.io.inputs import task_vectors
+from explorer.io.writer import check_output_dir, staged_folder
 from explorer.recipe import MergeRecipe
-from explorer.writer import check_output_dir, staged_folder
 
 ADAPTER_FILE = "adapter_model.safetensors"
 FOLD_HINT = "or fold the adapters into the base and merge full checkpoints instead (python -m explorer merge, models given as BASE+ADAPTER)"
@@ -226,7 +226,7 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class _DeltaSource:
-    """The adapters' task vectors B A as an ``explorer.inputs.TensorSource`` whose base is zero.
+    """The adapters' task vectors B A as an ``explorer.io.inputs.TensorSource`` whose base is zero.
 
     ``models`` are the adapters (``LoraAdapter[name]`` is its task vector); ``base`` maps every name
     to zeros, so the merge loop's M_i - B is the adapters' own B A.

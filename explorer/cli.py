@@ -3,7 +3,7 @@
 ``merge RECIPE.yaml --out DIR`` runs a recipe; ``average-run RUN_DIR --last-k K | --every-k K | --ema D``
 averages a Trainer run's checkpoints (``explorer.run_average``); ``prune MODEL --sparsity S`` writes a
 magnitude-pruned copy (``explorer.prune``); ``merge-adapters ADAPTER ... --out DIR`` merges LoRA
-adapters; ``methods`` lists the methods. Every output goes through ``explorer.writer`` (checked output
+adapters; ``methods`` lists the methods. Every output goes through ``explorer.io.writer`` (checked output
 folder, written to a hidden temporary folder, renamed when complete; inputs only read).
 """
 
@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from explorer import registry
-from explorer.checkpoint import CheckpointError
 from explorer.executor import merge_to_folder
+from explorer.io.checkpoint import CheckpointError
 from explorer.recipe import MergeRecipe
 
 

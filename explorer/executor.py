@@ -20,11 +20,11 @@ import torch
 from explorer import registry
 from explorer.choices import OutOfRange, Space, parse_choice
 from explorer.fisher import fisher_extras
-from explorer.inputs import MergeInputs, TensorSource, open_inputs
+from explorer.io.inputs import MergeInputs, TensorSource, open_inputs
+from explorer.io.writer import check_output_dir, write_checkpoint
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.registry import MethodSpec
-from explorer.writer import check_output_dir, write_checkpoint
 
 __all__ = ["Extras", "cast_output", "merge_stream", "merge_tensor", "merge_to_folder", "method_inputs", "no_extras", "plan", "setup_extras"]
 

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from explorer.choices import FisherLabels, parse_choice
-from explorer.formats.base import Checkpoint
+from explorer.io.formats.base import Checkpoint
 from explorer.progress import Progress
 
 DEFAULT_CACHE = Path("~/.cache/merge_explorer/fisher")
@@ -188,7 +188,7 @@ class FisherInputs:
     ``{"fisher": (N, *S) float32}`` laid out as the models' (possibly vocabulary-aligned) tensors are,
     or ``{"fisher": None}`` when a model has no Fisher for the name (a buffer), which the Fisher merge
     treats as the plain weighted average. Token rows a model lacks in an aligned vocabulary get
-    Fisher 0: that model knows nothing about the token (``explorer.vocab``).
+    Fisher 0: that model knows nothing about the token (``explorer.io.vocab``).
     """
 
     def __init__(self, models: Sequence[Checkpoint], files: Sequence[Path]):

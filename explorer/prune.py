@@ -16,12 +16,12 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from explorer.checkpoint import Checkpoint, open_checkpoint
 from explorer.choices import TrimScope, parse_choice
-from explorer.formats.base import DTYPES, check_finite
+from explorer.io.checkpoint import Checkpoint, open_checkpoint
+from explorer.io.formats.base import DTYPES, check_finite
+from explorer.io.writer import check_output_dir, write_checkpoint
+from explorer.methods.selection import topk_mask
 from explorer.methods.trim_scope import _bin_index, magnitude_histograms
-from explorer.selection import topk_mask
-from explorer.writer import check_output_dir, write_checkpoint
 
 PRUNE_REPORT = "prune_report.json"  # written into every pruned folder: source, settings, sparsity reached
 
@@ -158,7 +158,7 @@ def prune_to_folder(
 
     ``select(name, tensor)`` chooses the tensors pruned (default: weight matrices and embeddings; norms
     and biases are copied). Each tensor keeps its stored dtype (pruning is computed on float32 and only
-    zeroes entries). The folder is written by ``explorer.writer`` (hidden temporary folder renamed when
+    zeroes entries). The folder is written by ``explorer.io.writer`` (hidden temporary folder renamed when
     complete, config, tokenizer, ``prune_report.json``) after the output-folder checks of
     ``check_output_dir`` (never an input, never a folder holding other data). The input is only read:
     twice more for scope "model" (the global cutoff). Raises CheckpointError for a refused output or an

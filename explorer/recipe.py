@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from explorer import registry
 from explorer.choices import DType, OutOfRange, TokenizerSource, parse_choice
-from explorer.formats.refs import resolved_spec
+from explorer.io.formats.refs import resolved_spec
 from explorer.registry import ParamValue
 
 MERGEKIT_ONLY = ("int8_mask",)

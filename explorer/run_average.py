@@ -1,6 +1,6 @@
 """Recipes that average the checkpoints of one Trainer run: last k, every k-th, EMA (``python -m explorer average-run``).
 
-A run folder holds ``checkpoint-STEP/`` folders (``explorer.formats.trainer.trainer_checkpoints``,
+A run folder holds ``checkpoint-STEP/`` folders (``explorer.io.formats.trainer.trainer_checkpoints``,
 ordered by step, oldest first). ``run_recipe`` picks checkpoints and weights with the pure helpers of
 ``explorer.methods.checkpoint_averaging`` and returns an ordinary ``MergeRecipe``: ``linear`` with
 equal weights (1 each, normalized) over the chosen checkpoints (last k, every k-th counted back from the newest, or all),
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from explorer.choices import DType
-from explorer.formats.trainer import trainer_checkpoints
+from explorer.io.formats.trainer import trainer_checkpoints
 from explorer.methods.checkpoint_averaging import every_kth_weights, last_k_weights
 from explorer.recipe import MergeRecipe
 

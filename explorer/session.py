@@ -15,13 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from explorer import registry
-from explorer.checkpoint import TIED_NAMES, resolved_spec
 from explorer.executor import merge_stream
-from explorer.finite import read_float
-from explorer.inputs import open_inputs, task_vectors
+from explorer.io.checkpoint import TIED_NAMES, resolved_spec
+from explorer.io.finite import read_float
+from explorer.io.inputs import open_inputs, task_vectors
+from explorer.io.writer import check_output_dir, write_checkpoint
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
-from explorer.writer import check_output_dir, write_checkpoint
 
 
 class MergeSession:

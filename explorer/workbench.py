@@ -22,12 +22,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from explorer import registry
-from explorer.checkpoint import discover, open_checkpoint
-from explorer.formats.trainer import STATE_FILE, checkpoint_state
+from explorer.io.checkpoint import discover, open_checkpoint
+from explorer.io.formats.trainer import STATE_FILE, checkpoint_state
+from explorer.io.writer import is_merge_output
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.session import MergeSession
-from explorer.writer import is_merge_output
 
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 

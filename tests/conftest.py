@@ -19,7 +19,7 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sessions: the zoo there is reused when complete and built with today's ``ZooConfig``, and built
     there otherwise.
     """
-    from explorer.zoo import build_zoo, zoo_is_built
+    from explorer.zoo.tiny import build_zoo, zoo_is_built
 
     prebuilt = os.environ.get("MERGE_EXPLORER_ZOO")
     if not prebuilt:
@@ -38,7 +38,7 @@ def smollm2_experts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     About 8 minutes on 2 idle cores. Set ``MERGE_EXPLORER_SMOLLM2=/some/folder`` to keep it
     between sessions: a finished set there is reused, otherwise it is built (or finished) there.
     """
-    from explorer.zoo_experts import build_smollm2_experts
+    from explorer.zoo.experts import build_smollm2_experts
 
     prebuilt = os.environ.get("MERGE_EXPLORER_SMOLLM2")
     out = Path(prebuilt).expanduser().resolve() if prebuilt else tmp_path_factory.mktemp("smollm2")

@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from explorer.adapter_merge import merge_adapters
-from explorer.checkpoint import CheckpointError, open_checkpoint
 from explorer.cli import main
 from explorer.executor import merge_to_folder
+from explorer.io.checkpoint import CheckpointError, open_checkpoint
 from explorer.recipe import MergeRecipe
 from tests.helpers import assert_expected
 from tests.tiny import save_tiny_llama

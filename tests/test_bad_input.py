@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from explorer.checkpoint import CheckpointError, discover, open_checkpoint
 from explorer.executor import cast_output, merge_to_folder
-from explorer.formats.safetensors_io import ShardWriter
+from explorer.io.checkpoint import CheckpointError, discover, open_checkpoint
+from explorer.io.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
 from tests.helpers import assert_expected
 from tests.tiny import tiny_family

@@ -18,14 +18,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from explorer.checkpoint import (
+from explorer.executor import merge_to_folder
+from explorer.io.checkpoint import (
     CheckpointError,
     check_compatible,
     open_checkpoint,
     split_adapter_spec,
 )
-from explorer.executor import merge_to_folder
-from explorer.inputs import compatibility_report
+from explorer.io.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
 from tests.helpers import assert_expected
 from tests.tiny import tiny_family, tiny_llama_config

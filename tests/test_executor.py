@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from explorer.checkpoint import CheckpointError, open_checkpoint
 from explorer.executor import merge_to_folder
+from explorer.io.checkpoint import CheckpointError, open_checkpoint
+from explorer.io.writer import write_checkpoint
 from explorer.recipe import MergeRecipe
 from explorer.session import MergeSession
-from explorer.writer import write_checkpoint
 from tests.helpers import assert_expected
 from tests.tiny import save_tiny_gpt2, save_tiny_llama, tiny_family
 from tests.tiny_formats import save_lora

@@ -9,16 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from explorer.checkpoint import (
+from explorer.executor import merge_to_folder
+from explorer.io.checkpoint import (
     CheckpointError,
     discover,
     open_checkpoint,
     trainer_checkpoints,
 )
-from explorer.executor import merge_to_folder
-from explorer.inputs import compatibility_report
+from explorer.io.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
-from explorer.zoo_smollm2 import smollm2_gguf
+from explorer.zoo.smollm2 import smollm2_gguf
 from tests.helpers import assert_expected
 from tests.tiny import save_tiny_gpt2, save_tiny_llama, tiny_family
 from tests.tiny_formats import (
@@ -160,8 +160,8 @@ def test_discover_never_lists_what_a_killed_zoo_build_or_merge_left(family, tmp_
 
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    import explorer.writer
-    from explorer.zoo_train import save_checkpoint
+    import explorer.io.writer
+    from explorer.zoo.train import save_checkpoint
     from tests.tiny_formats import llama_with_tokenizer
 
     _, experts = family
@@ -184,8 +184,8 @@ def test_discover_never_lists_what_a_killed_zoo_build_or_merge_left(family, tmp_
     shutil.copytree(done, root / "expert-old.partial")  # what builds before the hidden temporary folder left
     save_tiny_llama(root / "zoo.partial" / "inner")  # a whole half-built zoo: nothing inside it counts either
 
-    monkeypatch.setattr(explorer.writer.shutil, "rmtree", lambda *a, **k: None)  # a kill runs no cleanup
-    monkeypatch.setattr(explorer.writer, "_replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(explorer.io.writer.shutil, "rmtree", lambda *a, **k: None)  # a kill runs no cleanup
+    monkeypatch.setattr(explorer.io.writer, "_replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         merge_to_folder(_linear(experts), root / "merged")
     monkeypatch.undo()

@@ -1,7 +1,7 @@
 """Import directions: every module imports, and no module imports against the layering.
 
     app -> evals -> explorer
-    inside explorer:  executor -> methods, executor -> io, inspect -> methods/io
+    inside explorer:  executor -> methods, executor -> io (explorer/io/), inspect (explorer/inspect/) -> methods/io
                       methods never import io; io never imports methods; nothing imports app or evals
 
 Each module's imports (also those inside functions) are read with ``ast`` and checked against
@@ -22,38 +22,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # group -> module-name prefixes (longest match wins; the rest of explorer is "explorer")
 GROUPS = {
-    "core": ("explorer.choices", "explorer.progress", "explorer.registry", "explorer.selection", "explorer.recipe"),
+    "core": ("explorer.choices", "explorer.progress", "explorer.registry", "explorer.methods.selection", "explorer.recipe"),
     "methods": ("explorer.methods",),
-    "formats": ("explorer.formats",),  # the lowest io layer: one module per checkpoint format
-    "io": (
-        "explorer.checkpoint", "explorer.formats", "explorer.inputs", "explorer.vocab", "explorer.writer",
-        "explorer.finite", "explorer.fisher",
-    ),
+    "formats": ("explorer.io.formats",),  # the lowest io layer: one module per checkpoint format
+    "io": ("explorer.io", "explorer.fisher"),
     "executor": ("explorer.executor",),
-    "inspect": ("explorer.stats", "explorer.plots"),
+    "inspect": ("explorer.inspect",),
     "evals": ("evals",),
     "app": ("app", "ui_handlers"),
-    "ui-only": ("gradio",),
-    "lm_eval": ("lm_eval",),
 }
+_IO = ("explorer.io", "explorer.fisher")
 _ABOVE_IO = ("explorer.executor", "explorer.session", "explorer.workbench", "explorer.cli", "explorer.adapter_merge")
 _NEVER_IN_EXPLORER = ("app", "ui_handlers", "evals", "gradio", "lm_eval", "tests")
 
 # group -> module prefixes it must not import (on top of _NEVER_IN_EXPLORER for everything in explorer)
 RULES = {
-    "core": ("explorer.checkpoint", "explorer.formats", "explorer.inputs", "explorer.vocab", "explorer.writer",
-             "explorer.finite", "explorer.fisher", "explorer.stats", "explorer.plots", *_ABOVE_IO, "explorer.zoo"),
-    "methods": ("explorer.checkpoint", "explorer.formats", "explorer.inputs", "explorer.vocab", "explorer.writer",
-                "explorer.finite", "explorer.fisher", "explorer.stats", "explorer.plots", "explorer.recipe",
-                *_ABOVE_IO, "explorer.zoo", "transformers", "peft", "gguf", "safetensors"),
-    "formats": ("explorer.methods", "explorer.stats", "explorer.plots", *_ABOVE_IO, "explorer.zoo", "explorer.recipe",
-                "explorer.checkpoint", "explorer.inputs", "explorer.vocab", "explorer.writer", "explorer.finite",
-                "explorer.fisher"),
-    "io": ("explorer.methods", "explorer.stats", "explorer.plots", *_ABOVE_IO, "explorer.zoo"),
-    "executor": ("explorer.stats", "explorer.plots", "explorer.session", "explorer.workbench", "explorer.cli",
-                 "explorer.adapter_merge", "explorer.zoo"),
-    "inspect": ("explorer.executor", "explorer.session", "explorer.workbench", "explorer.cli",
-                "explorer.adapter_merge", "explorer.zoo"),
+    "core": (*_IO, "explorer.inspect", *_ABOVE_IO, "explorer.zoo"),
+    "methods": (*_IO, "explorer.inspect", "explorer.recipe", *_ABOVE_IO, "explorer.zoo", "transformers", "peft", "gguf",
+                "safetensors"),
+    "formats": ("explorer.methods", "explorer.inspect", *_ABOVE_IO, "explorer.zoo", "explorer.recipe", "explorer.io.checkpoint",
+                "explorer.io.inputs", "explorer.io.vocab", "explorer.io.writer", "explorer.io.finite", "explorer.fisher"),
+    "io": ("explorer.methods", "explorer.inspect", *_ABOVE_IO, "explorer.zoo"),
+    "executor": ("explorer.inspect", "explorer.session", "explorer.workbench", "explorer.cli", "explorer.adapter_merge",
+                 "explorer.zoo"),
+    "inspect": (*_ABOVE_IO, "explorer.zoo"),
     "evals": ("app", "ui_handlers", "gradio"),
 }
 # (importer, imported): the deliberate exceptions, each with its reason.
@@ -63,7 +55,7 @@ ALLOWED = {
     ("explorer.registry", "explorer.methods"),
     # The recipe compares its inputs' names (the base listed among the models, as mergekit writes it);
     # formats.refs only looks at names and the file system, no model library (see the test below).
-    ("explorer.recipe", "explorer.formats.refs"),
+    ("explorer.recipe", "explorer.io.formats.refs"),
 }
 
 
@@ -148,15 +140,15 @@ def test_every_module_imports(module):
 def test_the_checker_catches_wrong_way_imports():
     """The rules bite: each line below is one import the layering forbids."""
     cases = {
-        "explorer.methods.linear": "from explorer.checkpoint import open_checkpoint",
-        "explorer.methods.sparsify": "from explorer import writer",
+        "explorer.methods.linear": "from explorer.io.checkpoint import open_checkpoint",
+        "explorer.methods.sparsify": "from explorer.io import writer",
         "explorer.methods.task_arithmetic": "from ..executor import merge_tensor",
-        "explorer.formats.lora": "from explorer.vocab import x\nfrom explorer.methods.linear import linear",
-        "explorer.checkpoint": "def f():\n    import explorer.executor",
-        "explorer.stats_scan": "from explorer.executor import Progress",
-        "explorer.plots": "import gradio as gr",
+        "explorer.io.formats.lora": "from explorer.io.vocab import x\nfrom explorer.methods.linear import linear",
+        "explorer.io.checkpoint": "def f():\n    import explorer.executor",
+        "explorer.inspect.scan": "from explorer.executor import Progress",
+        "explorer.inspect.plots": "import gradio as gr",
         "explorer.session": "from evals import compare",
-        "explorer.registry": "from explorer.checkpoint import Checkpoint",
+        "explorer.registry": "from explorer.io.checkpoint import Checkpoint",
         "evals.lm_eval_runner": "import app",
     }
     for module, source in cases.items():
@@ -164,7 +156,7 @@ def test_the_checker_catches_wrong_way_imports():
         assert found and all(module in v for v in found), (module, source)
     assert violations("explorer.executor", imported_modules("from explorer.methods import linear\nfrom explorer import fisher", "explorer.executor")) == []
     assert violations("explorer.registry", {"explorer.methods"}) == []  # an allowed exception
-    assert violations("explorer.recipe", {"explorer.formats.lora"})  # only formats.refs is allowed there
+    assert violations("explorer.recipe", {"explorer.io.formats.lora"})  # only formats.refs is allowed there
 
 
 def test_light_modules_do_not_load_model_libraries():

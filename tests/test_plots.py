@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import explorer.methods  # noqa: F401  (registers the methods the session merges with)
-from explorer import plots, stats
+from explorer.inspect import plots, stats
 from explorer.session import MergeSession
 from tests.tiny import tiny_family
 

@@ -1,4 +1,4 @@
-"""Exact selection in bounded memory (``explorer.selection``): the k-th largest |x| and top-k masks.
+"""Exact selection in bounded memory (``explorer.methods.selection``): the k-th largest |x| and top-k masks.
 
 Checked against torch.kthvalue / torch.topk, with ties, tiny and half-precision tensors.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from explorer.methods.selection import kth_largest, sorted_descending, topk_mask
 from explorer.methods.sparsify import outlier_mask
-from explorer.selection import kth_largest, sorted_descending, topk_mask
 
 
 def test_kth_largest_is_exact_and_falls_back():

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import explorer.methods  # noqa: F401  (registers the methods the session merges with)
-from explorer import registry, stats
+from explorer import registry
 from explorer.choices import Sparsification
 from explorer.executor import merge_tensor
+from explorer.inspect import stats
 from explorer.methods.sparsify import magnitude_count, magnitude_mask, sparsify
 from explorer.recipe import MergeRecipe
 from explorer.registry import tensor_generator

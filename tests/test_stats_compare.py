@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explorer.stats_compare import merge_comparison, merge_comparison_figure
+from explorer.inspect.compare import merge_comparison, merge_comparison_figure
 
 NAMES = ["model.layers.0.mlp.weight", "model.layers.1.mlp.weight"]
 

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from explorer.checkpoint import CheckpointError
 from explorer.executor import merge_to_folder
-from explorer.inputs import compatibility_report
+from explorer.io.checkpoint import CheckpointError
+from explorer.io.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
 from explorer.session import MergeSession
 from tests.helpers import assert_expected

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from explorer.checkpoint import CheckpointError
+from explorer.io.checkpoint import CheckpointError
 from explorer.workbench import Workbench
 from tests.tiny import save_tiny_llama, tiny_family
 from tests.tiny_formats import trainer_run

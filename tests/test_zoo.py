@@ -17,9 +17,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import evals
-from explorer.zoo import EXPERT_TASKS, ZooConfig, build_zoo, zoo_is_built
-from explorer.zoo_tasks import make_tasks
-from explorer.zoo_train import pydoc_text
+from explorer.zoo.tasks import make_tasks
+from explorer.zoo.tiny import EXPERT_TASKS, ZooConfig, build_zoo, zoo_is_built
+from explorer.zoo.train import pydoc_text
 
 CHECKPOINTS = ["base", *(f"expert-{t}" for t in EXPERT_TASKS)]
 TASKS = [f"zoo_{t}" for t in EXPERT_TASKS]
@@ -120,7 +120,7 @@ def test_build_is_deterministic_and_reports_progress(tmp_path: Path):
 
 def test_explorer_imports_neither_lm_eval_nor_gradio():
     code = (
-        "import sys, explorer.zoo, explorer.zoo_train, explorer.zoo_tasks, explorer.zoo_smollm2\n"
+        "import sys, explorer.zoo, explorer.zoo.train, explorer.zoo.tasks, explorer.zoo.smollm2\n"
         "bad = [m for m in ('lm_eval', 'gradio') if m in sys.modules]\n"
         "assert not bad, bad"
     )
@@ -133,7 +133,7 @@ def test_explorer_imports_neither_lm_eval_nor_gradio():
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Zoo folder holding the converted SmolLM2 (about half a CPU minute)."""
-    from explorer.zoo_smollm2 import convert_smollm2
+    from explorer.zoo.smollm2 import convert_smollm2
 
     out = tmp_path_factory.mktemp("smollm2")
     convert_smollm2(out)
@@ -157,7 +157,7 @@ def test_smollm2_converts_to_a_working_checkpoint(smollm2_dir: Path):
 
 @pytest.mark.slow
 def test_smollm2_expert_learns_its_task(smollm2_dir: Path):
-    from explorer.zoo_smollm2 import SmolExpertConfig, build_smollm2_expert
+    from explorer.zoo.smollm2 import SmolExpertConfig, build_smollm2_expert
 
     expert = build_smollm2_expert(smollm2_dir, SmolExpertConfig(task="upper"))
     assert json.loads((expert / "zoo_info.json").read_text())["task"] == "upper"

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evals
 from evals.merge_sweep import merge_scores, retained_gain
-from explorer.zoo_experts import (
+from explorer.zoo.experts import (
     BASE_DIR,
     SMOL_TASKS,
     SmolSetConfig,
@@ -27,8 +27,8 @@ from explorer.zoo_experts import (
     smollm2_experts_built,
     task_name,
 )
-from explorer.zoo_tasks import make_smol_tasks, number_words, write_task
-from explorer.zoo_train import (
+from explorer.zoo.tasks import make_smol_tasks, number_words, write_task
+from explorer.zoo.train import (
     ZooConfig,
     answer_loss,
     build_base_model,

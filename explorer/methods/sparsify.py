@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from explorer.choices import Rescale, Sparsification, parse_choice
-from explorer.selection import MERGE_CHUNK, topk_mask
+from explorer.methods.selection import MERGE_CHUNK, topk_mask
 
 __all__ = [
     "Rescale", "Sparsification", "della_mask", "magnitude_count", "magnitude_mask", "outlier_mask", "random_mask", "sparsify",

@@ -33,9 +33,9 @@ from explorer.choices import (
     TrimScope,
     parse_choice,
 )
+from explorer.methods.selection import MERGE_CHUNK, chunks
 from explorer.methods.sparsify import sparsify
 from explorer.methods.weighted_sum import weighted_sum
-from explorer.selection import MERGE_CHUNK, chunks
 
 
 def generalized_task_arithmetic(

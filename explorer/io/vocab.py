@@ -30,8 +30,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from explorer.choices import TokenizerSource, parse_choice
-from explorer.finite import check_finite
-from explorer.formats.base import (
+from explorer.io.finite import check_finite
+from explorer.io.formats.base import (
     TOKENIZER_FILES,
     Checkpoint,
     CheckpointError,

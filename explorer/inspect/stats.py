@@ -24,10 +24,7 @@ import pandas as pd
 import torch
 
 from explorer.choices import Rescale, Sparsification
-from explorer.methods.sparsify import sparsify
-from explorer.progress import Progress
-from explorer.registry import tensor_generator
-from explorer.stats_interference import (
+from explorer.inspect.interference import (
     cosine_similarity,
     jaccard,
     merge_distance,
@@ -35,7 +32,7 @@ from explorer.stats_interference import (
     sign_agreement,
     sign_conflict,
 )
-from explorer.stats_scan import (
+from explorer.inspect.scan import (
     BY,
     DEFAULT_CHUNK,
     DEFAULT_SAMPLE,
@@ -47,7 +44,7 @@ from explorer.stats_scan import (
     scan,
     with_attrs,
 )
-from explorer.stats_source import (
+from explorer.inspect.sources import (
     DiskTaskVectors,
     TaskVectorSource,
     TensorTaskVectors,
@@ -56,6 +53,9 @@ from explorer.stats_source import (
     layer_of,
     layer_rank,
 )
+from explorer.methods.sparsify import sparsify
+from explorer.progress import Progress
+from explorer.registry import tensor_generator
 
 __all__ = [
     "BY", "DARE_THRESHOLDS", "PANEL_KEYS", "DEFAULT_BINS", "DEFAULT_CHUNK", "DEFAULT_SAMPLE", "DENSITY_GRID", "QUANTILES",

@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from explorer.stats import layer_of, layer_rank
+from explorer.inspect.stats import layer_of, layer_rank
 
 
 def merge_comparison(

@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from explorer import stats
+from explorer.inspect import stats
 from explorer.progress import Progress
 
 PANEL_KEYS = stats.PANEL_KEYS  # the Inspect view's panels, in display order

@@ -21,16 +21,16 @@ from typing import Optional, Protocol, Sequence
 import pandas as pd
 import torch
 
-from explorer.checkpoint import (
+from explorer.choices import TokenizerSource
+from explorer.io.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_compatible,
     check_config,
     open_checkpoint,
 )
-from explorer.choices import TokenizerSource
-from explorer.finite import read_stacked
-from explorer.vocab import align_embeddings
+from explorer.io.finite import read_stacked
+from explorer.io.vocab import align_embeddings
 
 REPORT_COLUMNS = ["path", "role", "format", "architecture", "layers", "vocab", "dtype", "tied", "status", "message"]
 
@@ -129,7 +129,7 @@ def open_inputs(
     """Open, check and align the inputs of a merge; raises CheckpointError naming model, tensor and fix.
 
     Order: open every input (format errors), architecture and depth, vocabulary and tying alignment
-    (``explorer.vocab``), then tensor names and shapes. labels: expert names for Inspect (optional).
+    (``explorer.io.vocab``), then tensor names and shapes. labels: expert names for Inspect (optional).
     """
     if not models:
         raise CheckpointError("no models to merge; give at least one model")

@@ -1,6 +1,6 @@
 """Where the Inspect statistics read task vectors from, and how tensor names map to layers.
 
-A source is an ``explorer.inputs.TensorSource``, the same protocol the merge reads: ``names``,
+A source is an ``explorer.io.inputs.TensorSource``, the same protocol the merge reads: ``names``,
 ``base`` and ``models`` (mappings name -> float32 weights) and ``task_vectors(name)``. A
 ``MergeSession`` holds them in memory; ``open_inputs`` (``DiskTaskVectors`` here) reads checkpoints
 from disk one tensor name at a time, with the merge's vocabulary alignment and tied/untied handling;
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from explorer.choices import TokenizerSource
-from explorer.inputs import MergeInputs, TensorSource, open_inputs
+from explorer.io.inputs import MergeInputs, TensorSource, open_inputs
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 _OUTSIDE_BLOCKS = (("embed", "embed"), ("wte", "embed"), ("wpe", "embed"), ("lm_head", "head"), ("norm", "norm"), ("ln_f", "norm"))
@@ -84,7 +84,7 @@ def DiskTaskVectors(  # noqa: N802  (named as the class it replaces)
 ) -> MergeInputs:
     """Checkpoints on disk as an Inspect source, read one tensor name at a time (bounded memory).
 
-    Exactly the inputs a merge of the same models reads (``explorer.inputs.open_inputs``): vocabularies
+    Exactly the inputs a merge of the same models reads (``explorer.io.inputs.open_inputs``): vocabularies
     aligned by token (``tokenizer_source``), tied and untied embeddings reconciled. Peak memory is
     about (N + 1) x the largest tensor in float32 plus the statistics' work buffers. Raises
     CheckpointError naming the model, tensor and fix when the models do not merge with the base.

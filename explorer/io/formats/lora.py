@@ -28,7 +28,7 @@ import torch
 from peft.utils.other import get_pattern_key
 from typing_extensions import override
 
-from explorer.formats.base import (
+from explorer.io.formats.base import (
     TIED_NAMES,
     Checkpoint,
     CheckpointError,
@@ -36,10 +36,10 @@ from explorer.formats.base import (
     has_tokenizer_files,
     read_json,
 )
-from explorer.formats.bin import PickleFile
-from explorer.formats.hf_cache import hub_snapshot
-from explorer.formats.refs import ADAPTER_CONFIG
-from explorer.formats.safetensors_io import SafetensorsFile
+from explorer.io.formats.bin import PickleFile
+from explorer.io.formats.hf_cache import hub_snapshot
+from explorer.io.formats.refs import ADAPTER_CONFIG
+from explorer.io.formats.safetensors_io import SafetensorsFile
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."

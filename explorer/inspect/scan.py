@@ -28,10 +28,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from explorer.methods.sparsify import magnitude_count
-from explorer.progress import Progress
-from explorer.registry import tensor_generator
-from explorer.selection import (
+from explorer.inspect.sources import TaskVectorSource, expert_labels, layer_of, layer_rank
+from explorer.methods.selection import (
     DEFAULT_CHUNK,
     Workspace,
     chunks,
@@ -39,7 +37,9 @@ from explorer.selection import (
     sorted_descending,
     top_cutoff,
 )
-from explorer.stats_source import TaskVectorSource, expert_labels, layer_of, layer_rank
+from explorer.methods.sparsify import magnitude_count
+from explorer.progress import Progress
+from explorer.registry import tensor_generator
 
 DEFAULT_SAMPLE = 4096  # sampled entries per tensor
 DENSITY_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -132,7 +132,7 @@ class _TaskVectors:
 
     With the source's weights (``models`` and ``base``) a chunk is M_i - B computed into a reused
     buffer (nothing of tensor size is allocated); otherwise chunks are views of
-    ``source.task_vectors(name)`` (``explorer.inputs.task_vectors``). Both give the same float32 values.
+    ``source.task_vectors(name)`` (``explorer.io.inputs.task_vectors``). Both give the same float32 values.
     """
 
     def __init__(self, source: TaskVectorSource, name: str, work: Workspace):

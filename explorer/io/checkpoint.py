@@ -4,7 +4,7 @@
 pickles), a .gguf file, a PEFT LoRA adapter folder (folded into its base; ``BASE+ADAPTER`` names the
 base explicitly, as in mergekit), a cached hub repo folder ``models--ORG--NAME`` or its repo id
 ``ORG/NAME`` when it is in the Hugging Face cache. Each returns a ``Checkpoint`` that reads one tensor
-at a time (see ``explorer.formats``). Every refusal is a ``CheckpointError`` whose message names the
+at a time (see ``explorer.io.formats``). Every refusal is a ``CheckpointError`` whose message names the
 model folder, the tensor where there is one, and what to do.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from explorer.formats.base import (
+from explorer.io.formats.base import (
     TIED_NAMES,
     Checkpoint,
     CheckpointError,
@@ -21,18 +21,18 @@ from explorer.formats.base import (
     is_float_dtype,
     read_json,
 )
-from explorer.formats.bin import BinCheckpoint, is_bin_dir
-from explorer.formats.gguf_file import GgufCheckpoint, is_gguf
-from explorer.formats.hf_cache import hub_snapshot, is_repo_dir, snapshot_of
-from explorer.formats.lora import LoraCheckpoint, adapter_base
-from explorer.formats.refs import is_adapter_dir, resolved_spec, split_adapter_spec
-from explorer.formats.safetensors_dir import (
+from explorer.io.formats.bin import BinCheckpoint, is_bin_dir
+from explorer.io.formats.gguf_file import GgufCheckpoint, is_gguf
+from explorer.io.formats.hf_cache import hub_snapshot, is_repo_dir, snapshot_of
+from explorer.io.formats.lora import LoraCheckpoint, adapter_base
+from explorer.io.formats.refs import is_adapter_dir, resolved_spec, split_adapter_spec
+from explorer.io.formats.safetensors_dir import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsCheckpoint,
     is_safetensors_dir,
 )
-from explorer.formats.trainer import is_run_dir, trainer_checkpoints
+from explorer.io.formats.trainer import is_run_dir, trainer_checkpoints
 
 __all__ = [
     "Checkpoint", "CheckpointError", "INDEX_FILE", "SINGLE_FILE", "TIED_NAMES", "PARTIAL_MARK", "PARTIAL_SUFFIX",
@@ -41,7 +41,7 @@ __all__ = [
     "resolved_spec",
 ]
 
-PARTIAL_MARK = ".partial-"  # in the name of a merge output folder still being written (see explorer.writer)
+PARTIAL_MARK = ".partial-"  # in the name of a merge output folder still being written (see explorer.io.writer)
 PARTIAL_SUFFIX = ".partial"  # the end of the folder an earlier zoo builder wrote a checkpoint into (NAME.partial)
 
 

@@ -205,7 +205,7 @@ class Checkpoint:
         """Tensor ``name`` as float32 (from F16, BF16, F32, dequantized GGUF, ...), read now; non-float tensors as stored.
 
         How every tensor is read for a merge or a statistic: a checkpoint is a read-only mapping of
-        tensor name -> float32 tensor, like the dicts of an in-memory session (``explorer.inputs``).
+        tensor name -> float32 tensor, like the dicts of an in-memory session (``explorer.io.inputs``).
         Raises CheckpointError naming model and tensor if it holds NaN or inf, or if there is none.
         """
         tensor = self.get(name)
@@ -225,7 +225,7 @@ class Checkpoint:
     def own_name(self, name: str) -> str:
         """The name under which the model itself stores what ``get(name)`` returns.
 
-        ``name`` here; an aligned view (``explorer.vocab``) of a tied model answers its input
+        ``name`` here; an aligned view (``explorer.io.vocab``) of a tied model answers its input
         embedding for the output embedding.
         """
         return name

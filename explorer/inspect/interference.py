@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from explorer.stats_scan import Scan, grouped_sum, with_attrs
+from explorer.inspect.scan import Scan, grouped_sum, with_attrs
 
 
 def _square(scan: Scan, diagonal: pd.Series, off: pd.Series) -> np.ndarray:

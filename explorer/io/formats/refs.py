@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from explorer.formats.hf_cache import hub_snapshot
+from explorer.io.formats.hf_cache import hub_snapshot
 
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from explorer.formats.base import Checkpoint, CheckpointError, check_finite
+from explorer.io.formats.base import Checkpoint, CheckpointError, check_finite
 
 __all__ = ["CheckpointError", "check_finite", "read_float", "read_stacked"]
 

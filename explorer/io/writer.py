@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
-from explorer.checkpoint import (
+from explorer.io.checkpoint import (
     INDEX_FILE,
     PARTIAL_MARK,
     SINGLE_FILE,
@@ -27,7 +27,7 @@ from explorer.checkpoint import (
     CheckpointError,
     open_checkpoint,
 )
-from explorer.formats.safetensors_io import ShardWriter
+from explorer.io.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
 
 SHARD_BYTES = 2 * 1024**3

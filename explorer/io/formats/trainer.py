@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from explorer.formats.base import CheckpointError, read_json
+from explorer.io.formats.base import CheckpointError, read_json
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)$")

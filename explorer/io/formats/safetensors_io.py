@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from explorer.formats.base import DTYPE_NAMES, DTYPES, CheckpointError
+from explorer.io.formats.base import DTYPE_NAMES, DTYPES, CheckpointError
 
 MAX_HEADER = 100 * 1024**2  # the safetensors library refuses larger headers
 HEADER_RESERVE = 256 * 1024  # bytes kept for a written shard's header: room for ~2,000 tensor entries

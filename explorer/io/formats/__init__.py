@@ -9,5 +9,5 @@ hf_cache         the hub cache layout (models--ORG--NAME/snapshots/<commit>, ref
 refs             how a recipe names an input (path, repo id, BASE+ADAPTER); no model library imported
 safetensors_io   plain reads and streaming writes of .safetensors files (no memory map)
 
-``explorer.checkpoint`` detects which one a path is and opens it.
+``explorer.io.checkpoint`` detects which one a path is and opens it.
 """

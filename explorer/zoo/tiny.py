@@ -5,15 +5,10 @@
 - ``OUT/base``: a character-level ``LlamaForCausalLM`` (~0.7M parameters, untied ``lm_head``)
   pre-trained on Python's own documentation (``pydoc_data.topics``, ~465k characters of English);
 - ``OUT/expert-add``, ``OUT/expert-reverse``, ``OUT/expert-upper``: full fine-tunes of the base,
-  each on one synthetic task (``explorer.zoo_tasks``), with a ``zoo_info.json`` (task, number of
+  each on one synthetic task (``explorer.zoo.tasks``), with a ``zoo_info.json`` (task, number of
   training examples, steps, final train loss: what FedAvg weighting needs);
 - ``OUT/tasks``: one offline lm-eval task per expert (``zoo_add``, ``zoo_reverse``, ``zoo_upper``);
 - ``OUT/zoo_config.json``: the settings used.
-
-``python -m explorer.zoo --smollm2 OUT`` converts the packaged SmolLM2-135M-Instruct to
-``OUT/smollm2-135m-instruct``; ``--smollm2-expert`` also fine-tunes ``OUT/smollm2-135m-upper``.
-``python -m explorer.zoo --smollm2-experts OUT`` builds the SmolLM2 expert set whose merges keep
-their skills (``explorer.zoo_experts``): ``OUT/base``, ``OUT/expert-{say,rev,add}``, ``OUT/tasks``.
 
 Every checkpoint is a normal Hugging Face folder (float32 safetensors, tokenizer, generation
 config). Seeds are fixed: a rebuild on the same machine gives the same weights.
@@ -25,7 +20,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -33,10 +27,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from explorer.zoo_experts import build_smollm2_experts
-from explorer.zoo_smollm2 import SmolExpertConfig, build_smollm2_expert, convert_smollm2
-from explorer.zoo_tasks import TASK_PREFIX, TaskSplit, make_tasks, write_task
-from explorer.zoo_train import (
+from explorer.zoo.tasks import TASK_PREFIX, TaskSplit, make_tasks, write_task
+from explorer.zoo.train import (
     Progress,
     ZooConfig,
     build_base_model,
@@ -55,10 +47,7 @@ from explorer.zoo_train import (
 __all__ = [
     "EXPERT_TASKS",
     "ZooConfig",
-    "build_smollm2_expert",
-    "build_smollm2_experts",
     "build_zoo",
-    "convert_smollm2",
     "zoo_is_built",
 ]
 
@@ -177,54 +166,3 @@ def build_zoo(
     if progress:
         progress(1.0, f"zoo built in {total:.0f}s")
     return out_dir
-
-
-def print_progress(fraction: float, message: str) -> None:
-    """A ``Progress`` callback for the command line: ``[ 42%] message``."""
-    print(f"[{fraction:4.0%}] {message}", flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m explorer.zoo [--smollm2] [--smollm2-expert] [--smollm2-experts] OUT``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m explorer.zoo", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("out", type=Path, help="zoo folder to write")
-    parser.add_argument(
-        "--smollm2",
-        action="store_true",
-        help="only convert SmolLM2-135M-Instruct (no tiny zoo)",
-    )
-    parser.add_argument(
-        "--smollm2-expert",
-        action="store_true",
-        help="only make the SmolLM2 expert (converting SmolLM2 first if needed)",
-    )
-    parser.add_argument(
-        "--smollm2-experts",
-        action="store_true",
-        help="only build the SmolLM2 expert set (base, expert-say, expert-rev, expert-add, tasks)",
-    )
-    parser.add_argument(
-        "--task",
-        default=SmolExpertConfig.task,
-        choices=EXPERT_TASKS,
-        help="task of the SmolLM2 expert (default %(default)s)",
-    )
-    args = parser.parse_args(argv)
-    timings: dict[str, float] = {}
-    if args.smollm2:
-        with timed("smollm2 conversion", timings):
-            print(convert_smollm2(args.out))
-    if args.smollm2_expert:
-        with timed("smollm2 expert", timings):
-            print(build_smollm2_expert(args.out, SmolExpertConfig(task=args.task)))
-    if args.smollm2_experts:
-        with timed("smollm2 expert set", timings):
-            print(build_smollm2_experts(args.out, print_progress))
-    if not (args.smollm2 or args.smollm2_expert or args.smollm2_experts):
-        build_zoo(args.out)
-
-
-if __name__ == "__main__":
-    main()

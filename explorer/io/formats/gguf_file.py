@@ -23,7 +23,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from typing_extensions import override
 
-from explorer.formats.base import (
+from explorer.io.formats.base import (
     TIED_NAMES,
     Checkpoint,
     CheckpointError,

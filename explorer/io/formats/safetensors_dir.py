@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from typing_extensions import override
 
-from explorer.formats.base import Checkpoint, CheckpointError, read_json
-from explorer.formats.safetensors_io import SafetensorsFile
+from explorer.io.formats.base import Checkpoint, CheckpointError, read_json
+from explorer.io.formats.safetensors_io import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from explorer.zoo_tasks import Example
+from explorer.zoo.tasks import Example
 
 Progress = Callable[[float, str], None]  # progress(fraction in [0, 1], message)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels: (B, T)
