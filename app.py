@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting threads stall a loaded 2-core machine
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # before torch loads: busy-waiting threads stall a loaded 2-core machine
 
 import argparse
 import re
@@ -36,7 +38,12 @@ def _control(p: registry.Param, key: str, value):
 
     ``interactive=True`` is needed: gradio disables components created inside ``gr.render``.
     """
-    common = {"label": key, "info": p.help, "interactive": True, "elem_id": "ctl-" + re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")}
+    common = {
+        "label": key,
+        "info": p.help,
+        "interactive": True,
+        "elem_id": "ctl-" + re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-"),
+    }
     if isinstance(p.default, bool):
         return gr.Checkbox(value=value, **common)
     if p.choices:
@@ -46,7 +53,9 @@ def _control(p: registry.Param, key: str, value):
     return gr.Slider(p.low, p.high, value=value, step=p.step, **common)
 
 
-def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS, demo_build: Optional[BackgroundJob] = None) -> gr.Blocks:
+def build_demo(
+    models_dirs: Path | list[Path] = DEFAULT_MODELS, demo_build: Optional[BackgroundJob] = None
+) -> gr.Blocks:
     """The whole UI over checkpoints found under ``models_dirs`` (the only folders it reads or writes).
 
     ``demo_build``: the demo models' build running in the background; the Models tab shows its
@@ -56,14 +65,24 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS, demo_build: Opti
     methods = [s.name for s in registry.all_methods()]
     with gr.Blocks(title="Merge Explorer") as demo:
         bench = gr.State(Workbench(roots[0]))
-        loaded = gr.State({"labels": [], "version": 0})  # the experts' labels; version forces a re-render of the controls
+        loaded = gr.State(
+            {"labels": [], "version": 0}
+        )  # the experts' labels; version forces a re-render of the controls
         values = gr.State({})  # {control key: last value}: a method change keeps what still applies
         gr.Markdown("# Merge Explorer\nMerge local checkpoints, see their task vectors, evaluate and export.")
         with gr.Tab("Models", id="models"):
             with gr.Row():
-                folder = gr.Dropdown([str(r) for r in roots], value=str(roots[0]), label="Models folder (given with --models at start-up)", elem_id="models-folder", scale=4)
+                folder = gr.Dropdown(
+                    [str(r) for r in roots],
+                    value=str(roots[0]),
+                    label="Models folder (given with --models at start-up)",
+                    elem_id="models-folder",
+                    scale=4,
+                )
                 scan_btn = gr.Button("Scan again", elem_id="scan")
-            build_status = gr.Markdown(demo_build.status() if demo_build else "", elem_id="demo-build", visible=demo_build is not None)
+            build_status = gr.Markdown(
+                demo_build.status() if demo_build else "", elem_id="demo-build", visible=demo_build is not None
+            )
             known = gr.State(-1)  # checkpoints seen by the last poll of the demo build
             catalog = gr.Dataframe(elem_id="catalog", interactive=False, label="Checkpoints found: format, size, dtype")
             base = gr.Dropdown([], label="Base model (the experts' common ancestor)", elem_id="base")
@@ -73,29 +92,62 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS, demo_build: Opti
         with gr.Tab("Merge", id="merge"):
             with gr.Row():
                 method = gr.Dropdown(methods, value="ties", label="Method", elem_id="method")
-                dtype = gr.Dropdown(["float32", "bfloat16", "float16"], value="float32", label="Output dtype", elem_id="dtype", interactive=True)
+                dtype = gr.Dropdown(
+                    ["float32", "bfloat16", "float16"],
+                    value="float32",
+                    label="Output dtype",
+                    elem_id="dtype",
+                    interactive=True,
+                )
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="seed", interactive=True)
-                live = gr.Checkbox(False, label="Live: re-merge when a control is released (small models)", elem_id="live", interactive=True)
+                live = gr.Checkbox(
+                    False,
+                    label="Live: re-merge when a control is released (small models)",
+                    elem_id="live",
+                    interactive=True,
+                )
             with gr.Row():
                 merge_btn = gr.Button("Merge", variant="primary", elem_id="merge-btn")
                 cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-btn")
             merge_status = gr.Markdown(elem_id="merge-status")
             controls_box = gr.Column()
-            recipe_preview = gr.Code(language="yaml", label="Recipe these settings make", elem_id="merge-recipe", interactive=False)
+            recipe_preview = gr.Code(
+                language="yaml", label="Recipe these settings make", elem_id="merge-recipe", interactive=False
+            )
             with gr.Accordion("Import a recipe (mergekit YAML)", open=False):
                 recipe_in = gr.Code(language="yaml", label="Paste a recipe", elem_id="recipe-in", interactive=True)
-                recipe_file = gr.File(label="or upload a .yaml file", file_types=[".yaml", ".yml"], elem_id="recipe-file")
+                recipe_file = gr.File(
+                    label="or upload a .yaml file", file_types=[".yaml", ".yml"], elem_id="recipe-file"
+                )
                 import_btn = gr.Button("Merge this recipe", elem_id="import-btn")
-            history = gr.Dataframe(pd.DataFrame(columns=["#", "merge", "recipe"]), elem_id="history", interactive=False, label="Merges since Load")
+            history = gr.Dataframe(
+                pd.DataFrame(columns=["#", "merge", "recipe"]),
+                elem_id="history",
+                interactive=False,
+                label="Merges since Load",
+            )
         with gr.Tab("Inspect", id="inspect"):
             with gr.Row():
-                density = gr.Slider(0.01, 1.0, value=0.5, step=0.01, label="Density for trim / interference statistics", elem_id="inspect-density")
-                threshold = gr.Textbox("0.005", label="|delta| threshold (the DARE paper uses 0.005 and 0.002)", elem_id="threshold")
+                density = gr.Slider(
+                    0.01,
+                    1.0,
+                    value=0.5,
+                    step=0.01,
+                    label="Density for trim / interference statistics",
+                    elem_id="inspect-density",
+                )
+                threshold = gr.Textbox(
+                    "0.005", label="|delta| threshold (the DARE paper uses 0.005 and 0.002)", elem_id="threshold"
+                )
                 shown = gr.Dropdown([], label="Merge shown", elem_id="inspect-merge", interactive=True)
                 other = gr.Dropdown([], label="Compare with", elem_id="inspect-other", interactive=True)
                 inspect_btn = gr.Button("Refresh", elem_id="inspect-btn")
             inspect_status = gr.Markdown(elem_id="inspect-status")
-            inspect_outputs = [inspect_status, gr.Markdown(elem_id="caption-compare", visible=False), gr.Plot(show_label=False, elem_id="plot-compare", visible=False)]
+            inspect_outputs = [
+                inspect_status,
+                gr.Markdown(elem_id="caption-compare", visible=False),
+                gr.Plot(show_label=False, elem_id="plot-compare", visible=False),
+            ]
             for key in plots.PANEL_KEYS:
                 inspect_outputs += [
                     gr.Markdown(elem_id=f"caption-{key}"),
@@ -114,7 +166,11 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS, demo_build: Opti
             table = gr.Dataframe(elem_id="eval-table", interactive=False)
             chart = gr.Plot(elem_id="eval-chart")
         with gr.Tab("Export", id="export"):
-            out_folder = gr.Textbox("merges/merge-1", label="Output folder (relative paths are inside the models folder)", elem_id="export-folder")
+            out_folder = gr.Textbox(
+                "merges/merge-1",
+                label="Output folder (relative paths are inside the models folder)",
+                elem_id="export-folder",
+            )
             target = gr.Markdown(elem_id="export-target")
             overwrite = gr.Checkbox(False, label="Replace the folder if it holds an earlier merge", elem_id="overwrite")
             save_btn = gr.Button("Save", variant="primary", elem_id="save")
@@ -127,7 +183,9 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS, demo_build: Opti
             @gr.render(inputs=[method, loaded, values], triggers=[method.change, loaded.change, demo.load])
             def controls(method_name: str, state: dict, remembered: dict):
                 spec = registry.get(method_name)
-                gr.Markdown(f"**{spec.pretty_name}** — {spec.summary} ([paper]({spec.paper_url}))", elem_id="method-info")
+                gr.Markdown(
+                    f"**{spec.pretty_name}** — {spec.summary} ([paper]({spec.paper_url}))", elem_id="method-info"
+                )
                 keyed = ui.control_keys(spec, state["labels"])
                 widgets = [_control(p, key, ui.remembered(remembered, p, key)) for key, p in keyed if not p.per_model]
                 for label in state["labels"]:
@@ -145,32 +203,72 @@ def build_demo(models_dirs: Path | list[Path] = DEFAULT_MODELS, demo_build: Opti
         if demo_build:
             timer = gr.Timer(2.0)
             tick = lambda wb, root, seen: ui.build_tick(demo_build, wb, root, seen)  # noqa: E731
-            timer.tick(tick, [bench, folder, known], [build_status, known, timer, *scan_args[1]], show_progress="hidden")
+            timer.tick(
+                tick, [bench, folder, known], [build_status, known, timer, *scan_args[1]], show_progress="hidden"
+            )
         scan_btn.click(ui.scan, *scan_args)
         folder.change(ui.scan, *scan_args)
         base.change(ui.experts_without_base, [bench, base, experts], [experts])
-        cleared = [merge_status, recipe_preview, history, shown, merges, other, eval_status, table, chart, export_status, recipe_view, *inspect_outputs]
-        load_btn.click(ui.load, [bench, base, experts, loaded, values, method, dtype, seed], [bench, loaded, models_status, *cleared], **HEAVY)
+        cleared = [
+            merge_status,
+            recipe_preview,
+            history,
+            shown,
+            merges,
+            other,
+            eval_status,
+            table,
+            chart,
+            export_status,
+            recipe_view,
+            *inspect_outputs,
+        ]
+        load_btn.click(
+            ui.load,
+            [bench, base, experts, loaded, values, method, dtype, seed],
+            [bench, loaded, models_status, *cleared],
+            **HEAVY,
+        )
         settings = [bench, values, method, dtype, seed]
         for event in (method.change, dtype.change, seed.change):
             event(ui.current_recipe, settings, [recipe_preview, merge_status], show_progress="hidden")
         run = merge_btn.click(ui.merge, settings, merged_outputs, **HEAVY)
         cancel_btn.click(ui.cancel, [bench], [merge_status], cancels=[run], queue=False)
-        import_btn.click(ui.import_recipe, [bench, values, recipe_in, recipe_file, loaded], [bench, method, loaded, *merged_outputs[1:]], **HEAVY)
-        for event in (inspect_btn.click, density.release, threshold.submit, shown.change, other.input):  # shown changes with each new merge
+        import_btn.click(
+            ui.import_recipe,
+            [bench, values, recipe_in, recipe_file, loaded],
+            [bench, method, loaded, *merged_outputs[1:]],
+            **HEAVY,
+        )
+        for event in (
+            inspect_btn.click,
+            density.release,
+            threshold.submit,
+            shown.change,
+            other.input,
+        ):  # shown changes with each new merge
             event(ui.inspect, [bench, density, threshold, shown, other], inspect_outputs)
-        evaluation = eval_btn.click(ui.evaluate, [bench, tasks, merges, limit, include], [eval_status, table, chart, history], **HEAVY)
+        evaluation = eval_btn.click(
+            ui.evaluate, [bench, tasks, merges, limit, include], [eval_status, table, chart, history], **HEAVY
+        )
         eval_cancel.click(ui.cancel, [bench], [eval_status], cancels=[evaluation], queue=False)
         for event in (out_folder.change, demo.load):
             event(ui.describe_target, [bench, out_folder], [target], show_progress="hidden")
-        save_btn.click(ui.export, [bench, out_folder, overwrite], [export_status, recipe_view, recipe_download, target], **HEAVY)
+        save_btn.click(
+            ui.export, [bench, out_folder, overwrite], [export_status, recipe_view, recipe_download, target], **HEAVY
+        )
     return demo
 
 
 def main() -> None:
     """Command line: ``python app.py [--models DIR ...] [--host H] [--port P]``."""
     parser = argparse.ArgumentParser(description="Merge Explorer app")
-    parser.add_argument("--models", type=Path, action="append", help="folder of checkpoints; repeat for several (default ./models; the demo zoo is built there if empty)")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        action="append",
+        help="folder of checkpoints; repeat for several (default ./models; the demo zoo is built there if empty)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--no-demo", action="store_true", help="do not build the SmolLM2 demo experts")
@@ -179,8 +277,12 @@ def main() -> None:
     demo_build = None
     wanted = not args.no_demo and (args.models is None or not any(Workbench(r).checkpoints() for r in roots))
     if wanted and not smollm2_experts_built(roots[0] / DEMO_DIR):
-        print(f"Building the SmolLM2 demo experts in {roots[0] / DEMO_DIR} in the background (about 8 minutes, once); the app serves meanwhile.")
-        demo_build = BackgroundJob("SmolLM2 demo experts", lambda progress: build_smollm2_experts(roots[0] / DEMO_DIR, progress)).start()
+        print(
+            f"Building the SmolLM2 demo experts in {roots[0] / DEMO_DIR} in the background (about 8 minutes, once); the app serves meanwhile."
+        )
+        demo_build = BackgroundJob(
+            "SmolLM2 demo experts", lambda progress: build_smollm2_experts(roots[0] / DEMO_DIR, progress)
+        ).start()
     build_demo(roots, demo_build).launch(server_name=args.host, server_port=args.port)
 
 

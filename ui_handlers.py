@@ -48,21 +48,35 @@ def _progress(progress: gr.Progress):
 
 # Models ---------------------------------------------------------------------------------------------
 
+
 def scan(bench: Workbench, folder: str):
     """List the checkpoints of ``folder`` (one of the folders allowed at start-up)."""
     bench.models_dir = Path(folder)
     labels = [bench.label(p) for p in bench.checkpoints()]
     base = next((lab for lab in labels if Path(lab).name == "base"), None)
-    experts = [lab for lab in labels if Path(lab).name.startswith("expert") and Path(lab).parent == Path(base or "").parent][:2]
+    experts = [
+        lab for lab in labels if Path(lab).name.startswith("expert") and Path(lab).parent == Path(base or "").parent
+    ][:2]
     if not bench.models_dir.is_dir():
-        message = readable(ValueError(f"folder {folder} does not exist; create it or start the app with --models pointing at your checkpoints"))
+        message = readable(
+            ValueError(
+                f"folder {folder} does not exist; create it or start the app with --models pointing at your checkpoints"
+            )
+        )
     elif labels:
         message = f"Found {len(labels)} checkpoint(s) in {folder}."
     else:
         message = f"No checkpoints in {folder}: a checkpoint is a folder with config.json and weights (safetensors, .bin), a .gguf file or a LoRA adapter."
     tasks = gr.update(choices=evals.list_tasks(evals.task_dirs(bench.models_dir)), value=[])
     expert_choices = [lab for lab in labels if lab != base]
-    return bench, bench.catalog(), gr.update(choices=[""] + labels, value=base), gr.update(choices=expert_choices, value=experts), message, tasks
+    return (
+        bench,
+        bench.catalog(),
+        gr.update(choices=[""] + labels, value=base),
+        gr.update(choices=expert_choices, value=experts),
+        message,
+        tasks,
+    )
 
 
 def build_tick(job: BackgroundJob, bench: Workbench, folder: str, known: int):
@@ -78,7 +92,17 @@ def experts_without_base(bench: Workbench, base: str, experts: list[str]):
     return gr.update(choices=[lab for lab in labels if lab != base], value=[e for e in experts if e != base])
 
 
-def load(bench: Workbench, base: str, experts: list[str], loaded: dict, values: dict, method: str, dtype: str, seed: float, progress=gr.Progress()):
+def load(
+    bench: Workbench,
+    base: str,
+    experts: list[str],
+    loaded: dict,
+    values: dict,
+    method: str,
+    dtype: str,
+    seed: float,
+    progress=gr.Progress(),
+):
     """Open base and experts; clears every output of the previous models and shows the recipe."""
     root = bench.models_dir
     no_merges = [gr.update(choices=[], value=None), gr.update(choices=[], value=[]), gr.update(choices=[], value=None)]
@@ -97,6 +121,7 @@ def load(bench: Workbench, base: str, experts: list[str], loaded: dict, values: 
 
 
 # Merge ----------------------------------------------------------------------------------------------
+
 
 def control_keys(spec: registry.MethodSpec, labels: list[str]) -> list[tuple[str, registry.Param]]:
     """(key, param) of every control of ``spec``: global params, then each expert's per-model ones."""
@@ -163,7 +188,17 @@ def merge(bench: Workbench, values: dict, method: str, dtype: str, seed: float, 
     return _merged(bench, message)
 
 
-def live_merge(live: bool, bench: Workbench, values: dict, method: str, dtype: str, seed: float, key: str, value, progress=gr.Progress()):
+def live_merge(
+    live: bool,
+    bench: Workbench,
+    values: dict,
+    method: str,
+    dtype: str,
+    seed: float,
+    key: str,
+    value,
+    progress=gr.Progress(),
+):
     """When Live is ticked: remember control ``key``'s ``value`` and merge; otherwise nothing changes."""
     if not live or bench.session is None:
         return (bench,) + (gr.update(),) * 6
@@ -194,6 +229,7 @@ def cancel(bench: Workbench) -> str:
 
 # Inspect --------------------------------------------------------------------------------------------
 
+
 def inspect_placeholder(message: str) -> list:
     """Inspect's outputs when there is nothing to draw: the message, and every panel hidden."""
     compare = [gr.update(value="", visible=False), gr.update(value=None, visible=False)]
@@ -207,7 +243,10 @@ def _comparison(bench: Workbench, shown: Optional[str], other: Optional[str]) ->
         return [gr.update(value="", visible=False), gr.update(value=None, visible=False)]
     first, second = (entries[label] for label in (shown, other))
     table = merge_comparison(
-        bench.session.base, (f"#{first.number}", bench.merged_tensors(first.number)), (f"#{second.number}", bench.merged_tensors(second.number)), bench.session.names
+        bench.session.base,
+        (f"#{first.number}", bench.merged_tensors(first.number)),
+        (f"#{second.number}", bench.merged_tensors(second.number)),
+        bench.session.names,
     )
     caption = f"#### Two merges compared\n{first.label} against {second.label}: relative L2 distance of each from the base, and between them, per layer (exact)."
     return [gr.update(value=caption, visible=True), gr.update(value=merge_comparison_figure(table), visible=True)]
@@ -222,7 +261,9 @@ def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[st
         if not 0 < value < 1:
             raise ValueError
     except ValueError:
-        return inspect_placeholder(readable(ValueError(f"|delta| threshold {threshold!r} is not a number between 0 and 1; try 0.005")))
+        return inspect_placeholder(
+            readable(ValueError(f"|delta| threshold {threshold!r} is not a number between 0 and 1; try 0.005"))
+        )
     entry = next((e for e in bench.history if e.label == shown), None)
     merged = bench.merged_tensors(entry.number) if entry else None
     panels = plots.inspect_panels(bench.session, density=density, merged=merged, threshold=value)
@@ -232,13 +273,20 @@ def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[st
     for panel in panels:
         csv = DOWNLOADS / f"{panel.key}.csv"
         panel.table.to_csv(csv, index=False)
-        outputs += [f"#### {panel.title}\n{panel.caption}", gr.update(value=panel.figure, visible=True), gr.update(value=str(csv), visible=True)]
+        outputs += [
+            f"#### {panel.title}\n{panel.caption}",
+            gr.update(value=panel.figure, visible=True),
+            gr.update(value=str(csv), visible=True),
+        ]
     return outputs
 
 
 # Evaluate -------------------------------------------------------------------------------------------
 
-def evaluate(bench: Workbench, tasks: list[str], merges: list[str], limit: float, include_inputs: bool, progress=gr.Progress()):
+
+def evaluate(
+    bench: Workbench, tasks: list[str], merges: list[str], limit: float, include_inputs: bool, progress=gr.Progress()
+):
     """lm-eval on the chosen merges (and base and experts): a table, a bar chart, the history's scores."""
     try:
         if not tasks:
@@ -252,18 +300,28 @@ def evaluate(bench: Workbench, tasks: list[str], merges: list[str], limit: float
         for i, (label, model) in enumerate(models.items()):
             bench.check_cancel()
             progress(0.1 + 0.9 * i / len(models), desc=f"lm-eval on {label}")
-            rows.append(evals.compare({label: model}, tasks, evals.task_dirs(bench.models_dir), limit=int(limit) or None))
+            rows.append(
+                evals.compare({label: model}, tasks, evals.task_dirs(bench.models_dir), limit=int(limit) or None)
+            )
     except Exception as e:
         return readable(e), None, None, gr.update()
     table = pd.concat(rows, ignore_index=True)
     bench.record_scores(table)
     long = table.melt(id_vars="model", var_name="task", value_name="acc")
-    chart = px.bar(long, x="task", y="acc", color="model", barmode="group", range_y=[0, 1], title="lm-eval accuracy (exact match)")
+    chart = px.bar(
+        long, x="task", y="acc", color="model", barmode="group", range_y=[0, 1], title="lm-eval accuracy (exact match)"
+    )
     chart.update_yaxes(title="accuracy (share of examples)")
-    return f"Evaluated {len(models)} model(s) on {', '.join(tasks)} (limit {int(limit) or 'none'}).", table, chart, bench.history_table()
+    return (
+        f"Evaluated {len(models)} model(s) on {', '.join(tasks)} (limit {int(limit) or 'none'}).",
+        table,
+        chart,
+        bench.history_table(),
+    )
 
 
 # Export ---------------------------------------------------------------------------------------------
+
 
 def describe_target(bench: Workbench, folder: str) -> str:
     """Where Save will write, said before anything is written."""

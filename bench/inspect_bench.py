@@ -64,7 +64,9 @@ class SyntheticSession:
         self.names = list(shapes)
         self.labels = [f"expert{i}" for i in range(n_experts)]
         self.base = {n: torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02 for n, s in shapes.items()}
-        self.models = [{n: b + noise * torch.randn(b.shape, generator=g) for n, b in self.base.items()} for _ in range(n_experts)]
+        self.models = [
+            {n: b + noise * torch.randn(b.shape, generator=g) for n, b in self.base.items()} for _ in range(n_experts)
+        ]
 
     def task_vectors(self, name: str) -> torch.Tensor:
         return torch.stack([m[name] for m in self.models]) - self.base[name]
@@ -96,8 +98,12 @@ def peak_rss_during(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="*", help="BASE EXPERT [EXPERT ...] checkpoint folders (default: synthetic)")
-    parser.add_argument("--experts", type=int, default=2, help="synthetic experts (default 2, i.e. 3 models with the base)")
-    parser.add_argument("--disk", action="store_true", help="stream the folders from disk instead of loading a MergeSession")
+    parser.add_argument(
+        "--experts", type=int, default=2, help="synthetic experts (default 2, i.e. 3 models with the base)"
+    )
+    parser.add_argument(
+        "--disk", action="store_true", help="stream the folders from disk instead of loading a MergeSession"
+    )
     parser.add_argument("--density", type=float, default=0.2)
     parser.add_argument("--sample", type=int, default=stats.DEFAULT_SAMPLE)
     parser.add_argument("--repeat", type=int, default=2)
@@ -117,8 +123,10 @@ def main() -> None:
         source = SyntheticSession(args.experts)
     merged = mean_merge(source)
     params = sum(source.base[n].numel() for n in source.names)
-    print(f"{type(source).__name__}: {len(source.models)} experts + base, {params / 1e6:.1f}M parameters each, ready in {time.perf_counter() - start:.1f} s; "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"{type(source).__name__}: {len(source.models)} experts + base, {params / 1e6:.1f}M parameters each, ready in {time.perf_counter() - start:.1f} s; "
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}"
+    )
     rss_before = psutil.Process().memory_info().rss
     for run in range(args.repeat):
         t0 = time.perf_counter()
@@ -126,8 +134,10 @@ def main() -> None:
         t1, cpu = time.perf_counter(), time.process_time()
         panels, peak = peak_rss_during(lambda: plots.inspect_panels(source, args.density, merged, sample=args.sample))
         t2, cpu = time.perf_counter(), time.process_time() - cpu
-        print(f"run {run + 1}: inspect_panels {t2 - t1:.2f} s wall, {cpu:.2f} s CPU ({len(panels)} panels; its scan alone {t1 - t0:.2f} s); "
-              f"RSS before {rss_before / 2**30:.2f} GiB, peak during {peak / 2**30:.2f} GiB (+{(peak - rss_before) / 2**20:.0f} MiB)")
+        print(
+            f"run {run + 1}: inspect_panels {t2 - t1:.2f} s wall, {cpu:.2f} s CPU ({len(panels)} panels; its scan alone {t1 - t0:.2f} s); "
+            f"RSS before {rss_before / 2**30:.2f} GiB, peak during {peak / 2**30:.2f} GiB (+{(peak - rss_before) / 2**20:.0f} MiB)"
+        )
     print(f"max RSS of the process (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 

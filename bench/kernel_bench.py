@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as the CLI and app do (both tools run under it)
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # before torch loads, as the CLI and app do (both tools run under it)
 
 import torch  # noqa: E402
 from mergekit.merge_methods.api import merge_tensors  # noqa: E402
@@ -61,7 +63,9 @@ def main() -> None:
     models = torch.stack([base + 0.01 * torch.randn(shape) for _ in range(n)])
     bandwidth = copy_bandwidth(args.repeats)
     floor = (n + 2) * base.numel() * 4 / bandwidth
-    print(f"threads={torch.get_num_threads()} tensor={shape} models={n} copy bandwidth={bandwidth / 1e9:.1f} GB/s floor={floor * 1e3:.0f} ms")
+    print(
+        f"threads={torch.get_num_threads()} tensor={shape} models={n} copy bandwidth={bandwidth / 1e9:.1f} GB/s floor={floor * 1e3:.0f} ms"
+    )
     print(f"{'method':16s} {'ours ms':>9s} {'mergekit ms':>12s} {'ours/mergekit':>14s} {'ours/floor':>11s}")
     cases = {
         "linear": ({"weight": [1.0] * n}, False),
@@ -75,11 +79,17 @@ def main() -> None:
         params.update({k: torch.tensor(v) for k, v in per_model.items()})
         # merge_tensor consumes its stacked input (the executor's fresh read), so each run gets a copy
         anchor = base if with_base else None
-        ours = median_seconds(lambda m, spec=spec, params=params, anchor=anchor: merge_tensor(spec, params, "w", anchor, m, 0), args.repeats, models.clone)
+        ours = median_seconds(
+            lambda m, spec=spec, params=params, anchor=anchor: merge_tensor(spec, params, "w", anchor, m, 0),
+            args.repeats,
+            models.clone,
+        )
         inputs = [base, *models] if with_base else list(models)
         kwargs = {"base_index": 0} if with_base else {}
         theirs = median_seconds(
-            lambda _, inputs=inputs, method=method, per_model=per_model, kwargs=kwargs: merge_tensors(inputs, method, parameters=per_model, **kwargs),
+            lambda _, inputs=inputs, method=method, per_model=per_model, kwargs=kwargs: merge_tensors(
+                inputs, method, parameters=per_model, **kwargs
+            ),
             args.repeats,
         )
         print(f"{method:16s} {ours * 1e3:9.0f} {theirs * 1e3:12.0f} {ours / theirs:14.2f} {ours / floor:11.1f}")

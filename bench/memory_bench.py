@@ -38,8 +38,14 @@ MERGEKIT_YAML = str(Path(sys.executable).parent / "mergekit-yaml")  # the enviro
 
 def llama_config(hidden: int, layers: int, vocab: int) -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers, num_attention_heads=hidden // 128,
-        num_key_value_heads=hidden // 128, vocab_size=vocab, tie_word_embeddings=False, dtype="float16",
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        dtype="float16",
         architectures=["LlamaForCausalLM"],
     )
 
@@ -51,7 +57,11 @@ def tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."
         shapes |= {p + f"self_attn.{k}_proj.weight": (h, h) for k in "qkvo"}
-        shapes |= {p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)}
+        shapes |= {
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        }
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
     return shapes | {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
 
@@ -82,7 +92,9 @@ def recipe_yaml(models: list[Path], method: str) -> str:
         lines = ["merge_method: ties", f"base_model: {models[0]}", "models:"]
         lines += [f"  - model: {m}\n    parameters:\n      weight: 1.0\n      density: 0.5" for m in models[1:]]
     else:
-        lines = ["merge_method: linear", "models:"] + [f"  - model: {m}\n    parameters:\n      weight: 1.0" for m in models]
+        lines = ["merge_method: linear", "models:"] + [
+            f"  - model: {m}\n    parameters:\n      weight: 1.0" for m in models
+        ]
     return "\n".join(lines + ["dtype: float16", ""])
 
 
@@ -100,10 +112,12 @@ def measure(command: list[str], log: Path) -> tuple[float, float]:
 
 def difference(a: Path, b: Path, name: str) -> tuple[float, float]:
     """(max |a - b|, share of entries differing by more than 1e-3) of tensor ``name`` in two output folders."""
+
     def read(folder: Path) -> torch.Tensor:
         index = folder / "model.safetensors.index.json"
         file = json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors"
         return load_file(str(folder / file))[name].float()
+
     gap = (read(a) - read(b)).abs()
     return gap.max().item(), (gap > 1e-3).float().mean().item()
 
@@ -115,7 +129,10 @@ def fixed_overhead(folder: Path, method: str) -> float:
         make_model(model, llama_config(128, 1, 256), seed=i)
     (folder / "recipe.yaml").write_text(recipe_yaml(models, method))
     shutil.rmtree(folder / "out", ignore_errors=True)
-    peak = measure([sys.executable, "-m", "explorer", "merge", str(folder / "recipe.yaml"), "--out", str(folder / "out")], folder / "log.txt")[1]
+    peak = measure(
+        [sys.executable, "-m", "explorer", "merge", str(folder / "recipe.yaml"), "--out", str(folder / "out")],
+        folder / "log.txt",
+    )[1]
     shutil.rmtree(folder)
     return peak
 
@@ -138,7 +155,10 @@ def main() -> None:
     if free < 6 * model_bytes:
         sys.exit(f"{args.dir}: {free / 1e9:.1f} GB free, need {6 * model_bytes / 1e9:.1f} GB (3 models + 3 outputs)")
     models = [args.dir / f"model{i}" for i in range(3)]
-    print(f"models: 3 x {sum(torch.Size(s).numel() for s in shapes.values()) / 1e9:.2f} B params, {model_bytes / 1e9:.2f} GB float16 each", flush=True)
+    print(
+        f"models: 3 x {sum(torch.Size(s).numel() for s in shapes.values()) / 1e9:.2f} B params, {model_bytes / 1e9:.2f} GB float16 each",
+        flush=True,
+    )
     for i, folder in enumerate(models):
         make_model(folder, config, seed=i)
     recipe = args.dir / "recipe.yaml"
@@ -149,8 +169,16 @@ def main() -> None:
     runs = {
         "ours": [sys.executable, "-m", "explorer", "merge", str(recipe), "--out", str(outs["ours"])],
         "mergekit (default)": [MERGEKIT_YAML, str(recipe), str(outs["mergekit (default)"]), "--no-cuda", "--quiet"],
-        "mergekit (low mem)": [MERGEKIT_YAML, str(recipe), str(outs["mergekit (low mem)"]), "--no-cuda", "--quiet",
-                               "--lazy-unpickle", "--out-shard-size", "100M"],
+        "mergekit (low mem)": [
+            MERGEKIT_YAML,
+            str(recipe),
+            str(outs["mergekit (low mem)"]),
+            "--no-cuda",
+            "--quiet",
+            "--lazy-unpickle",
+            "--out-shard-size",
+            "100M",
+        ],
     }
     overhead = fixed_overhead(args.dir / "tiny", args.method)
     largest = max(torch.Size(s).numel() for s in shapes.values()) * 4 / 1024**3
@@ -162,16 +190,22 @@ def main() -> None:
         print(f"running {label} ...", flush=True)
         results[label] = measure(command, args.dir / f"log-{i}.txt")
 
-    print(f"\nrecipe: {args.method}, N = {n} models, largest tensor {largest * 1024:.0f} MiB in float32, fixed overhead {overhead:.2f} GiB")
+    print(
+        f"\nrecipe: {args.method}, N = {n} models, largest tensor {largest * 1024:.0f} MiB in float32, fixed overhead {overhead:.2f} GiB"
+    )
     print(f"predicted bound for ours: (N + 2) x largest + overhead = {bound:.2f} GiB\n")
     print("| run | wall time (s) | peak RSS (GiB) |\n|---|---|---|")
     for label, (wall, peak) in results.items():
         print(f"| {label} | {wall:.0f} | {peak:.2f} |")
     print(f"| bound (ours) | | {bound:.2f} |")
     gap, share = difference(outs["ours"], outs["mergekit (low mem)"], "model.embed_tokens.weight")
-    print(f"\nours vs mergekit on model.embed_tokens.weight: max |difference| {gap:.3g}, entries differing by > 1e-3: {share:.2%}")
+    print(
+        f"\nours vs mergekit on model.embed_tokens.weight: max |difference| {gap:.3g}, entries differing by > 1e-3: {share:.2%}"
+    )
     print("(mergekit computes in the recipe dtype, float16 here; ours in float32, cast at the end)")
-    (args.dir / "results.json").write_text(json.dumps({"bound_gib": bound, "overhead_gib": overhead, "runs": results}, indent=2))
+    (args.dir / "results.json").write_text(
+        json.dumps({"bound_gib": bound, "overhead_gib": overhead, "runs": results}, indent=2)
+    )
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
     if not args.keep:

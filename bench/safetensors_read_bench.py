@@ -64,7 +64,13 @@ def read_all(reader: str, path: Path) -> dict:
                 del tensor
     seconds = time.perf_counter() - start
     peak = _peak_rss_mib()
-    return {"reader": reader, "seconds": round(seconds, 3), "peak_rss_mib": round(peak), "rss_above_import_mib": round(peak - baseline), "checksum": total}
+    return {
+        "reader": reader,
+        "seconds": round(seconds, 3),
+        "peak_rss_mib": round(peak),
+        "rss_above_import_mib": round(peak - baseline),
+        "checksum": total,
+    }
 
 
 def _peak_rss_mib() -> float:
@@ -76,7 +82,9 @@ def _peak_rss_mib() -> float:
 
 
 def run(reader: str, path: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", reader, str(path)], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", reader, str(path)], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -82,7 +82,9 @@ def main() -> None:
         )
         for _, row in scores.iterrows():
             kept = [
-                retained_gain(row[task_name(t)], table.loc[expert_dir(t), task_name(t)], table.loc[BASE_DIR, task_name(t)])
+                retained_gain(
+                    row[task_name(t)], table.loc[expert_dir(t), task_name(t)], table.loc[BASE_DIR, task_name(t)]
+                )
                 for t in (a, b)
             ]
             rows.append(

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [GREEDY_SOUP]:
         return _greedy_soup(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m evals", description="Score checkpoint folders with lm-eval on local tasks and print one table.",
+        prog="python -m evals",
+        description="Score checkpoint folders with lm-eval on local tasks and print one table.",
         epilog=f"Greedy soup: python -m evals {GREEDY_SOUP} MODEL ... --task-dir DIR --task TASK [--limit N] --out DIR "
         f"(python -m evals {GREEDY_SOUP} --help)",
     )
@@ -57,13 +58,22 @@ def _greedy_soup(argv: list[str]) -> int:
         description="Greedy soup (Wortsman et al. 2022): rank the models by their held-out score, start the soup with the "
         "best, add each next one when the soup's score (uniform average, scored in memory) does not drop; write the soup.",
     )
-    parser.add_argument("models", nargs="+", type=Path, help="candidate checkpoint folders (one architecture, fine-tuned from one base)")
+    parser.add_argument(
+        "models", nargs="+", type=Path, help="candidate checkpoint folders (one architecture, fine-tuned from one base)"
+    )
     parser.add_argument("--task-dir", type=Path, required=True, help="folder of lm-eval task YAMLs")
-    parser.add_argument("--task", action="append", required=True, help="held-out task to score on (repeat, or comma-separate, for the mean of several)")
+    parser.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        help="held-out task to score on (repeat, or comma-separate, for the mean of several)",
+    )
     parser.add_argument("--limit", type=int, help="examples per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, help="output folder of the final soup (checked before any evaluation)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out when done")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier output of this tool at --out when done"
+    )
     args = parser.parse_args(argv)
 
     from evals.greedy_soup import greedy_soup_models
@@ -72,7 +82,14 @@ def _greedy_soup(argv: list[str]) -> int:
     tasks = [t for arg in args.task for t in arg.split(",") if t]
     try:
         result = greedy_soup_models(
-            args.models, tasks, args.task_dir, args.out, args.limit, args.batch_size, args.overwrite, log=lambda line: print(f"  {line}", flush=True),
+            args.models,
+            tasks,
+            args.task_dir,
+            args.out,
+            args.limit,
+            args.batch_size,
+            args.overwrite,
+            log=lambda line: print(f"  {line}", flush=True),
         )
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
@@ -83,7 +100,9 @@ def _greedy_soup(argv: list[str]) -> int:
     print("greedy steps:")
     for model, value, kept in result.soup.history:
         print(f"  {'kept' if kept else 'left out':8s} {model}  soup score {value:.4f}")
-    print(f"soup of {len(result.soup.ingredients)}: {', '.join(result.soup.ingredients)}; score {result.soup.score:.4f}")
+    print(
+        f"soup of {len(result.soup.ingredients)}: {', '.join(result.soup.ingredients)}; score {result.soup.score:.4f}"
+    )
     if result.out is not None:
         print(f"wrote {result.out}")
     return 0

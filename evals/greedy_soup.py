@@ -89,7 +89,10 @@ def greedy_soup_models(
         model = session.build_model(session.merge(session.recipe("linear", {"normalize": True}, weights)))
         scores = evaluate_model(model, tokenizer, tasks, task_dir, limit, batch_size)
         mean = sum(scores.values()) / len(scores)
-        log(f"{' + '.join(Path(m).name for m in ingredients)}: {mean:.4f} " + " ".join(f"{t}={v:.3f}" for t, v in scores.items()))
+        log(
+            f"{' + '.join(Path(m).name for m in ingredients)}: {mean:.4f} "
+            + " ".join(f"{t}={v:.3f}" for t, v in scores.items())
+        )
         return mean
 
     individual = {m: score([m]) for m in names}

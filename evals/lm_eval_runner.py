@@ -72,9 +72,7 @@ def task_dirs(models_dir: str | Path) -> list[Path]:
     found = []
     for folder, subdirs, files in os.walk(root, followlinks=True):
         depth = len(Path(folder).relative_to(root).parts)
-        subdirs[:] = sorted(
-            d for d in subdirs if not d.startswith(".") and depth < MAX_SEARCH_DEPTH
-        )
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and depth < MAX_SEARCH_DEPTH)
         yamls = [Path(folder) / f for f in files if f.endswith((".yaml", ".yml"))]
         if any("task" in _read_yaml(y) for y in yamls):
             found.append(Path(folder))
@@ -103,9 +101,7 @@ def _check_names(tasks: Sequence[str], known: Sequence[str], task_dir: TaskDirs)
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, known, n=1)
-            hint = (
-                f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known) or 'none'}"
-            )
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known) or 'none'}"
             raise KeyError(f"task {task!r} is not defined in {task_dir}; {hint}")
 
 

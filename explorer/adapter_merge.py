@@ -90,7 +90,9 @@ class LoraAdapter:
         """Read and check ``path``; CheckpointError naming the folder for anything not plain LoRA."""
         path = Path(path).expanduser()
         if not (path / ADAPTER_CONFIG).is_file():
-            raise CheckpointError(f"{path}: not a LoRA adapter folder (no {ADAPTER_CONFIG}); merge-adapters takes PEFT adapter folders")
+            raise CheckpointError(
+                f"{path}: not a LoRA adapter folder (no {ADAPTER_CONFIG}); merge-adapters takes PEFT adapter folders"
+            )
         config = read_adapter_config(path)
         file = open_adapter(path)
         lora, whole = index_adapter(path, file)
@@ -124,7 +126,9 @@ class LoraAdapter:
 
     def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{self.path}: LoRA of {self.lora[name]['module']!r} holds NaN/inf values; this adapter is corrupt or diverged; retrain or drop it")
+            raise CheckpointError(
+                f"{self.path}: LoRA of {self.lora[name]['module']!r} holds NaN/inf values; this adapter is corrupt or diverged; retrain or drop it"
+            )
         return tensor
 
     def transposed(self, name: str) -> bool:
@@ -184,20 +188,30 @@ def _check_same_modules(first: LoraAdapter, other: LoraAdapter) -> None:
     differ = sorted(first.lora.keys() ^ other.lora.keys())
     if differ:
         lacking, module = other if differ[0] in first.lora else first, differ[0].removesuffix(".weight")
-        raise CheckpointError(f"{lacking.path}: does not adapt {module!r} ({len(differ)} modules differ), which another input adapts; adapters merged into one adapter must adapt the same modules: {fix}")
+        raise CheckpointError(
+            f"{lacking.path}: does not adapt {module!r} ({len(differ)} modules differ), which another input adapts; adapters merged into one adapter must adapt the same modules: {fix}"
+        )
     if bool(first.config.get("fan_in_fan_out")) != bool(other.config.get("fan_in_fan_out")):
-        raise CheckpointError(f"{other.path}: fan_in_fan_out differs from {first.path}; these adapters were made for different layer types: {fix}")
+        raise CheckpointError(
+            f"{other.path}: fan_in_fan_out differs from {first.path}; these adapters were made for different layer types: {fix}"
+        )
     for name in sorted(first.lora):
         for part, axis in (("A", 1), ("B", 0)):
             a, b = first.file.shape(first.lora[name][part]), other.file.shape(other.lora[name][part])
             if a[axis] != b[axis] or first.lora[name]["embedding"] != other.lora[name]["embedding"]:
-                raise CheckpointError(f"{other.path}: LoRA of {first.lora[name]['module']!r} has lora_{part} shape {list(b)}, {first.path} {list(a)}; these adapters were trained on different base models")
+                raise CheckpointError(
+                    f"{other.path}: LoRA of {first.lora[name]['module']!r} has lora_{part} shape {list(b)}, {first.path} {list(a)}; these adapters were trained on different base models"
+                )
 
 
 def _check_same_whole(first: LoraAdapter, other: LoraAdapter) -> None:
     names = sorted(first.whole.keys() | other.whole.keys())
     for name in names:
-        if name not in first.whole or name not in other.whole or not torch.equal(first.file.read(first.whole[name]), other.file.read(other.whole[name])):
+        if (
+            name not in first.whole
+            or name not in other.whole
+            or not torch.equal(first.file.read(first.whole[name]), other.file.read(other.whole[name]))
+        ):
             raise CheckpointError(
                 f"{other.path}: saves whole tensor {name!r} (modules_to_save or a resized embedding) that is not identical in {first.path}; "
                 f"whole tensors cannot be merged as an adapter: train without modules_to_save, {FOLD_HINT}"
@@ -206,7 +220,9 @@ def _check_same_whole(first: LoraAdapter, other: LoraAdapter) -> None:
         raise CheckpointError(f"{other.path}: modules_to_save differs from {first.path}; {FOLD_HINT}")
 
 
-def cat_factors(adapters: Sequence[LoraAdapter], name: str, weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def cat_factors(
+    adapters: Sequence[LoraAdapter], name: str, weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (sum r_i, in), B (out, sum r_i)) float32 with B A = sum_i w_i s_i B_i A_i, for target ``name``."""
     parts = [adapter.factors(name) for adapter in adapters]
     scales = [lora_scale(adapter.config, adapter.lora[name]["module"]) for adapter in adapters]
@@ -307,7 +323,9 @@ def merge_adapters(
     names = sorted(loaded[0].lora)
     if method == "cat":
         if parameters or rank is not None:
-            raise ValueError("method cat takes only weights (its rank is the sum of the input ranks); for density, lambda or a rank use a registry method such as ties")
+            raise ValueError(
+                "method cat takes only weights (its rank is the sum of the input ranks); for density, lambda or a rank use a registry method such as ties"
+            )
         factors = {name: cat_factors(loaded, name, weights) for name in names}
     else:
         factors = _merged_factors(loaded, names, weights, method, parameters or {}, rank, seed, base)
@@ -321,7 +339,9 @@ def merge_adapters(
     return out
 
 
-def _merged_factors(loaded, names, weights, method, parameters, rank, seed, base) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _merged_factors(
+    loaded, names, weights, method, parameters, rank, seed, base
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Merge each module's task vectors with registry ``method`` (via the executor), then SVD to ``rank``."""
     try:
         spec = registry.get(method)
@@ -329,14 +349,22 @@ def _merged_factors(loaded, names, weights, method, parameters, rank, seed, base
         raise ValueError(f"{e.args[0]}; or cat") from None
     if spec.space != Space.delta or spec.needs_fisher:
         deltas = ", ".join(s.name for s in registry.all_methods() if s.space == Space.delta)
-        raise ValueError(f"method {method} merges whole weights, and an adapter holds only a task vector: use cat or one of {deltas}; {FOLD_HINT}")
+        raise ValueError(
+            f"method {method} merges whole weights, and an adapter holds only a task vector: use cat or one of {deltas}; {FOLD_HINT}"
+        )
     if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
         raise ValueError(f"rank must be a whole number >= 1, got {rank!r}")
     rank = int(rank) if rank is not None else max(a.rank(n) for a in loaded for n in names)
     has_weight = any(p.name == "weight" for p in spec.params)
     recipe = MergeRecipe(
-        merge_method=method, base_model=base or loaded[0].base or "base", parameters=parameters, seed=seed,
-        models=[{"model": str(a.path), "parameters": {"weight": w} if has_weight else {}} for a, w in zip(loaded, weights, strict=True)],
+        merge_method=method,
+        base_model=base or loaded[0].base or "base",
+        parameters=parameters,
+        seed=seed,
+        models=[
+            {"model": str(a.path), "parameters": {"weight": w} if has_weight else {}}
+            for a, w in zip(loaded, weights, strict=True)
+        ],
     )
     factors = {}
     for name, merged in merge_stream(_DeltaSource(loaded, names), recipe):
@@ -368,9 +396,18 @@ def _adapter_config(first: dict, ranks: dict[str, int], base: str | None) -> dic
     r = max(ranks.values())
     odd = {module: k for module, k in sorted(ranks.items()) if k != r}
     return dict(
-        first, r=r, lora_alpha=r, rank_pattern=odd, alpha_pattern=dict(odd), use_rslora=False,
-        target_modules=sorted(ranks), layers_to_transform=None, layers_pattern=None, exclude_modules=None,
-        base_model_name_or_path=base, inference_mode=True,
+        first,
+        r=r,
+        lora_alpha=r,
+        rank_pattern=odd,
+        alpha_pattern=dict(odd),
+        use_rslora=False,
+        target_modules=sorted(ranks),
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        base_model_name_or_path=base,
+        inference_mode=True,
     )
 
 
@@ -378,11 +415,31 @@ def _card(loaded, weights, method, parameters, rank, seed, config) -> str:
     """README.md: what was merged and how (the CLI line reproduces it when only density was set)."""
     flags = [f"--density {parameters['density']}"] if parameters and "density" in parameters else []
     flags += ([f"--rank {rank}"] if rank else []) + ([f"--seed {seed}"] if seed else [])
-    command = ["python -m explorer merge-adapters", *(str(a.path) for a in loaded), "--weights", *map(str, weights), "--method", method, *flags, "--out DIR"]
+    command = [
+        "python -m explorer merge-adapters",
+        *(str(a.path) for a in loaded),
+        "--weights",
+        *map(str, weights),
+        "--method",
+        method,
+        *flags,
+        "--out DIR",
+    ]
     lines = [
-        "---", "library_name: peft", f"base_model: {config['base_model_name_or_path']}", "tags:", "- lora", "- merge", "- merge-explorer", "---", "",
-        f"# LoRA adapter merged with Merge Explorer ({method})", "",
-        f"Inputs: {', '.join(str(a.path) for a in loaded)}. Weights {weights}; parameters {parameters or {}}; output rank {config['r']}; seed {seed}.", "",
-        f"`{' '.join(command)}`", "",
+        "---",
+        "library_name: peft",
+        f"base_model: {config['base_model_name_or_path']}",
+        "tags:",
+        "- lora",
+        "- merge",
+        "- merge-explorer",
+        "---",
+        "",
+        f"# LoRA adapter merged with Merge Explorer ({method})",
+        "",
+        f"Inputs: {', '.join(str(a.path) for a in loaded)}. Weights {weights}; parameters {parameters or {}}; output rank {config['r']}; seed {seed}.",
+        "",
+        f"`{' '.join(command)}`",
+        "",
     ]
     return "\n".join(lines)

@@ -26,7 +26,8 @@ from explorer.recipe import MergeRecipe
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: sys.argv); returns the exit status (0 ok, 2 refused)."""
     parser = argparse.ArgumentParser(
-        prog="python -m explorer", description="Merge Explorer command line",
+        prog="python -m explorer",
+        description="Merge Explorer command line",
         epilog="Greedy soup (needs lm-eval): python -m evals greedy-soup MODEL ... --task-dir DIR --task TASK --out DIR",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("recipe", type=Path, help="mergekit-style YAML recipe")
     merge.add_argument("--out", type=Path, required=True, help="output folder (must not be an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder when done")
-    merge.add_argument("--fisher-cache", type=Path, help="folder of cached Fisher estimates (fisher method; default ~/.cache/merge_explorer/fisher)")
+    merge.add_argument(
+        "--fisher-cache",
+        type=Path,
+        help="folder of cached Fisher estimates (fisher method; default ~/.cache/merge_explorer/fisher)",
+    )
     _add_average_run(sub)
     _add_prune(sub)
     _add_merge_adapters(sub)
@@ -87,7 +92,8 @@ def _run_recipe(recipe: MergeRecipe, out: Path, overwrite: bool, fisher_cache: P
 
 def _add_average_run(sub) -> None:
     run = sub.add_parser(
-        "average-run", help="average the checkpoint-STEP folders of one Trainer run (last k, every k-th, EMA)",
+        "average-run",
+        help="average the checkpoint-STEP folders of one Trainer run (last k, every k-th, EMA)",
         description="Average the checkpoints of a Trainer run with the streaming merge: linear (equal weights) over the "
         "chosen checkpoints, or --ema over them oldest first. --print-recipe prints the recipe "
         "(replay it with: python -m explorer merge RECIPE.yaml --out DIR).",
@@ -96,11 +102,20 @@ def _add_average_run(sub) -> None:
     pick = run.add_mutually_exclusive_group()
     pick.add_argument("--last-k", type=int, metavar="K", help="the K newest checkpoints")
     pick.add_argument("--every-k", type=int, metavar="K", help="every K-th checkpoint counted back from the newest")
-    run.add_argument("--ema", type=float, metavar="DECAY", help="exponential moving average with this decay in [0, 1] over the chosen checkpoints (all by default), instead of a plain average")
+    run.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help="exponential moving average with this decay in [0, 1] over the chosen checkpoints (all by default), instead of a plain average",
+    )
     run.add_argument("--dtype", default="float32", help="output dtype: float32, float16 or bfloat16")
-    run.add_argument("--print-recipe", action="store_true", help="print the recipe YAML (without --out: print only, merge nothing)")
+    run.add_argument(
+        "--print-recipe", action="store_true", help="print the recipe YAML (without --out: print only, merge nothing)"
+    )
     run.add_argument("--out", type=Path, help="output folder (must not be an input)")
-    run.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out when done")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier output of this tool at --out when done"
+    )
 
 
 def _average_run(args: argparse.Namespace) -> int:
@@ -119,15 +134,22 @@ def _average_run(args: argparse.Namespace) -> int:
 
 def _add_prune(sub) -> None:
     prune = sub.add_parser(
-        "prune", help="write a magnitude-pruned copy of a checkpoint",
+        "prune",
+        help="write a magnitude-pruned copy of a checkpoint",
         description="Zero the smallest-magnitude entries of every weight matrix (norms and biases are copied); "
         "each tensor keeps its dtype. The sparsity reached is printed and saved as prune_report.json.",
     )
     prune.add_argument("model", help="checkpoint folder (or any input the merge reads: .gguf, LoRA adapter, ...)")
     prune.add_argument("--sparsity", type=float, required=True, help="fraction of entries set to zero, in [0, 1]")
-    prune.add_argument("--scope", default="tensor", help="tensor: each matrix to the sparsity (default); model: one magnitude cutoff over all matrices together")
+    prune.add_argument(
+        "--scope",
+        default="tensor",
+        help="tensor: each matrix to the sparsity (default); model: one magnitude cutoff over all matrices together",
+    )
     prune.add_argument("--out", type=Path, required=True, help="output folder (must not be the input or inside it)")
-    prune.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --out when done")
+    prune.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier output of this tool at --out when done"
+    )
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -149,9 +171,17 @@ def _add_merge_adapters(sub) -> None:
     merge = sub.add_parser("merge-adapters", help="merge PEFT LoRA adapters of one base into a new LoRA adapter")
     merge.add_argument("adapters", type=Path, nargs="+", help="LoRA adapter folders (adapter_config.json + weights)")
     merge.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
-    merge.add_argument("--method", default="cat", help="cat (exact, rank = sum of ranks) or a task-vector method: task_arithmetic, ties, dare_ties, ...")
-    merge.add_argument("--density", type=float, help="fraction of each task vector kept (ties, dare_*, breadcrumbs, della)")
-    merge.add_argument("--rank", type=int, help="rank of the result for a task-vector method (default: the largest input rank)")
+    merge.add_argument(
+        "--method",
+        default="cat",
+        help="cat (exact, rank = sum of ranks) or a task-vector method: task_arithmetic, ties, dare_ties, ...",
+    )
+    merge.add_argument(
+        "--density", type=float, help="fraction of each task vector kept (ties, dare_*, breadcrumbs, della)"
+    )
+    merge.add_argument(
+        "--rank", type=int, help="rank of the result for a task-vector method (default: the largest input rank)"
+    )
     merge.add_argument("--seed", type=int, default=0, help="seed of random methods (dare_*)")
     merge.add_argument("--base", help="the shared base model (path or hub id), when the adapters name it differently")
     merge.add_argument("--out", type=Path, required=True, help="output adapter folder (must not be an input)")
@@ -163,7 +193,9 @@ def _merge_adapters(args: argparse.Namespace) -> int:
 
     params = {} if args.density is None else {"density": args.density}
     try:
-        merge_adapters(args.adapters, args.out, args.weights, args.method, params, args.rank, args.seed, args.base, args.overwrite)
+        merge_adapters(
+            args.adapters, args.out, args.weights, args.method, params, args.rank, args.seed, args.base, args.overwrite
+        )
     except (CheckpointError, ValueError) as e:
         return _fail(str(e))
     print(f"wrote {args.out}")

@@ -26,7 +26,17 @@ from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.registry import MethodSpec
 
-__all__ = ["Extras", "cast_output", "merge_stream", "merge_tensor", "merge_to_folder", "method_inputs", "no_extras", "plan", "setup_extras"]
+__all__ = [
+    "Extras",
+    "cast_output",
+    "merge_stream",
+    "merge_tensor",
+    "merge_to_folder",
+    "method_inputs",
+    "no_extras",
+    "plan",
+    "setup_extras",
+]
 
 # extras(tensor name) -> keyword inputs of the method for that tensor beyond params (e.g. {"fisher": ...})
 Extras = Callable[[str], dict]
@@ -122,7 +132,9 @@ def plan(recipe: MergeRecipe) -> MergeInputs:
     return open_inputs(recipe.base_model, recipe.model_paths(), recipe.tokenizer_source)
 
 
-def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_range: OutOfRange | str = OutOfRange.refuse) -> torch.Tensor:
+def cast_output(
+    name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_range: OutOfRange | str = OutOfRange.refuse
+) -> torch.Tensor:
     """Cast a merged float32 tensor to ``dtype``.
 
     A value beyond ``dtype``'s largest finite value (float16: 65504) would become inf: with
@@ -150,7 +162,10 @@ def cast_output(name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_rang
 
 
 def merge_to_folder(
-    recipe: MergeRecipe, out_dir: str | Path, progress: Optional[Progress] = None, overwrite: bool = False,
+    recipe: MergeRecipe,
+    out_dir: str | Path,
+    progress: Optional[Progress] = None,
+    overwrite: bool = False,
     fisher_cache: Optional[Path] = None,
 ) -> Path:
     """Stream the merge of ``recipe`` into a new checkpoint folder ``out_dir``; returns its path.

@@ -59,8 +59,13 @@ class FisherSettings:
     @classmethod
     def from_params(cls, params: dict, seed: int = 0) -> FisherSettings:
         """Settings from the ``fisher`` method's setup params (fisher_examples, ...)."""
-        return cls(int(params["fisher_examples"]), int(params["fisher_batch_size"]), int(params["fisher_max_length"]),
-                   params["fisher_labels"], seed)
+        return cls(
+            int(params["fisher_examples"]),
+            int(params["fisher_batch_size"]),
+            int(params["fisher_max_length"]),
+            params["fisher_labels"],
+            seed,
+        )
 
 
 def default_text() -> str:
@@ -79,13 +84,16 @@ def text_chunks(tokenizer: Any, n_examples: int, max_length: int, text: Optional
     ids = tokenizer(default_text() if text is None else text, add_special_tokens=False)["input_ids"]
     need = n_examples * max_length
     if len(ids) < need or max_length < 2:
-        raise ValueError(f"Fisher text has {len(ids)} tokens; {n_examples} chunks of {max_length} (>= 2) need {need}. "
-                         "Lower fisher_examples or fisher_max_length")
+        raise ValueError(
+            f"Fisher text has {len(ids)} tokens; {n_examples} chunks of {max_length} (>= 2) need {need}. "
+            "Lower fisher_examples or fisher_max_length"
+        )
     return torch.tensor(ids[:need], dtype=torch.long).reshape(n_examples, max_length)
 
 
-def estimate_fisher(model: torch.nn.Module, input_ids: torch.Tensor, settings: FisherSettings,
-                    progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
+def estimate_fisher(
+    model: torch.nn.Module, input_ids: torch.Tensor, settings: FisherSettings, progress: Optional[Progress] = None
+) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of ``model`` on ``input_ids`` (n, L): {parameter name: float32 tensor}.
 
     model: returns ``.logits`` (B, L, V) from ``model(input_ids=...)``; it runs on the device of its
@@ -121,9 +129,15 @@ def estimate_fisher(model: torch.nn.Module, input_ids: torch.Tensor, settings: F
     return {name: (s / tokens).cpu() for name, s in sums.items()}
 
 
-def fisher_file(model_path: str | os.PathLike, settings: FisherSettings, cache_dir: Optional[str | os.PathLike] = None,
-                progress: Optional[Progress] = None, load: Optional[Callable[[Path], tuple[Any, Any]]] = None,
-                text: Optional[str] = None, device: Optional[str] = None) -> Path:
+def fisher_file(
+    model_path: str | os.PathLike,
+    settings: FisherSettings,
+    cache_dir: Optional[str | os.PathLike] = None,
+    progress: Optional[Progress] = None,
+    load: Optional[Callable[[Path], tuple[Any, Any]]] = None,
+    text: Optional[str] = None,
+    device: Optional[str] = None,
+) -> Path:
     """Path of the cached Fisher safetensors of the model at ``model_path``, estimating it if needed.
 
     model_path: a checkpoint folder, or a .gguf file. cache_dir: default ~/.cache/merge_explorer/fisher.
@@ -149,7 +163,11 @@ def fisher_file(model_path: str | os.PathLike, settings: FisherSettings, cache_d
     cache.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     try:
-        save_file({k: v.contiguous().clone() for k, v in named.items()}, str(tmp), metadata={"settings": json.dumps(asdict(settings))})
+        save_file(
+            {k: v.contiguous().clone() for k, v in named.items()},
+            str(tmp),
+            metadata={"settings": json.dumps(asdict(settings))},
+        )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -159,7 +177,9 @@ def fisher_file(model_path: str | os.PathLike, settings: FisherSettings, cache_d
 def cache_key(path: Path, settings: FisherSettings, text: Optional[str] = None) -> str:
     """sha256 (24 hex digits) of the path, every file's relative name, size and mtime, settings and text."""
     files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
-    stamp = [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = [
+        (str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns) for p in files
+    ]
     text_hash = hashlib.sha256(text.encode()).hexdigest() if text is not None else "pydoc_data.topics"
     blob = json.dumps([str(path), stamp, asdict(settings), text_hash, 1])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -214,8 +234,12 @@ class FisherInputs:
 
 
 def fisher_extras(
-    spec: Any, params: dict, models: Sequence[Checkpoint], seed: int = 0,
-    cache_dir: Optional[str | os.PathLike] = None, progress: Optional[Progress] = None,
+    spec: Any,
+    params: dict,
+    models: Sequence[Checkpoint],
+    seed: int = 0,
+    cache_dir: Optional[str | os.PathLike] = None,
+    progress: Optional[Progress] = None,
 ) -> Optional[FisherInputs]:
     """The per-tensor Fisher inputs of a merge with method ``spec``, or None when it needs none.
 
@@ -232,7 +256,9 @@ def fisher_extras(
     for i, model in enumerate(models):
         step = None
         if progress:
+
             def step(f: float, m: str, i: int = i, path: Path = Path(model.path)) -> None:
                 progress((i + f) / len(models), f"Fisher of {path.name}: {m}")
+
         files.append(fisher_file(model.path, settings, cache_dir, step))
     return FisherInputs(models, files)

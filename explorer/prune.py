@@ -192,8 +192,14 @@ def prune_to_folder(
             yield name, pruned
 
     report = PruneReport(
-        source=str(checkpoint.spec), sparsity=sparsity, scope=scope.value, pruned_tensors=[n for n in checkpoint.names() if n in chosen],
-        kept_tensors=[n for n in checkpoint.names() if n not in chosen], sparsity_before=0.0, sparsity_after=0.0, out=str(out),
+        source=str(checkpoint.spec),
+        sparsity=sparsity,
+        scope=scope.value,
+        pruned_tensors=[n for n in checkpoint.names() if n in chosen],
+        kept_tensors=[n for n in checkpoint.names() if n not in chosen],
+        sparsity_before=0.0,
+        sparsity_after=0.0,
+        out=str(out),
     )
 
     def report_text() -> str:  # written last, when every tensor's count is in

@@ -82,9 +82,13 @@ class MergeRecipe(BaseModel):
         if not self.models:
             raise ValueError("a recipe needs at least one model under 'models'")
         if spec.needs_base and not self.base_model:
-            raise ValueError(f"{spec.name} works on task vectors and needs base_model: set base_model to the checkpoint the experts were fine-tuned from")
+            raise ValueError(
+                f"{spec.name} works on task vectors and needs base_model: set base_model to the checkpoint the experts were fine-tuned from"
+            )
         if len(self.models) < spec.min_models or (spec.max_models and len(self.models) > spec.max_models):
-            raise ValueError(f"{spec.name} takes {spec.min_models}..{spec.max_models or 'any'} models (besides the base); got {len(self.models)}")
+            raise ValueError(
+                f"{spec.name} takes {spec.min_models}..{spec.max_models or 'any'} models (besides the base); got {len(self.models)}"
+            )
         names = {p.name for p in spec.params}
         for key in self.parameters:
             if key not in names:
@@ -94,7 +98,9 @@ class MergeRecipe(BaseModel):
         for entry in self.models:
             for key in entry.parameters:
                 if key not in names or not spec.param(key).per_model:
-                    raise ValueError(f"{entry.model}: {key!r} is not a per-model parameter of {spec.name}; per-model: {[p.name for p in spec.per_model_params]}")
+                    raise ValueError(
+                        f"{entry.model}: {key!r} is not a per-model parameter of {spec.name}; per-model: {[p.name for p in spec.per_model_params]}"
+                    )
         self.resolved_params()
         return self
 
@@ -113,7 +119,10 @@ class MergeRecipe(BaseModel):
         values: dict = {}
         for p in spec.params:
             if p.per_model:
-                per = [p.check(e.parameters.get(p.name, self.parameters.get(p.name, p.default)), e.model) for e in self.models]
+                per = [
+                    p.check(e.parameters.get(p.name, self.parameters.get(p.name, p.default)), e.model)
+                    for e in self.models
+                ]
                 values[p.name] = torch.tensor(per, dtype=torch.float32)
             else:
                 values[p.name] = p.check(self.parameters.get(p.name, p.default), "parameters")

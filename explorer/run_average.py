@@ -59,7 +59,9 @@ def run_recipe(
         weights = [1.0 / n] * n
     chosen = [(p, w) for p, w in zip(paths, weights, strict=True) if w > 0]
     if ema is not None:
-        return MergeRecipe(merge_method="ema", models=[{"model": p} for p, _ in chosen], parameters={"decay": ema}, dtype=dtype)
+        return MergeRecipe(
+            merge_method="ema", models=[{"model": p} for p, _ in chosen], parameters={"decay": ema}, dtype=dtype
+        )
     return MergeRecipe(
         merge_method="linear",
         models=[{"model": p, "parameters": {"weight": 1.0}} for p, _ in chosen],  # uniform: normalize divides by k

@@ -27,7 +27,13 @@ from explorer.recipe import MergeRecipe
 class MergeSession:
     """Base (optional) and models loaded as float32 dicts {name: tensor}, checked compatible."""
 
-    def __init__(self, base: Optional[str | Path], models: list[str | Path], progress: Optional[Progress] = None, tokenizer_source: str = "base"):
+    def __init__(
+        self,
+        base: Optional[str | Path],
+        models: list[str | Path],
+        progress: Optional[Progress] = None,
+        tokenizer_source: str = "base",
+    ):
         self.tokenizer_source = tokenizer_source
         inputs = open_inputs(base, models, tokenizer_source)
         self.base_ckpt, self.model_ckpts, self.names = inputs.base, inputs.models, inputs.names
@@ -50,7 +56,9 @@ class MergeSession:
         """(N, *S) float32 task vectors M_i - B of tensor ``name``; ValueError without a base."""
         return task_vectors(self, name)
 
-    def recipe(self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0) -> MergeRecipe:
+    def recipe(
+        self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0
+    ) -> MergeRecipe:
         """A validated recipe over this session's inputs (what the app exports and the CLI replays).
 
         Inputs are named by ``Checkpoint.spec``: a LoRA adapter as ``BASE+ADAPTER`` with its base explicit.
@@ -76,7 +84,9 @@ class MergeSession:
     def same_inputs(self, recipe: MergeRecipe) -> bool:
         """True when ``recipe`` names exactly this session's base and models, in order."""
         models = [resolved_spec(e.model) for e in recipe.models] == [resolved_spec(c.spec) for c in self.model_ckpts]
-        base = (recipe.base_model and resolved_spec(recipe.base_model)) == (self.base_ckpt and resolved_spec(self.base_ckpt.spec))
+        base = (recipe.base_model and resolved_spec(recipe.base_model)) == (
+            self.base_ckpt and resolved_spec(self.base_ckpt.spec)
+        )
         return models and base
 
     def merge(self, recipe: MergeRecipe, progress: Optional[Progress] = None) -> dict[str, torch.Tensor]:
@@ -86,7 +96,9 @@ class MergeSession:
         tokenizer_source than the one this session aligned its vocabularies with.
         """
         if not self.same_inputs(recipe):
-            raise ValueError("the recipe names other models or another base than the loaded ones; load its models first")
+            raise ValueError(
+                "the recipe names other models or another base than the loaded ones; load its models first"
+            )
         if recipe.tokenizer_source != self.tokenizer_source:
             raise ValueError(
                 f"this session aligned vocabularies with tokenizer_source={self.tokenizer_source!r}, the recipe asks for "
@@ -103,11 +115,15 @@ class MergeSession:
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
         missing = [k for k in missing if k not in TIED_NAMES]
         if missing or unexpected:
-            raise ValueError(f"merged weights do not fit {config.architectures}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"merged weights do not fit {config.architectures}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         model.tie_weights()
         return model.eval()
 
-    def export(self, recipe: MergeRecipe, state_dict: dict[str, torch.Tensor], out_dir: str | Path, overwrite: bool = False) -> Path:
+    def export(
+        self, recipe: MergeRecipe, state_dict: dict[str, torch.Tensor], out_dir: str | Path, overwrite: bool = False
+    ) -> Path:
         """Write ``state_dict`` (from ``merge(recipe)``) as a checkpoint folder with ``recipe`` in its card."""
         inputs = [s for c in ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts for s in c.sources]
         out = check_output_dir(out_dir, inputs, overwrite)

@@ -106,13 +106,21 @@ class Workbench:
                 ckpt = open_checkpoint(path)
                 dtypes = sorted({ckpt.dtype(n) for n in ckpt.names()})
                 size = sum(f.stat().st_size for f in set(ckpt.files.values()))
-                row |= {"format": type(ckpt).__name__.removesuffix("Checkpoint") or "safetensors", "architecture": ckpt.architecture,
-                        "layers": ckpt.num_layers, "size (MB)": round(size / 1e6, 1), "dtype": "/".join(dtypes), "problem": ""}
+                row |= {
+                    "format": type(ckpt).__name__.removesuffix("Checkpoint") or "safetensors",
+                    "architecture": ckpt.architecture,
+                    "layers": ckpt.num_layers,
+                    "size (MB)": round(size / 1e6, 1),
+                    "dtype": "/".join(dtypes),
+                    "problem": "",
+                }
                 ckpt.close()
             except Exception as e:  # noqa: BLE001  (a broken checkpoint is a row, not a failure of the listing)
                 row["problem"] = str(e)
             rows.append(row)
-        return pd.DataFrame(rows, columns=["checkpoint", "format", "architecture", "layers", "size (MB)", "dtype", "problem"])
+        return pd.DataFrame(
+            rows, columns=["checkpoint", "format", "architecture", "layers", "size (MB)", "dtype", "problem"]
+        )
 
     def load(self, base: Optional[str], experts: list[str], progress: Optional[Progress] = None) -> str:
         """Open and check ``base`` and ``experts``; returns a one-line report. Raises on bad input.
@@ -154,12 +162,22 @@ class Workbench:
 
     # Merging --------------------------------------------------------------------------------------
 
-    def recipe_for(self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0) -> MergeRecipe:
+    def recipe_for(
+        self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0
+    ) -> MergeRecipe:
         """The validated recipe these settings make over the loaded inputs (nothing is merged)."""
         session = self.require_session()
         return session.recipe(method, parameters, per_model, dtype, seed)
 
-    def merge(self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0, progress: Optional[Progress] = None) -> str:
+    def merge(
+        self,
+        method: str,
+        parameters: dict,
+        per_model: list[dict],
+        dtype: str = "float32",
+        seed: int = 0,
+        progress: Optional[Progress] = None,
+    ) -> str:
         """Merge the loaded models in memory; returns a one-line summary. Raises on bad parameters."""
         return self.merge_recipe(self.recipe_for(method, parameters, per_model, dtype, seed), progress)
 
@@ -192,7 +210,9 @@ class Workbench:
 
     # Evaluation -----------------------------------------------------------------------------------
 
-    def eval_models(self, include_inputs: bool, merges: Optional[list[int]] = None, progress: Optional[Progress] = None) -> dict[str, Loaded]:
+    def eval_models(
+        self, include_inputs: bool, merges: Optional[list[int]] = None, progress: Optional[Progress] = None
+    ) -> dict[str, Loaded]:
         """{label: (model, tokenizer)} built in memory from the loaded tensors.
 
         Base and experts when ``include_inputs``, then history entries ``merges`` (default: the current
@@ -203,12 +223,18 @@ class Workbench:
         self.cancel_requested = False
         tokenizer = session.reference.tokenizer()
         if tokenizer is None:
-            raise ValueError(f"{session.reference.path} has no tokenizer files; evaluation needs them (add them from the original model)")
-        inputs = ([(session.base_ckpt, session.base)] if session.base_ckpt else []) + list(zip(session.model_ckpts, session.models, strict=True))
+            raise ValueError(
+                f"{session.reference.path} has no tokenizer files; evaluation needs them (add them from the original model)"
+            )
+        inputs = ([(session.base_ckpt, session.base)] if session.base_ckpt else []) + list(
+            zip(session.model_ckpts, session.models, strict=True)
+        )
         wanted = [(self.label(c.path), lambda t=t: t) for c, t in inputs] if include_inputs else []
         numbers = merges or [self.history[-1].number]
         wanted += [(self.history[n - 1].label, lambda n=n: self.merged_tensors(n, progress)) for n in numbers]
-        self._loaded = {label: model for label, model in self._loaded.items() if label in dict(wanted)}  # hold only what is asked for
+        self._loaded = {
+            label: model for label, model in self._loaded.items() if label in dict(wanted)
+        }  # hold only what is asked for
         for label, tensors in wanted:
             if label not in self._loaded:
                 self.check_cancel()
@@ -243,7 +269,9 @@ class Workbench:
         if out == root or out in root.parents:
             raise ValueError(f"{out} is the models folder or holds it; choose a folder inside it, e.g. merges/my-merge")
         if Path(folder.strip()).expanduser().is_absolute() and not out.parent.is_dir():
-            raise ValueError(f"the folder {out.parent} does not exist; create it first, or give a path relative to the models folder {root}")
+            raise ValueError(
+                f"the folder {out.parent} does not exist; create it first, or give a path relative to the models folder {root}"
+            )
         return out
 
     def describe_target(self, folder: str) -> str:
@@ -287,4 +315,3 @@ class Workbench:
                 progress(fraction, message)
 
         return report
-

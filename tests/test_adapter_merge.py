@@ -64,12 +64,16 @@ def _assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
         assert_expected(actual[name].float(), tensor.float(), rtol=1e-5, atol=atol)
 
 
-def _peft_weighted(base: Path, adapters: list[Path], weights: list[float], combination: str, out: Path, **settings) -> Path:
+def _peft_weighted(
+    base: Path, adapters: list[Path], weights: list[float], combination: str, out: Path, **settings
+) -> Path:
     """PEFT's add_weighted_adapter(combination_type=combination) result, saved as an adapter folder."""
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapters[0], adapter_name="a0")
     for i, adapter in enumerate(adapters[1:], 1):
         model.load_adapter(adapter, adapter_name=f"a{i}")
-    model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], weights, "merged", combination_type=combination, **settings)
+    model.add_weighted_adapter(
+        [f"a{i}" for i in range(len(adapters))], weights, "merged", combination_type=combination, **settings
+    )
     model.save_pretrained(out, selected_adapters=["merged"])
     return out / "merged"
 
@@ -104,7 +108,9 @@ def test_cat_rank_patterns_and_rslora_load_in_peft_exactly(lora_family, tmp_path
 PEFT_TIES = {"density": 0.5, "election": "unweighted", "divisor": "count", "normalize": True}
 
 
-@pytest.mark.parametrize(("method", "parameters", "combination"), [("task_arithmetic", {}, "svd"), ("ties", PEFT_TIES, "ties_svd")])
+@pytest.mark.parametrize(
+    ("method", "parameters", "combination"), [("task_arithmetic", {}, "svd"), ("ties", PEFT_TIES, "ties_svd")]
+)
 def test_svd_matches_peft(lora_family, tmp_path, method, parameters, combination):
     base, adapters = lora_family
     ours = merge_adapters(adapters, tmp_path / "ours", WEIGHTS, method=method, parameters=parameters)
@@ -116,10 +122,15 @@ def test_svd_matches_peft(lora_family, tmp_path, method, parameters, combination
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_svd_at_full_rank_equals_the_full_checkpoint_merge(lora_family, tmp_path, method):
     base, adapters = lora_family
-    out = merge_adapters(adapters, tmp_path / "adapter", WEIGHTS, method=method, parameters={"density": 0.5}, rank=64, seed=3)
+    out = merge_adapters(
+        adapters, tmp_path / "adapter", WEIGHTS, method=method, parameters={"density": 0.5}, rank=64, seed=3
+    )
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16  # min(out, in) of every module
     recipe = MergeRecipe(
-        merge_method=method, base_model=str(base), parameters={"density": 0.5}, seed=3,
+        merge_method=method,
+        base_model=str(base),
+        parameters={"density": 0.5},
+        seed=3,
         models=[{"model": str(a), "parameters": {"weight": w}} for a, w in zip(adapters, WEIGHTS, strict=True)],
     )
     full = merge_to_folder(recipe, tmp_path / "full")
@@ -148,7 +159,10 @@ def test_svd_rank_truncates_to_the_best_approximation(lora_family, tmp_path):
 def test_different_module_sets_are_refused_before_writing(lora_family, tmp_path):
     base, adapters = lora_family
     save_lora(base, tmp_path / "qv", target_modules=["q_proj", "v_proj"])
-    with pytest.raises(CheckpointError, match=r"qv: does not adapt 'model.embed_tokens' \(3 modules differ\).*same modules: retrain .*fold the adapters into the base"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"qv: does not adapt 'model.embed_tokens' \(3 modules differ\).*same modules: retrain .*fold the adapters into the base",
+    ):
         merge_adapters([adapters[0], tmp_path / "qv"], tmp_path / "out", method="cat")
     assert not (tmp_path / "out").exists()
 
@@ -181,12 +195,17 @@ def test_base_named_differently_or_nan_is_refused(lora_family, tmp_path):
     save_lora(base, other, seed=5, target_modules=TARGETS)
     config = other / "adapter_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "someone/else"}))
-    with pytest.raises(CheckpointError, match="other: trained on base 'someone/else', but .*/a on '.*base'.*give it explicitly"):
+    with pytest.raises(
+        CheckpointError, match="other: trained on base 'someone/else', but .*/a on '.*base'.*give it explicitly"
+    ):
         merge_adapters([adapters[0], other], tmp_path / "out")
     out = merge_adapters([adapters[0], other], tmp_path / "out", base=str(base))
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     file = other / "adapter_model.safetensors"
-    save_file({k: v * float("nan") if "layers.1.self_attn.v_proj.lora_B" in k else v for k, v in load_file(file).items()}, str(file))
+    save_file(
+        {k: v * float("nan") if "layers.1.self_attn.v_proj.lora_B" in k else v for k, v in load_file(file).items()},
+        str(file),
+    )
     with pytest.raises(CheckpointError, match="other: LoRA of 'model.layers.1.self_attn.v_proj' holds NaN/inf"):
         merge_adapters([adapters[0], other], tmp_path / "nan", method="ties", base=str(base))
     assert not (tmp_path / "nan").exists()
@@ -195,7 +214,9 @@ def test_base_named_differently_or_nan_is_refused(lora_family, tmp_path):
 def test_given_base_the_adapters_do_not_fit_is_refused(lora_family, tmp_path):
     _, adapters = lora_family
     wide = save_tiny_llama(tmp_path / "wide", hidden_size=32)
-    with pytest.raises(CheckpointError, match=r"LoRA for .* makes shape .* but base .*wide has .*trained on another base"):
+    with pytest.raises(
+        CheckpointError, match=r"LoRA for .* makes shape .* but base .*wide has .*trained on another base"
+    ):
         merge_adapters(adapters, tmp_path / "out", base=str(wide))
     assert not (tmp_path / "out").exists()
 
@@ -205,7 +226,9 @@ def test_adapter_whose_config_rank_differs_from_its_tensors_is_refused(lora_fami
     save_lora(base, tmp_path / "r", target_modules=TARGETS)
     config = tmp_path / "r" / "adapter_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"r": 8}))
-    with pytest.raises(CheckpointError, match=r"/r: LoRA of .* has rank 8 in adapter_config.json .* but its tensors have rank"):
+    with pytest.raises(
+        CheckpointError, match=r"/r: LoRA of .* has rank 8 in adapter_config.json .* but its tensors have rank"
+    ):
         merge_adapters([adapters[0], tmp_path / "r"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -223,7 +246,19 @@ def test_output_overlapping_an_input_is_refused_and_nothing_written(lora_family,
 def test_cli_merges_and_peft_loads_and_generates(lora_family, tmp_path, capsys):
     base, adapters = lora_family
     out = tmp_path / "merged"
-    args = ["merge-adapters", *map(str, adapters), "--weights", "1", "1", "--method", "ties", "--density", "0.5", "--rank", "8"]
+    args = [
+        "merge-adapters",
+        *map(str, adapters),
+        "--weights",
+        "1",
+        "1",
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "--rank",
+        "8",
+    ]
     assert main([*args, "--out", str(out)]) == 0
     assert main([*args, "--out", str(adapters[0])]) == 2
     assert "error: output folder" in capsys.readouterr().err

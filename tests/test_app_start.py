@@ -29,8 +29,14 @@ def test_app_serves_within_a_minute_while_the_demo_builds(tmp_path):
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     start = time.monotonic()
-    server = subprocess.Popen([sys.executable, "app.py", "--models", str(tmp_path), "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "app.py", "--models", str(tmp_path), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         served = None
         while served is None and time.monotonic() - start < 60:
@@ -47,7 +53,9 @@ def test_app_serves_within_a_minute_while_the_demo_builds(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
-    assert not [p for p in tmp_path.rglob("*") if p.name == "smollm2_experts.json"]  # an interrupted build never looks finished
+    assert not [
+        p for p in tmp_path.rglob("*") if p.name == "smollm2_experts.json"
+    ]  # an interrupted build never looks finished
 
 
 def test_background_job_reports_progress_and_errors():
@@ -62,4 +70,8 @@ def test_background_job_reports_progress_and_errors():
     job = BackgroundJob("demo", work).start()
     assert job.wait(10) and job.status() == "demo: ready (half way)."
     failed = BackgroundJob("demo", broken).start()
-    assert failed.wait(10) and failed.status().startswith("demo failed after") and failed.status().endswith("OSError: disk full")
+    assert (
+        failed.wait(10)
+        and failed.status().startswith("demo failed after")
+        and failed.status().endswith("OSError: disk full")
+    )

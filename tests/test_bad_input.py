@@ -31,7 +31,9 @@ def family(tmp_path_factory):
 
 
 def _recipe(models, base=None, method="linear", **extra) -> MergeRecipe:
-    return MergeRecipe(merge_method=method, base_model=str(base) if base else None, models=[{"model": str(m)} for m in models], **extra)
+    return MergeRecipe(
+        merge_method=method, base_model=str(base) if base else None, models=[{"model": str(m)} for m in models], **extra
+    )
 
 
 def _refused(recipe: MergeRecipe, out: Path, match: str) -> None:
@@ -52,14 +54,23 @@ def _variant(src: Path, dst: Path, change) -> Path:
 
 
 def _hashes(folders) -> dict[Path, str]:
-    return {f: hashlib.sha256(f.read_bytes()).hexdigest() for folder in folders for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+    return {
+        f: hashlib.sha256(f.read_bytes()).hexdigest()
+        for folder in folders
+        for f in sorted(Path(folder).rglob("*"))
+        if f.is_file()
+    }
 
 
 def test_mixed_float16_bfloat16_float32_inputs(family, tmp_path):
     base, experts = family
     half = _variant(experts[0], tmp_path / "fp16", lambda t: t.update({k: v.half() for k, v in t.items()}))
     brain = _variant(experts[1], tmp_path / "bf16", lambda t: t.update({k: v.bfloat16() for k, v in t.items()}))
-    assert {open_checkpoint(half).dtype(NORM), open_checkpoint(brain).dtype(NORM), open_checkpoint(base).dtype(NORM)} == {"F16", "BF16", "F32"}
+    assert {
+        open_checkpoint(half).dtype(NORM),
+        open_checkpoint(brain).dtype(NORM),
+        open_checkpoint(base).dtype(NORM),
+    } == {"F16", "BF16", "F32"}
     out = merge_to_folder(_recipe([half, brain, base]), tmp_path / "out")
     merged, a, b, c = state(out), state(half), state(brain), state(base)
     for name in merged:
@@ -70,15 +81,31 @@ def test_mixed_float16_bfloat16_float32_inputs(family, tmp_path):
 @pytest.mark.parametrize("where", ["base", "model"])
 def test_nan_or_inf_names_model_and_tensor(family, tmp_path, where):
     base, experts = family
-    bad = _variant(base if where == "base" else experts[1], tmp_path / "bad", lambda t: t["model.layers.1.mlp.up_proj.weight"].view(-1)[:2].fill_(float("inf")))
-    recipe = _recipe([experts[0], bad] if where == "model" else experts, base=bad if where == "base" else base, method="task_arithmetic")
-    _refused(recipe, tmp_path / "out", r"bad: tensor 'model.layers.1.mlp.up_proj.weight' has 2 NaN/inf values; .*re-export or drop it")
+    bad = _variant(
+        base if where == "base" else experts[1],
+        tmp_path / "bad",
+        lambda t: t["model.layers.1.mlp.up_proj.weight"].view(-1)[:2].fill_(float("inf")),
+    )
+    recipe = _recipe(
+        [experts[0], bad] if where == "model" else experts,
+        base=bad if where == "base" else base,
+        method="task_arithmetic",
+    )
+    _refused(
+        recipe,
+        tmp_path / "out",
+        r"bad: tensor 'model.layers.1.mlp.up_proj.weight' has 2 NaN/inf values; .*re-export or drop it",
+    )
 
 
 def test_float16_overflow_refused_or_clamped(family, tmp_path):
     _, experts = family
     big = _variant(experts[0], tmp_path / "big", lambda t: t[NORM].fill_(70000.0))
-    _refused(_recipe([big, big], dtype="float16"), tmp_path / "refused", r"'model.norm.weight' has values up to 7e\+04, beyond the torch.float16 range .*out_of_range: clamp")
+    _refused(
+        _recipe([big, big], dtype="float16"),
+        tmp_path / "refused",
+        r"'model.norm.weight' has values up to 7e\+04, beyond the torch.float16 range .*out_of_range: clamp",
+    )
     out = merge_to_folder(_recipe([big, big], dtype="float16", out_of_range="clamp"), tmp_path / "clamped")
     merged = state(out)
     assert merged[NORM].dtype == torch.float16 and bool((merged[NORM] == 65504).all())
@@ -92,7 +119,9 @@ def test_inputs_never_modified(family, tmp_path):
     save_lora(base, adapter)
     binary = to_bin(experts[1], tmp_path / "bin", shards=2)
     before = _hashes([base, *experts, adapter, binary])
-    merge_to_folder(_recipe([experts[0], binary, adapter], base=base, method="ties", parameters={"density": 0.5}), tmp_path / "out")
+    merge_to_folder(
+        _recipe([experts[0], binary, adapter], base=base, method="ties", parameters={"density": 0.5}), tmp_path / "out"
+    )
     assert _hashes([base, *experts, adapter, binary]) == before
 
 
@@ -119,7 +148,9 @@ def test_killed_merge_leaves_nothing_that_looks_like_a_checkpoint(family, tmp_pa
         "        time.sleep(120)\n"
         "merge_to_folder(MergeRecipe.load(sys.argv[1]), sys.argv[2], progress=progress)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(recipe), str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(recipe), str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "HALF"
     finally:
@@ -145,7 +176,11 @@ def test_full_disk_leaves_nothing(family, tmp_path, monkeypatch):
         real_add(self, name, tensor)
 
     monkeypatch.setattr(ShardWriter, "add", add)
-    _refused(_recipe(experts), tmp_path / "out", r"writing .*out failed: No space left on device; nothing was written. If the disk is full, free space")
+    _refused(
+        _recipe(experts),
+        tmp_path / "out",
+        r"writing .*out failed: No space left on device; nothing was written. If the disk is full, free space",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -173,7 +208,11 @@ def test_index_naming_missing_shard_refused(family, tmp_path):
     _, experts = family
     folder = save_sharded(state(experts[0]), experts[0], tmp_path / "sharded")
     (folder / "model-00002-of-00002.safetensors").unlink()
-    _refused(_recipe([folder, experts[1]]), tmp_path / "out", r"sharded: model.safetensors.index.json names shard\(s\) \['model-00002-of-00002.safetensors'\] that are not there")
+    _refused(
+        _recipe([folder, experts[1]]),
+        tmp_path / "out",
+        r"sharded: model.safetensors.index.json names shard\(s\) \['model-00002-of-00002.safetensors'\] that are not there",
+    )
 
 
 def test_truncated_download_refused(family, tmp_path):
@@ -181,19 +220,29 @@ def test_truncated_download_refused(family, tmp_path):
     folder = _variant(experts[0], tmp_path / "cut", lambda t: None)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
-    _refused(_recipe([folder, experts[1]]), tmp_path / "out", r"cut/model.safetensors: file is truncated .*fetch the file again")
+    _refused(
+        _recipe([folder, experts[1]]),
+        tmp_path / "out",
+        r"cut/model.safetensors: file is truncated .*fetch the file again",
+    )
 
 
 def test_missing_tensor_refused(family, tmp_path):
     _, experts = family
     partial = _variant(experts[0], tmp_path / "partial", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    _refused(_recipe([experts[1], partial]), tmp_path / "out", r"partial: missing tensor 'model.layers.1.mlp.up_proj.weight'")
+    _refused(
+        _recipe([experts[1], partial]), tmp_path / "out", r"partial: missing tensor 'model.layers.1.mlp.up_proj.weight'"
+    )
 
 
 def test_not_a_checkpoint_refused(family, tmp_path):
     _, experts = family
     (tmp_path / "empty").mkdir()
-    _refused(_recipe([experts[0], tmp_path / "empty"]), tmp_path / "out", "empty: no config.json; this is not a Hugging Face checkpoint folder")
+    _refused(
+        _recipe([experts[0], tmp_path / "empty"]),
+        tmp_path / "out",
+        "empty: no config.json; this is not a Hugging Face checkpoint folder",
+    )
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
@@ -248,21 +297,33 @@ def test_base_listed_among_the_models_with_another_spelling_is_the_base(family, 
     base, experts = family
     exact = merge_to_folder(_recipe([base, *experts], base=base, method="task_arithmetic"), tmp_path / "exact")
     respelled = MergeRecipe(
-        merge_method="task_arithmetic", base_model=str(base), models=[{"model": f"{base}/"}, *({"model": str(e)} for e in experts)]
+        merge_method="task_arithmetic",
+        base_model=str(base),
+        models=[{"model": f"{base}/"}, *({"model": str(e)} for e in experts)],
     )
     assert [e.model for e in respelled.models] == [str(e) for e in experts]  # "base/" is the base, not an input
     other = merge_to_folder(respelled, tmp_path / "respelled")
-    assert state(exact).keys() == state(other).keys() and all(torch.equal(state(exact)[k], state(other)[k]) for k in state(exact))
+    assert state(exact).keys() == state(other).keys() and all(
+        torch.equal(state(exact)[k], state(other)[k]) for k in state(exact)
+    )
 
 
-@pytest.mark.parametrize("content, match", [("models:\n  - model: a\n - model: b\n", "invalid recipe: .*expected"), (None, "cannot read the recipe file")])
+@pytest.mark.parametrize(
+    "content, match",
+    [("models:\n  - model: a\n - model: b\n", "invalid recipe: .*expected"), (None, "cannot read the recipe file")],
+)
 def test_cli_unreadable_recipe_exits_2_with_a_message(tmp_path, content, match):
     recipe = tmp_path / "recipe.yaml"
     if content is None:
         recipe.mkdir()  # a folder given as the recipe
     else:
         recipe.write_text(content)
-    run = subprocess.run([sys.executable, "-m", "explorer", "merge", str(recipe), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "explorer", "merge", str(recipe), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert re.search(match, run.stderr, re.S)
     assert not (tmp_path / "out").exists()
@@ -273,4 +334,3 @@ def test_float32_overflow_is_refused_whatever_the_dtype(bad):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         with pytest.raises(ValueError, match="holds inf or NaN even in float32.*lower the weights, lambda or scale"):
             cast_output("w", torch.tensor([1.0, bad]), dtype, out_of_range="clamp")
-

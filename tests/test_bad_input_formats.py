@@ -40,7 +40,9 @@ def family(tmp_path_factory):
 
 
 def _recipe(models, base=None, method="linear") -> MergeRecipe:
-    return MergeRecipe(merge_method=method, base_model=str(base) if base else None, models=[{"model": str(m)} for m in models])
+    return MergeRecipe(
+        merge_method=method, base_model=str(base) if base else None, models=[{"model": str(m)} for m in models]
+    )
 
 
 def _refused(models, out: Path, match: str, base=None) -> None:
@@ -71,10 +73,10 @@ def _edit_header(file: Path, change) -> None:
     """Rewrite the JSON header of safetensors ``file`` with ``change(header)`` applied, keeping the data bytes."""
     raw = file.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8: 8 + n])
+    header = json.loads(raw[8 : 8 + n])
     change(header)
     text = json.dumps(header).encode()
-    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
 
 
 # B4: safetensors headers -----------------------------------------------------------------------
@@ -84,15 +86,27 @@ def test_safetensors_header_not_an_object_refused(family, tmp_path):
     _, experts = family
     bad = _copy(experts[0], tmp_path / "hdr")
     (bad / "model.safetensors").write_bytes(struct.pack("<Q", 5) + b'"abc"')
-    with pytest.raises(CheckpointError, match=r"hdr/model.safetensors: not a readable safetensors file .*not an object.*re-download or re-save"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"hdr/model.safetensors: not a readable safetensors file .*not an object.*re-download or re-save",
+    ):
         open_checkpoint(bad)
     _refused([bad, experts[1]], tmp_path / "out", r"hdr/model.safetensors: not a readable safetensors file")
 
 
 HEADER_CASES = {  # case: (q_proj's header entry -> a broken one, what the error says about it)
-    "short": (lambda e: {**e, "data_offsets": [e["data_offsets"][0], e["data_offsets"][1] - 4]}, r"has data_offsets \[\d+, \d+\] spanning 1020 bytes, but F32 \[16, 16\] takes 1024"),
-    "negative": (lambda e: {**e, "data_offsets": [-4, e["data_offsets"][1]]}, r"has data_offsets \[-4, \d+\], not two non-negative integers"),
-    "dtype": (lambda e: {**e, "dtype": "Q9"}, r"has dtype 'Q9', which torch cannot hold \(save it as F16, BF16 or F32\)"),
+    "short": (
+        lambda e: {**e, "data_offsets": [e["data_offsets"][0], e["data_offsets"][1] - 4]},
+        r"has data_offsets \[\d+, \d+\] spanning 1020 bytes, but F32 \[16, 16\] takes 1024",
+    ),
+    "negative": (
+        lambda e: {**e, "data_offsets": [-4, e["data_offsets"][1]]},
+        r"has data_offsets \[-4, \d+\], not two non-negative integers",
+    ),
+    "dtype": (
+        lambda e: {**e, "dtype": "Q9"},
+        r"has dtype 'Q9', which torch cannot hold \(save it as F16, BF16 or F32\)",
+    ),
     "shape": (lambda e: {**e, "shape": [16, "x"]}, r"has shape \[16, 'x'\], not a list of non-negative integers"),
     "entry": (lambda e: [1, 2], r"has an entry that is a JSON list, not an object"),
 }
@@ -114,7 +128,11 @@ def test_safetensors_offsets_past_the_end_refused(family, tmp_path):
     _, experts = family
     bad = _copy(experts[0], tmp_path / "past")
     _edit_header(bad / "model.safetensors", lambda h: h[Q_PROJ].update(data_offsets=[10**6, 10**6 + 1024]))
-    _refused([experts[1], bad], tmp_path / "out", rf"past/model.safetensors: file is truncated .*tensor '{Q_PROJ}' ends past it.*fetch the file again")
+    _refused(
+        [experts[1], bad],
+        tmp_path / "out",
+        rf"past/model.safetensors: file is truncated .*tensor '{Q_PROJ}' ends past it.*fetch the file again",
+    )
 
 
 # B5: JSON that is not an object ----------------------------------------------------------------
@@ -125,7 +143,11 @@ def test_config_json_not_an_object_refused(family, tmp_path, text):
     _, experts = family
     bad = _copy(experts[0], tmp_path / "cfg")
     (bad / "config.json").write_text(text)
-    _refused([bad, experts[1]], tmp_path / "out", r"cfg/config.json: holds a JSON \w+ where config.json must be an object .*re-download or re-save")
+    _refused(
+        [bad, experts[1]],
+        tmp_path / "out",
+        r"cfg/config.json: holds a JSON \w+ where config.json must be an object .*re-download or re-save",
+    )
 
 
 # B6: config.json without "architectures" -------------------------------------------------------
@@ -138,7 +160,9 @@ def test_config_without_architectures_uses_model_type(family, tmp_path):
         _edit_json(folder / "config.json", lambda c: c.pop("architectures"))
     assert open_checkpoint(plain[0]).architecture == "LlamaForCausalLM"
     for models in (plain, [experts[0], plain[1]]):  # both without, and one with, one without
-        out = merge_to_folder(_recipe(models, base, "task_arithmetic"), tmp_path / f"out{len(list(tmp_path.iterdir()))}")
+        out = merge_to_folder(
+            _recipe(models, base, "task_arithmetic"), tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        )
         merged, a, b, c = state(out), state(experts[0]), state(experts[1]), state(base)
         assert_expected(merged[Q_PROJ], a[Q_PROJ] + b[Q_PROJ] - c[Q_PROJ])
 
@@ -211,7 +235,9 @@ def _tiny_gguf(path: Path, odd: dict[str, object]) -> Path:
     for name, tensor in LlamaForCausalLM(config).state_dict().items():
         module, _, suffix = name.rpartition(".")
         if name in odd:
-            writer.add_tensor(f"{names.get_name(module)}.{suffix}", np.zeros(tensor.shape, np.int8), raw_dtype=odd[name])
+            writer.add_tensor(
+                f"{names.get_name(module)}.{suffix}", np.zeros(tensor.shape, np.int8), raw_dtype=odd[name]
+            )
         else:
             writer.add_tensor(f"{names.get_name(module)}.{suffix}", tensor.numpy())
     writer.write_header_to_file()
@@ -253,17 +279,22 @@ def test_adapters_whose_bases_loop_refused(family, tmp_path):
     for name, other in (("a", "b"), ("b", "a")):
         save_lora(base, tmp_path / name)
         config = tmp_path / name / "adapter_config.json"
-        config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": str(tmp_path / other)}))
+        config.write_text(
+            json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": str(tmp_path / other)})
+        )
     match = r"a: the adapters' base models loop \(.*/a -> .*/b -> .*/a\); set base_model_name_or_path"
     with pytest.raises(CheckpointError, match=match):
         open_checkpoint(tmp_path / "a")
     _refused([tmp_path / "a", experts[1]], tmp_path / "out", match)
 
 
-@pytest.mark.parametrize("config, module, ranks", [
-    ({"r": 8}, "q_proj", "rank 8 .* rank 4"),
-    ({"rank_pattern": {"v_proj": 2}}, "v_proj", "rank 2 .* rank 4"),
-])
+@pytest.mark.parametrize(
+    "config, module, ranks",
+    [
+        ({"r": 8}, "q_proj", "rank 8 .* rank 4"),
+        ({"rank_pattern": {"v_proj": 2}}, "v_proj", "rank 2 .* rank 4"),
+    ],
+)
 def test_adapter_rank_differs_from_its_tensors_refused(family, tmp_path, config, module, ranks):
     base, _ = family
     adapter = tmp_path / "adapter"
@@ -298,8 +329,14 @@ def test_split_adapter_spec_with_plus_in_folder_names(family, tmp_path, monkeypa
 @pytest.mark.parametrize("dtype, name", [(torch.int8, "I8"), (torch.bool, "BOOL")])
 def test_integer_tensor_beside_float_refused(family, tmp_path, dtype, name):
     base, experts = family
-    codes = _copy(experts[0], tmp_path / "codes", lambda t: t.update({Q_PROJ: (t[Q_PROJ] * 1000).round().clamp(-127, 127).to(dtype)}))
-    match = rf"codes: tensor '{Q_PROJ}' is {name} but .*expert1 has it as F32; .*dequantize the quantized checkpoint first"
+    codes = _copy(
+        experts[0],
+        tmp_path / "codes",
+        lambda t: t.update({Q_PROJ: (t[Q_PROJ] * 1000).round().clamp(-127, 127).to(dtype)}),
+    )
+    match = (
+        rf"codes: tensor '{Q_PROJ}' is {name} but .*expert1 has it as F32; .*dequantize the quantized checkpoint first"
+    )
     _refused([experts[1], codes], tmp_path / "out", match)
     match = rf"expert1: tensor '{Q_PROJ}' is F32 but .*codes has it as {name}"
     _refused([codes, experts[1]], tmp_path / "out", match)

@@ -39,10 +39,21 @@ def family(tmp_path_factory):
 
 def _yaml(family, method: str, per_model: dict, **parameters) -> str:
     base, experts = family
-    models = [{"model": str(e), "parameters": {"weight": WEIGHTS[i], **{k: v[i] for k, v in per_model.items()}}} for i, e in enumerate(experts)]
+    models = [
+        {"model": str(e), "parameters": {"weight": WEIGHTS[i], **{k: v[i] for k, v in per_model.items()}}}
+        for i, e in enumerate(experts)
+    ]
     if method == "linear":
         return yaml.safe_dump({"merge_method": method, "models": models, "parameters": parameters, "dtype": "float32"})
-    return yaml.safe_dump({"merge_method": method, "base_model": str(base), "models": models, "parameters": parameters, "dtype": "float32"})
+    return yaml.safe_dump(
+        {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": models,
+            "parameters": parameters,
+            "dtype": "float32",
+        }
+    )
 
 
 def _mergekit(text: str, out: Path) -> dict[str, torch.Tensor]:
@@ -67,8 +78,12 @@ def test_ties_through_our_cli_equals_mergekit(family, tmp_path):
     text = _yaml(family, "ties", {}, density=0.5, normalize=True, **{"lambda": 0.9})
     recipe = tmp_path / "ties.yaml"
     recipe.write_text(text)
-    run = subprocess.run([sys.executable, "-m", "explorer", "merge", str(recipe), "--out", str(tmp_path / "ours")],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "explorer", "merge", str(recipe), "--out", str(tmp_path / "ours")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     ours, theirs = state(tmp_path / "ours"), _mergekit(text, tmp_path / "mergekit")
     _assert_same_checkpoint(ours, theirs)
@@ -119,7 +134,9 @@ def _content_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def _force_equal_dare_masks(monkeypatch) -> None:
     """Both implementations draw their DARE masks from ``_content_mask``; the rest is their own code."""
-    monkeypatch.setitem(our_sparsify._MASKS, Sparsification.random, lambda delta, density, *_: _content_mask(delta, density))
+    monkeypatch.setitem(
+        our_sparsify._MASKS, Sparsification.random, lambda delta, density, *_: _content_mask(delta, density)
+    )
 
     def bernoulli(tensor, density, rescale_norm=None):  # mergekit.sparsify.bernoulli with the mask replaced
         if density >= 1:
@@ -137,5 +154,10 @@ def test_dare_with_equal_masks_equals_mergekit(family, tmp_path, monkeypatch, me
     text = _yaml(family, method, {"density": [0.3, 0.5, 0.8]}, rescale=rescale, normalize=method == "dare_ties")
     ours, theirs = _ours(text, tmp_path / "ours"), _mergekit(text, tmp_path / "mergekit")
     _assert_same_checkpoint(ours, theirs)
-    dense = _ours(_yaml(family, method, {"density": [1.0, 1.0, 1.0]}, rescale=rescale, normalize=method == "dare_ties"), tmp_path / "dense")
-    assert not torch.equal(ours["model.layers.0.mlp.up_proj.weight"], dense["model.layers.0.mlp.up_proj.weight"])  # entries were dropped
+    dense = _ours(
+        _yaml(family, method, {"density": [1.0, 1.0, 1.0]}, rescale=rescale, normalize=method == "dare_ties"),
+        tmp_path / "dense",
+    )
+    assert not torch.equal(
+        ours["model.layers.0.mlp.up_proj.weight"], dense["model.layers.0.mlp.up_proj.weight"]
+    )  # entries were dropped

@@ -32,8 +32,13 @@ from explorer.registry import MethodSpec, Param
 
 # Every choice parameter of the registered methods and the enum it must use.
 EXPECTED_ENUMS = {
-    "rescale": Rescale, "trim_scope": TrimScope, "election": Election, "divisor": Divisor,
-    "remask": Remask, "metric_kind": MetricKind, "fisher_labels": FisherLabels,
+    "rescale": Rescale,
+    "trim_scope": TrimScope,
+    "election": Election,
+    "divisor": Divisor,
+    "remask": Remask,
+    "metric_kind": MetricKind,
+    "fisher_labels": FisherLabels,
 }
 
 
@@ -59,14 +64,22 @@ def test_a_string_param_without_enum_or_with_a_bad_default_is_refused():
         Param("rescale", "L1", "How.", enum=Rescale)
     with pytest.raises(ValueError, match="alias target"):
         Param("rescale", "l1", "How.", enum=Rescale, aliases=((True, "l2"),))
-    with pytest.raises(ValueError, match=r"space must be one of \['delta', 'weight'\], got 'detla'; did you mean 'delta'"):
+    with pytest.raises(
+        ValueError, match=r"space must be one of \['delta', 'weight'\], got 'detla'; did you mean 'delta'"
+    ):
         MethodSpec("x", "X", "", "detla", lambda x, *, base, generator: x)
 
 
 @pytest.mark.parametrize(
     "kind, typo, suggestion",
-    [(Rescale, "inverse-density", "inverse_density"), (Election, "Unweighted", "unweighted"), (Divisor, "weight", "weights"),
-     (TrimScope, "models", "model"), (Remask, "intersect", "intersection"), (FisherLabels, "emprical", "empirical")],
+    [
+        (Rescale, "inverse-density", "inverse_density"),
+        (Election, "Unweighted", "unweighted"),
+        (Divisor, "weight", "weights"),
+        (TrimScope, "models", "model"),
+        (Remask, "intersect", "intersection"),
+        (FisherLabels, "emprical", "empirical"),
+    ],
 )
 def test_parse_choice_suggests_the_closest_value(kind, typo, suggestion):
     with pytest.raises(ValueError, match=rf"got '{typo}'; did you mean '{suggestion}'\?"):
@@ -94,8 +107,14 @@ def _deltas():
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("election", "Weighted"), ("divisor", "weight"), ("rescale", "L1"), ("trim_scope", "Model"), ("consensus", "majority"),
-     ("sparsification", "topk")],
+    [
+        ("election", "Weighted"),
+        ("divisor", "weight"),
+        ("rescale", "L1"),
+        ("trim_scope", "Model"),
+        ("consensus", "majority"),
+        ("sparsification", "topk"),
+    ],
 )
 def test_methods_refuse_unknown_settings_instead_of_taking_the_other_branch(setting, value):
     """Before the enums, election="Weighted" silently elected unweighted and divisor="weight" divided by count."""
@@ -118,9 +137,26 @@ def test_disjoint_sum_and_sparsify_refuse_unknown_settings():
 def test_enum_members_and_their_values_give_the_same_merge():
     x, w = _deltas()
     common = {"sparsification": "magnitude", "density": torch.full((3,), 0.4), "normalize": True}
-    by_value = generalized_task_arithmetic(x.clone(), base=None, generator=None, weight=w, consensus="sum", election="unweighted", divisor="count", **common)
-    by_member = generalized_task_arithmetic(x.clone(), base=None, generator=None, weight=w, consensus=Consensus.sum,
-                                            election=Election.unweighted, divisor=Divisor.count, **common)
+    by_value = generalized_task_arithmetic(
+        x.clone(),
+        base=None,
+        generator=None,
+        weight=w,
+        consensus="sum",
+        election="unweighted",
+        divisor="count",
+        **common,
+    )
+    by_member = generalized_task_arithmetic(
+        x.clone(),
+        base=None,
+        generator=None,
+        weight=w,
+        consensus=Consensus.sum,
+        election=Election.unweighted,
+        divisor=Divisor.count,
+        **common,
+    )
     assert torch.equal(by_value, by_member)
     default = generalized_task_arithmetic(x.clone(), base=None, generator=None, weight=w, consensus="sum", **common)
     assert not torch.equal(default, by_value)  # the settings are really read
@@ -137,7 +173,9 @@ def test_other_choice_arguments_are_checked():
         FisherSettings(labels="sample")
     with pytest.raises(ValueError, match="out_of_range must be one of"):
         cast_output("w", torch.full((2,), 1e6), torch.float16, "clip")
-    assert torch.equal(cast_output("w", torch.full((2,), 1e6), torch.float16, "clamp"), torch.full((2,), 65504.0, dtype=torch.float16))
+    assert torch.equal(
+        cast_output("w", torch.full((2,), 1e6), torch.float16, "clamp"), torch.full((2,), 65504.0, dtype=torch.float16)
+    )
 
 
 RECIPE = {"merge_method": "dare_ties", "base_model": "b", "models": [{"model": "a", "parameters": {"density": 0.5}}]}
@@ -146,12 +184,18 @@ RECIPE = {"merge_method": "dare_ties", "base_model": "b", "models": [{"model": "
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"parameters": {"rescale": "l2"}}, r"parameters: rescale must be one of \['none', 'l1', 'inverse_density'\], got 'l2'; did you mean 'l1'\?"),
+        (
+            {"parameters": {"rescale": "l2"}},
+            r"parameters: rescale must be one of \['none', 'l1', 'inverse_density'\], got 'l2'; did you mean 'l1'\?",
+        ),
         ({"parameters": {"election": "unweigted"}}, r"did you mean 'unweighted'\?"),
         ({"parameters": {"divisor": 2}}, r"divisor must be one of \['weights', 'count'\], got 2"),
         ({"dtype": "fp16"}, r"dtype must be one of \['float32', 'float16', 'bfloat16'\], got 'fp16'"),
         ({"dtype": "bfloat_16"}, r"did you mean 'bfloat16'\?"),
-        ({"tokenizer_source": "unoin"}, r"tokenizer_source must be one of \['base', 'union'\], got 'unoin'; did you mean 'union'\?"),
+        (
+            {"tokenizer_source": "unoin"},
+            r"tokenizer_source must be one of \['base', 'union'\], got 'unoin'; did you mean 'union'\?",
+        ),
         ({"out_of_range": "clip"}, r"out_of_range must be one of \['refuse', 'clamp'\], got 'clip'"),
         ({"parameters": {"densty": 0.5}}, r"has no parameter 'densty'; did you mean 'density'\?"),
     ],
@@ -163,7 +207,9 @@ def test_recipe_refuses_typos_with_a_suggestion(change, message):
 
 @pytest.mark.parametrize("spelling, value", [(True, "l1"), (False, "none"), ("inverse_density", "inverse_density")])
 def test_recipe_accepts_mergekit_spellings_and_round_trips_them_as_plain_yaml(spelling, value):
-    recipe = MergeRecipe.model_validate({**RECIPE, "parameters": {"rescale": spelling}, "dtype": "bfloat16", "tokenizer_source": "union"})
+    recipe = MergeRecipe.model_validate(
+        {**RECIPE, "parameters": {"rescale": spelling}, "dtype": "bfloat16", "tokenizer_source": "union"}
+    )
     assert recipe.resolved_params()["rescale"] is Rescale(value)
     text = recipe.to_yaml()
     data = yaml.safe_load(text)  # safe_load: no Python object tags, only plain scalars

@@ -26,7 +26,11 @@ from tests.tiny_formats import trainer_run
 
 
 def _files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
@@ -135,7 +139,9 @@ def test_prune_keeps_float16_and_refuses_bad_output_folders(model: Path, tmp_pat
     assert "scope" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     _no_leftovers(tmp_path)
-    assert main(["prune", str(half), "--sparsity", "0.5", "--out", str(out), "--overwrite"]) == 0  # its own earlier output
+    assert (
+        main(["prune", str(half), "--sparsity", "0.5", "--out", str(out), "--overwrite"]) == 0
+    )  # its own earlier output
 
 
 # average-run -----------------------------------------------------------------------------------
@@ -191,7 +197,9 @@ def test_average_run_prints_a_recipe_that_merge_replays_to_the_same_bytes(run: P
     capsys.readouterr()
     assert main(["average-run", str(run), "--last-k", "3", "--print-recipe", "--out", str(tmp_path / "direct")]) == 0
     assert capsys.readouterr().out.startswith(text)
-    assert (tmp_path / "replayed" / "model.safetensors").read_bytes() == (tmp_path / "direct" / "model.safetensors").read_bytes()
+    assert (tmp_path / "replayed" / "model.safetensors").read_bytes() == (
+        tmp_path / "direct" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_average_run_refusals(run: Path, tmp_path: Path, capsys):

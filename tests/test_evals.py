@@ -38,9 +38,7 @@ def test_evaluate_model_returns_acc_in_unit_interval(zoo_dir: Path, upper):
 
 
 def test_compare_table_and_expert_beats_base(zoo_dir: Path, base, upper):
-    table = evals.compare(
-        {"base": base, "expert-upper": upper}, ["zoo_upper", "zoo_add"], zoo_dir / "tasks", LIMIT
-    )
+    table = evals.compare({"base": base, "expert-upper": upper}, ["zoo_upper", "zoo_add"], zoo_dir / "tasks", LIMIT)
     assert list(table.columns) == ["model", "zoo_upper", "zoo_add"]
     assert list(table["model"]) == ["base", "expert-upper"] and table.shape == (2, 3)
     scores = table.set_index("model")
@@ -79,9 +77,7 @@ def test_moved_task_folder_still_finds_its_data(zoo_dir: Path, tmp_path: Path, u
     config["dataset_kwargs"]["data_files"]["test"] = "/gone/zoo_upper.jsonl"
     config_path.write_text(yaml.safe_dump(config))
     moved_scores = evals.evaluate_model(*upper, ["zoo_upper"], moved, limit=LIMIT)
-    assert moved_scores == evals.evaluate_model(
-        *upper, ["zoo_upper"], zoo_dir / "tasks", limit=LIMIT
-    )
+    assert moved_scores == evals.evaluate_model(*upper, ["zoo_upper"], zoo_dir / "tasks", limit=LIMIT)
 
 
 def test_command_prints_the_table(zoo_dir: Path, capsys: pytest.CaptureFixture[str]):

@@ -27,13 +27,20 @@ def test_greedy_soup_keeps_what_does_not_hurt_and_writes_the_soup(zoo_dir: Path,
     printed = capsys.readouterr().out
     steps = printed.split("greedy steps:\n")[1].splitlines()[:3]
     # ranked by own score (upper and its twin 1.0, ties in the given order; add 0.0), then kept if the soup holds
-    assert [s.split()[0:2] for s in steps] == [["kept", str(zoo_dir / "expert-upper")], ["kept", str(twin)], ["left", "out"]]
+    assert [s.split()[0:2] for s in steps] == [
+        ["kept", str(zoo_dir / "expert-upper")],
+        ["kept", str(twin)],
+        ["left", "out"],
+    ]
     assert str(zoo_dir / "expert-add") in steps[2] and "soup score 0.0000" in steps[2]
     assert f"soup of 2: {zoo_dir / 'expert-upper'}, {twin}; score 1.0000" in printed
     assert f"wrote {out}" in printed
 
     recipe = MergeRecipe.load(out / "merge_recipe.yaml")
-    assert recipe.merge_method == "linear" and [e.model for e in recipe.models] == [str(zoo_dir / "expert-upper"), str(twin)]
+    assert recipe.merge_method == "linear" and [e.model for e in recipe.models] == [
+        str(zoo_dir / "expert-upper"),
+        str(twin),
+    ]
     soup, upper = load_file(out / "model.safetensors"), load_file(zoo_dir / "expert-upper" / "model.safetensors")
     assert soup.keys() == upper.keys() and all(torch.equal(soup[n], upper[n]) for n in soup)  # (x + x) / 2 == x
     AutoModelForCausalLM.from_pretrained(out)

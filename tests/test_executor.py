@@ -27,7 +27,9 @@ def family(tmp_path_factory):
 
 
 def _recipe(base, experts, method="ties", **params):
-    return MergeRecipe(merge_method=method, base_model=str(base), models=[{"model": str(e)} for e in experts], parameters=params)
+    return MergeRecipe(
+        merge_method=method, base_model=str(base), models=[{"model": str(e)} for e in experts], parameters=params
+    )
 
 
 def _state(path):
@@ -62,7 +64,11 @@ def test_session_export_equals_cli_merge(family, tmp_path):
     recipe_file = tmp_path / "r.yaml"
     recipe = _recipe(base, experts, density=0.3)
     recipe_file.write_text(recipe.to_yaml())
-    cli = subprocess.run([sys.executable, "-m", "explorer", "merge", str(recipe_file), "--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "explorer", "merge", str(recipe_file), "--out", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 0, cli.stderr
     session = MergeSession(base, experts)
     session.export(recipe, session.merge(recipe), tmp_path / "ui")
@@ -104,21 +110,34 @@ def test_session_refuses_a_recipe_for_other_inputs_or_vocabulary(family):
     recipe = session.recipe("linear", {}, [{}, {}])
     with pytest.raises(ValueError, match="tokenizer_source='base', the recipe asks for 'union'; start a new session"):
         session.merge(recipe.model_copy(update={"tokenizer_source": "union"}))
-    for other in (recipe.model_copy(update={"base_model": str(experts[0])}), recipe.model_copy(update={"models": recipe.models[::-1]})):
+    for other in (
+        recipe.model_copy(update={"base_model": str(experts[0])}),
+        recipe.model_copy(update={"models": recipe.models[::-1]}),
+    ):
         assert not session.same_inputs(other)
-        with pytest.raises(ValueError, match="the recipe names other models or another base than the loaded ones; load its models first"):
+        with pytest.raises(
+            ValueError,
+            match="the recipe names other models or another base than the loaded ones; load its models first",
+        ):
             session.merge(other)
     assert session.same_inputs(recipe)
 
 
 def test_sharded_output_and_input(family, tmp_path):
     base, experts = family
-    out = write_checkpoint(tmp_path / "sharded", ((n, t) for n, t in _state(base).items()), base, _recipe(base, experts), shard_bytes=4096)
+    out = write_checkpoint(
+        tmp_path / "sharded", ((n, t) for n, t in _state(base).items()), base, _recipe(base, experts), shard_bytes=4096
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert open_checkpoint(out).names() and _state(out).keys() == _state(base).keys()
     merged = merge_to_folder(_recipe(out, experts, "task_arithmetic"), tmp_path / "from-sharded")
-    b, e0, e1, loaded = _state(base), _state(experts[0]), _state(experts[1]), AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    b, e0, e1, loaded = (
+        _state(base),
+        _state(experts[0]),
+        _state(experts[1]),
+        AutoModelForCausalLM.from_pretrained(merged).state_dict(),
+    )
     for name in b:
         assert_expected(loaded[name], b[name] + (e0[name] - b[name]) + (e1[name] - b[name]))
 
@@ -128,10 +147,16 @@ def test_float16_output_dtype(family, tmp_path):
     recipe = _recipe(base, experts).model_copy(update={"dtype": "float16"})
     out = merge_to_folder(recipe, tmp_path / "fp16")
     assert all(t.dtype == torch.float16 for t in _state(out).values())
-    assert json.loads((out / "config.json").read_text()).get("dtype", json.loads((out / "config.json").read_text()).get("torch_dtype")) == "float16"
+    assert (
+        json.loads((out / "config.json").read_text()).get(
+            "dtype", json.loads((out / "config.json").read_text()).get("torch_dtype")
+        )
+        == "float16"
+    )
 
 
 # Bad input: a clear error naming the model/tensor, and nothing written.
+
 
 def _assert_refused(recipe, out, match):
     with pytest.raises((CheckpointError, ValueError), match=match):
@@ -174,6 +199,7 @@ def test_refuses_nan_naming_model_and_tensor(family, tmp_path):
     state = _state(bad)
     state["model.norm.weight"][0] = float("nan")
     from safetensors.torch import save_file
+
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     _assert_refused(_recipe(base, [experts[0], bad]), tmp_path / "out", r"bad: tensor 'model.norm.weight' has 1 NaN")
 
@@ -195,7 +221,11 @@ def test_cli_reports_bad_input_without_traceback(family, tmp_path):
     base, experts = family
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(_recipe(base, [experts[0], tmp_path / "missing"]).to_yaml())
-    run = subprocess.run([sys.executable, "-m", "explorer", "merge", str(recipe_file), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "explorer", "merge", str(recipe_file), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2
     assert "folder not found" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o").exists()

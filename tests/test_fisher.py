@@ -160,8 +160,10 @@ def test_fisher_merge_identities_and_normalization():
     assert_expected(fisher_merge(x, base=None, generator=None, weight=ones, fisher=None), average)
     assert_expected(fisher_merge(x, base=None, generator=None, weight=ones, fisher=f[:1].expand(3, 5, 4)), average)
     scaled = f * torch.tensor([1.0, 10.0, 100.0]).reshape(3, 1, 1)
-    assert_expected(fisher_merge(x, base=None, generator=None, weight=ones, normalize_fisher=True, fisher=scaled),
-                    fisher_merge(x, base=None, generator=None, weight=ones, normalize_fisher=True, fisher=f))
+    assert_expected(
+        fisher_merge(x, base=None, generator=None, weight=ones, normalize_fisher=True, fisher=scaled),
+        fisher_merge(x, base=None, generator=None, weight=ones, normalize_fisher=True, fisher=f),
+    )
 
 
 def test_fisher_merge_errors():
@@ -179,7 +181,11 @@ def test_fisher_merge_errors():
 def test_fisher_method_takes_fisher_as_extra_and_keeps_setup_params_out():
     spec = registry.get("fisher")
     assert spec.needs_fisher and {p.name for p in spec.params if p.setup} == {
-        "fisher_examples", "fisher_batch_size", "fisher_max_length", "fisher_labels"}
+        "fisher_examples",
+        "fisher_batch_size",
+        "fisher_max_length",
+        "fisher_labels",
+    }
     params = {p.name: p.default for p in spec.params} | {"weight": torch.ones(2)}
     x, f = torch.randn(2, 3), torch.rand(2, 3)
     out = registry.call(spec, x, None, torch.Generator(), params, extra={"fisher": f})

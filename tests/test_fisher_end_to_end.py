@@ -50,13 +50,19 @@ def models(tmp_path_factory):
     }
     swapped = found["swapped"]
     text = AutoTokenizer.from_pretrained(swapped).backend_tokenizer.to_str()
-    (swapped / "tokenizer.json").write_text(text.replace('"w0":4', '"TMP":4').replace('"w1":5', '"w0":5').replace('"TMP":4', '"w1":4'))
+    (swapped / "tokenizer.json").write_text(
+        text.replace('"w0":4', '"TMP":4').replace('"w1":5', '"w0":5').replace('"TMP":4', '"w1":4')
+    )
     return found
 
 
 def _recipe(paths, weights, tokenizer_source="base") -> MergeRecipe:
-    return MergeRecipe(merge_method="fisher", models=[{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, weights, strict=True)],
-                       parameters=PARAMS, tokenizer_source=tokenizer_source)
+    return MergeRecipe(
+        merge_method="fisher",
+        models=[{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, weights, strict=True)],
+        parameters=PARAMS,
+        tokenizer_source=tokenizer_source,
+    )
 
 
 def _fisher(path: Path, cache: Path) -> dict[str, torch.Tensor]:
@@ -104,8 +110,22 @@ def test_fisher_through_the_cli_and_the_session_with_a_union_vocabulary(models, 
     session.export(recipe, session.merge(recipe), tmp_path / "session")
     recipe_file = tmp_path / "fisher.yaml"
     recipe_file.write_text(recipe.to_yaml())
-    run = subprocess.run([sys.executable, "-m", "explorer", "merge", str(recipe_file), "--out", str(tmp_path / "cli"),
-                          "--fisher-cache", str(cache)], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "explorer",
+            "merge",
+            str(recipe_file),
+            "--out",
+            str(tmp_path / "cli"),
+            "--fisher-cache",
+            str(cache),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     by_session, by_cli = state(tmp_path / "session"), state(tmp_path / "cli")
     assert by_session.keys() == by_cli.keys() and all(torch.equal(by_session[k], by_cli[k]) for k in by_cli)
@@ -166,7 +186,8 @@ def test_fisher_with_tied_and_untied_inputs(models, tmp_path):
 def test_fisher_problems_are_raised_before_any_output(models, tmp_path):
     out = tmp_path / "out"
     recipe = _recipe([models["a"], models["b"]], [1.0, 1.0]).model_copy(
-        update={"parameters": {**PARAMS, "fisher_examples": 4096, "fisher_max_length": 4096}})
+        update={"parameters": {**PARAMS, "fisher_examples": 4096, "fisher_max_length": 4096}}
+    )
     with pytest.raises(ValueError, match="Lower fisher_examples or fisher_max_length"):
         merge_to_folder(recipe, out, fisher_cache=tmp_path / "cache")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output folder, no hidden temporary one, no cache file

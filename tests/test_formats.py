@@ -37,7 +37,9 @@ def family(tmp_path_factory):
 
 
 def _linear(models, base=None) -> MergeRecipe:
-    return MergeRecipe(merge_method="linear", base_model=str(base) if base else None, models=[{"model": str(m)} for m in models])
+    return MergeRecipe(
+        merge_method="linear", base_model=str(base) if base else None, models=[{"model": str(m)} for m in models]
+    )
 
 
 def _assert_same_tensors(checkpoint, expected: dict[str, torch.Tensor]) -> None:
@@ -68,14 +70,21 @@ def test_bin_with_code_is_refused_and_not_run(family, tmp_path):
 
     folder = to_bin(family[1][0], tmp_path / "evil")
     torch.save({"model.norm.weight": torch.ones(16), "x": Payload()}, folder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"evil/pytorch_model.bin: not loaded: .*could run code.*convert it once to safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"evil/pytorch_model.bin: not loaded: .*could run code.*convert it once to safetensors"
+    ):
         open_checkpoint(folder)
     assert not marker.exists()
 
 
 def test_lora_adapter_folds_like_peft(family, tmp_path):
     base, _ = family
-    expected = save_lora(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    expected = save_lora(
+        base,
+        tmp_path / "adapter",
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+    )
     ckpt = open_checkpoint(tmp_path / "adapter")
     assert ckpt.format == "lora" and ckpt.sources == [tmp_path / "adapter", base]
     _assert_same_tensors(ckpt, expected)
@@ -83,7 +92,9 @@ def test_lora_adapter_folds_like_peft(family, tmp_path):
 
 def test_lora_rslora_and_rank_pattern(family, tmp_path):
     base, _ = family
-    expected = save_lora(base, tmp_path / "a", use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3})
+    expected = save_lora(
+        base, tmp_path / "a", use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3}
+    )
     _assert_same_tensors(open_checkpoint(tmp_path / "a"), expected)
 
 
@@ -92,11 +103,16 @@ def test_lora_base_given_explicitly_and_missing_base(family, tmp_path):
     expected = save_lora(base, tmp_path / "adapter")
     config = tmp_path / "adapter" / "adapter_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"base_model_name_or_path": "someone/not-here"}))
-    with pytest.raises(CheckpointError, match="base model 'someone/not-here' of this adapter is neither a local folder nor in the Hugging Face cache; give it as BASE\\+ADAPTER"):
+    with pytest.raises(
+        CheckpointError,
+        match="base model 'someone/not-here' of this adapter is neither a local folder nor in the Hugging Face cache; give it as BASE\\+ADAPTER",
+    ):
         open_checkpoint(tmp_path / "adapter")
     _assert_same_tensors(open_checkpoint(f"{base}+{tmp_path / 'adapter'}"), expected)
     wide = save_tiny_llama(tmp_path / "wide", hidden_size=32)
-    with pytest.raises(CheckpointError, match="LoRA for 'model.layers.0.mlp.down_proj.weight' makes shape .* trained on another base"):
+    with pytest.raises(
+        CheckpointError, match="LoRA for 'model.layers.0.mlp.down_proj.weight' makes shape .* trained on another base"
+    ):
         open_checkpoint(f"{wide}+{tmp_path / 'adapter'}")
     out = merge_to_folder(_linear([f"{base}+{tmp_path / 'adapter'}", experts[0]]), tmp_path / "out")
     merged, expert = AutoModelForCausalLM.from_pretrained(out).state_dict(), state(experts[0])
@@ -146,7 +162,9 @@ def test_discover_finds_every_format(family, tmp_path):
     (root / ".out.partial-1234").mkdir()
     (root / ".out.partial-1234" / "config.json").write_text("{}")
     found = discover(root)
-    assert found == sorted([root / "a-bin", root / "b-adapter", run / "checkpoint-10", run / "checkpoint-5", root / "d-sharded", snapshot])
+    assert found == sorted(
+        [root / "a-bin", root / "b-adapter", run / "checkpoint-10", run / "checkpoint-5", root / "d-sharded", snapshot]
+    )
 
 
 def test_discover_never_lists_what_a_killed_zoo_build_or_merge_left(family, tmp_path, monkeypatch):
@@ -206,11 +224,19 @@ def test_discover_never_lists_what_a_killed_zoo_build_or_merge_left(family, tmp_
 def test_compatibility_report(family, tmp_path):
     base, experts = family
     gpt2 = save_tiny_gpt2(tmp_path / "gpt2")
-    report = compatibility_report([experts[0], to_bin(experts[1], tmp_path / "bin"), gpt2, tmp_path / "nothing"], base=base)
+    report = compatibility_report(
+        [experts[0], to_bin(experts[1], tmp_path / "bin"), gpt2, tmp_path / "nothing"], base=base
+    )
     assert report["role"].tolist() == ["base", "model", "model", "model", "model"]
     assert report["status"].tolist() == ["ok", "ok", "ok", "incompatible", "unreadable"]
     assert report.loc[1, "format"] == "safetensors" and report.loc[2, "format"] == "bin"
-    assert report.loc[0, ["architecture", "layers", "vocab", "dtype", "tied"]].tolist() == ["LlamaForCausalLM", 2, 64, "F32", False]
+    assert report.loc[0, ["architecture", "layers", "vocab", "dtype", "tied"]].tolist() == [
+        "LlamaForCausalLM",
+        2,
+        64,
+        "F32",
+        False,
+    ]
     assert "architecture GPT2LMHeadModel differs" in report.loc[3, "message"]
     assert "folder not found" in report.loc[4, "message"]
 
@@ -223,12 +249,23 @@ def test_real_gguf_matches_transformers_and_merges(tmp_path):
     ckpt = open_checkpoint(gguf)
     assert ckpt.format == "gguf (Q4_1)" and ckpt.architecture == "LlamaForCausalLM" and ckpt.tied_embeddings
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).state_dict()
-    for name in ("model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight", "model.norm.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.layers.3.self_attn.q_proj.weight",
+        "model.layers.3.self_attn.k_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+        "model.norm.weight",
+    ):
         assert ckpt.shape(name) == tuple(reference[name].shape)
         assert torch.equal(ckpt.get(name), reference[name].float()), name
-    out = merge_to_folder(MergeRecipe(merge_method="linear", models=[{"model": str(gguf)}], dtype="bfloat16"), tmp_path / "out")
+    out = merge_to_folder(
+        MergeRecipe(merge_method="linear", models=[{"model": str(gguf)}], dtype="bfloat16"), tmp_path / "out"
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert torch.equal(model.state_dict()["model.layers.3.self_attn.q_proj.weight"], reference["model.layers.3.self_attn.q_proj.weight"].to(torch.bfloat16))
+    assert torch.equal(
+        model.state_dict()["model.layers.3.self_attn.q_proj.weight"],
+        reference["model.layers.3.self_attn.q_proj.weight"].to(torch.bfloat16),
+    )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)

@@ -22,7 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # group -> module-name prefixes (longest match wins; the rest of explorer is "explorer")
 GROUPS = {
-    "core": ("explorer.choices", "explorer.progress", "explorer.registry", "explorer.methods.selection", "explorer.recipe"),
+    "core": (
+        "explorer.choices",
+        "explorer.progress",
+        "explorer.registry",
+        "explorer.methods.selection",
+        "explorer.recipe",
+    ),
     "methods": ("explorer.methods",),
     "formats": ("explorer.io.formats",),  # the lowest io layer: one module per checkpoint format
     "io": ("explorer.io", "explorer.fisher"),
@@ -38,13 +44,39 @@ _NEVER_IN_EXPLORER = ("app", "ui_handlers", "evals", "gradio", "lm_eval", "tests
 # group -> module prefixes it must not import (on top of _NEVER_IN_EXPLORER for everything in explorer)
 RULES = {
     "core": (*_IO, "explorer.inspect", *_ABOVE_IO, "explorer.zoo"),
-    "methods": (*_IO, "explorer.inspect", "explorer.recipe", *_ABOVE_IO, "explorer.zoo", "transformers", "peft", "gguf",
-                "safetensors"),
-    "formats": ("explorer.methods", "explorer.inspect", *_ABOVE_IO, "explorer.zoo", "explorer.recipe", "explorer.io.checkpoint",
-                "explorer.io.inputs", "explorer.io.vocab", "explorer.io.writer", "explorer.io.finite", "explorer.fisher"),
+    "methods": (
+        *_IO,
+        "explorer.inspect",
+        "explorer.recipe",
+        *_ABOVE_IO,
+        "explorer.zoo",
+        "transformers",
+        "peft",
+        "gguf",
+        "safetensors",
+    ),
+    "formats": (
+        "explorer.methods",
+        "explorer.inspect",
+        *_ABOVE_IO,
+        "explorer.zoo",
+        "explorer.recipe",
+        "explorer.io.checkpoint",
+        "explorer.io.inputs",
+        "explorer.io.vocab",
+        "explorer.io.writer",
+        "explorer.io.finite",
+        "explorer.fisher",
+    ),
     "io": ("explorer.methods", "explorer.inspect", *_ABOVE_IO, "explorer.zoo"),
-    "executor": ("explorer.inspect", "explorer.session", "explorer.workbench", "explorer.cli", "explorer.adapter_merge",
-                 "explorer.zoo"),
+    "executor": (
+        "explorer.inspect",
+        "explorer.session",
+        "explorer.workbench",
+        "explorer.cli",
+        "explorer.adapter_merge",
+        "explorer.zoo",
+    ),
     "inspect": (*_ABOVE_IO, "explorer.zoo"),
     "evals": ("app", "ui_handlers", "gradio"),
 }
@@ -116,7 +148,11 @@ def violations(module: str, imported: set[str]) -> list[str]:
         banned = (*banned, *_NEVER_IN_EXPLORER)
     bad = []
     for name in sorted(imported):
-        if name == module or (module, name) in ALLOWED or any((module, name.rsplit(".", k)[0]) in ALLOWED for k in range(1, 4)):
+        if (
+            name == module
+            or (module, name) in ALLOWED
+            or any((module, name.rsplit(".", k)[0]) in ALLOWED for k in range(1, 4))
+        ):
             continue
         if any(_matches(name, prefix) for prefix in banned):
             bad.append(f"{module} ({group}) imports {name}")
@@ -154,7 +190,13 @@ def test_the_checker_catches_wrong_way_imports():
     for module, source in cases.items():
         found = violations(module, imported_modules(source, module))
         assert found and all(module in v for v in found), (module, source)
-    assert violations("explorer.executor", imported_modules("from explorer.methods import linear\nfrom explorer import fisher", "explorer.executor")) == []
+    assert (
+        violations(
+            "explorer.executor",
+            imported_modules("from explorer.methods import linear\nfrom explorer import fisher", "explorer.executor"),
+        )
+        == []
+    )
     assert violations("explorer.registry", {"explorer.methods"}) == []  # an allowed exception
     assert violations("explorer.recipe", {"explorer.io.formats.lora"})  # only formats.refs is allowed there
 

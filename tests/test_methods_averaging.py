@@ -40,7 +40,7 @@ def test_fedavg_zero_examples_is_a_clear_error():
 def test_mwa_weights_formula():
     loss = torch.tensor([2.0, 1.0, 4.0])
     assert_expected(mwa_weights(loss, 0.0), torch.full((3,), 1 / 3))
-    raw = loss ** -1.5
+    raw = loss**-1.5
     assert_expected(mwa_weights(loss, 1.5), raw / raw.sum())
     assert_expected(mwa_weights(10 * loss, 1.5), raw / raw.sum())  # scale-free
     steps = torch.tensor([0.0, 100.0, 300.0])
@@ -48,8 +48,17 @@ def test_mwa_weights_formula():
     assert mwa_weights(loss, 200.0).argmax() == 1  # p -> inf picks the lowest loss
 
 
-@pytest.mark.parametrize("metric, kind", [([1.0, 0.0], "loss"), ([1.0, -2.0], "loss"), ([-1.0, 5.0], "step"),
-                                          ([0.0, 0.0], "step"), ([1.0, float("nan")], "loss"), ([1.0, 2.0], "accuracy")])
+@pytest.mark.parametrize(
+    "metric, kind",
+    [
+        ([1.0, 0.0], "loss"),
+        ([1.0, -2.0], "loss"),
+        ([-1.0, 5.0], "step"),
+        ([0.0, 0.0], "step"),
+        ([1.0, float("nan")], "loss"),
+        ([1.0, 2.0], "accuracy"),
+    ],
+)
 def test_mwa_rejects_metrics_outside_the_domain(metric, kind):
     with pytest.raises(ValueError, match="mwa"):
         mwa_weights(torch.tensor(metric), 1.0, kind)

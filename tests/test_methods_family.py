@@ -9,7 +9,16 @@ from explorer import registry
 from explorer.methods.trim_scope import count_threshold, magnitude_histograms
 from tests.helpers import assert_expected
 
-VARIANTS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+VARIANTS = [
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+]
 
 
 def _run(method: str, deltas: torch.Tensor, seed: int = 0, extra: dict | None = None, **params) -> torch.Tensor:
@@ -20,7 +29,9 @@ def _run(method: str, deltas: torch.Tensor, seed: int = 0, extra: dict | None = 
     for p in spec.per_model_params:
         if not isinstance(full[p.name], torch.Tensor):
             full[p.name] = torch.full((deltas.shape[0],), float(full[p.name]))
-    return registry.call(spec, deltas.clone(), None, torch.Generator().manual_seed(seed), full, extra)  # methods may overwrite x
+    return registry.call(
+        spec, deltas.clone(), None, torch.Generator().manual_seed(seed), full, extra
+    )  # methods may overwrite x
 
 
 def _deltas(n: int = 3, shape=(12, 10), seed: int = 0) -> torch.Tensor:
@@ -33,15 +44,24 @@ def test_one_model_weight_one_density_one_returns_its_task_vector(method):
     assert torch.equal(_run(method, d, weight=[1.0]), d[0])
 
 
-@pytest.mark.parametrize("dropped, undropped", [
-    ("dare_linear", "task_arithmetic"), ("della_linear", "task_arithmetic"), ("breadcrumbs", "task_arithmetic"),
-    ("dare_ties", "ties"), ("della", "ties"), ("breadcrumbs_ties", "ties"),
-])
+@pytest.mark.parametrize(
+    "dropped, undropped",
+    [
+        ("dare_linear", "task_arithmetic"),
+        ("della_linear", "task_arithmetic"),
+        ("breadcrumbs", "task_arithmetic"),
+        ("dare_ties", "ties"),
+        ("della", "ties"),
+        ("breadcrumbs_ties", "ties"),
+    ],
+)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_density_one_equals_the_undropped_method(dropped, undropped, normalize):
     d, w = _deltas(), [0.5, 1.2, -0.4]
-    assert torch.equal(_run(dropped, d, weight=w, density=[1.0] * 3, normalize=normalize),
-                       _run(undropped, d, weight=w, normalize=normalize))
+    assert torch.equal(
+        _run(dropped, d, weight=w, density=[1.0] * 3, normalize=normalize),
+        _run(undropped, d, weight=w, normalize=normalize),
+    )
 
 
 @pytest.mark.parametrize("method", VARIANTS[1:])
@@ -76,7 +96,9 @@ def test_randomness_comes_only_from_the_generator():
 def test_dare_inverse_density_is_unbiased_in_distribution():
     """E[dare_linear] = task arithmetic with 1/density rescaling: mean over 400 seeds within 4 standard errors."""
     d, w, p = _deltas(2, shape=(40,)), [0.7, 0.3], 0.3
-    draws = torch.stack([_run("dare_linear", d, seed=s, weight=w, density=[p, p], rescale="inverse_density") for s in range(400)])
+    draws = torch.stack(
+        [_run("dare_linear", d, seed=s, weight=w, density=[p, p], rescale="inverse_density") for s in range(400)]
+    )
     target = _run("task_arithmetic", d, weight=w)
     stderr = draws.std(dim=0) / 400**0.5
     assert ((draws.mean(dim=0) - target).abs() <= 4 * stderr + 1e-7).float().mean() >= 0.99
@@ -90,6 +112,7 @@ def test_dare_l1_rescale_keeps_each_task_vectors_l1_norm():
 
 
 # --- trim_scope="model": one magnitude band per task vector over all of its tensors --------------------
+
 
 def _spaced_model(seed: int) -> dict[str, torch.Tensor]:
     """Two tensors of 2 task vectors whose 70 magnitudes per model are 1.1^j, distinct, shuffled."""
@@ -122,8 +145,20 @@ def test_model_scope_trims_over_the_whole_flattened_model(method, gamma):
     flat = torch.cat([x.reshape(2, -1) for x in model.values()], dim=1)
     for i in range(2):
         expected = flat[i] * _hand_band_mask(flat[i], density[i], gamma)
-        kept = torch.cat([_run(method, x[i : i + 1], extra={"bands": extra["bands"][i : i + 1]}, weight=[1.0],
-                               density=[density[i]], trim_scope="model", gamma=[gamma]).reshape(-1) for x in model.values()])
+        kept = torch.cat(
+            [
+                _run(
+                    method,
+                    x[i : i + 1],
+                    extra={"bands": extra["bands"][i : i + 1]},
+                    weight=[1.0],
+                    density=[density[i]],
+                    trim_scope="model",
+                    gamma=[gamma],
+                ).reshape(-1)
+                for x in model.values()
+            ]
+        )
         assert torch.equal(kept, expected)
 
 

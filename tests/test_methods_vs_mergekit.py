@@ -49,7 +49,9 @@ def test_linear_matches_mergekit(n, normalize):
 def test_task_arithmetic_matches_mergekit(n, lam):
     base, models = _tensors(n, seed=1)
     weights = [0.5, -0.25, 1.0][:n]
-    expected = merge_tensors([base, *models], "task_arithmetic", parameters={"weight": weights, "lambda": lam}, base_index=0)
+    expected = merge_tensors(
+        [base, *models], "task_arithmetic", parameters={"weight": weights, "lambda": lam}, base_index=0
+    )
     assert_expected(_ours("task_arithmetic", base, models, {"lambda": lam}, {"weight": weights}), expected)
 
 
@@ -59,7 +61,8 @@ def test_ties_matches_mergekit(density, normalize):
     base, models = _tensors(3, shape=(32, 8), seed=2)
     weights = [0.4, 0.8, 0.6]
     expected = merge_tensors(
-        [base, *models], "ties",
+        [base, *models],
+        "ties",
         parameters={"weight": weights, "density": density, "normalize": normalize, "lambda": 0.9},
         base_index=0,
     )
@@ -84,8 +87,14 @@ def test_ties_peft_conventions_differ_from_mergekit_only_where_documented():
     base, models = _tensors(2, seed=4)
     deltas = torch.stack(models) - base
     spec = registry.get("ties")
-    common = {"weight": torch.tensor([1.0, 1.0]), "density": torch.tensor([1.0, 1.0]), "lambda": 1.0,
-              "normalize": True, "rescale": "none", "trim_scope": "tensor"}
+    common = {
+        "weight": torch.tensor([1.0, 1.0]),
+        "density": torch.tensor([1.0, 1.0]),
+        "lambda": 1.0,
+        "normalize": True,
+        "rescale": "none",
+        "trim_scope": "tensor",
+    }
     # With equal unit weights, weighted and unweighted election coincide, and so do both divisors.
     a = registry.call(spec, deltas.clone(), base, None, {**common, "election": "weighted", "divisor": "weights"})
     b = registry.call(spec, deltas, base, None, {**common, "election": "unweighted", "divisor": "count"})
@@ -116,7 +125,13 @@ def test_random_variants_match_mergekit_on_the_same_masks(monkeypatch, method, r
     fixed_bernoulli(monkeypatch)
     expected = _mergekit(method, base, models, {**common, "weight": _WEIGHTS, "density": density, "rescale": rescale})
     fixed_bernoulli(monkeypatch)
-    ours = _ours(method, base, models, {**common, "rescale": "l1" if rescale else "none"}, {"weight": _WEIGHTS, "density": density})
+    ours = _ours(
+        method,
+        base,
+        models,
+        {**common, "rescale": "l1" if rescale else "none"},
+        {"weight": _WEIGHTS, "density": density},
+    )
     assert_expected(ours, expected)
 
 
@@ -127,13 +142,20 @@ def test_breadcrumbs_match_mergekit(method, gamma, density):
     base, models = _tensors(3, shape=(20, 10), seed=6)
     gammas = gamma if isinstance(gamma, list) else [gamma] * 3
     expected = _mergekit(method, base, models, {"weight": _WEIGHTS, "density": density, "gamma": gammas})
-    assert_expected(_ours(method, base, models, {}, {"weight": _WEIGHTS, "density": density, "gamma": gammas}), expected)
+    assert_expected(
+        _ours(method, base, models, {}, {"weight": _WEIGHTS, "density": density, "gamma": gammas}), expected
+    )
 
 
 def test_mergekit_defaults_are_ours():
-    for method, (normalize, rescale) in {"dare_linear": (False, True), "dare_ties": (False, True),
-                                         "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False),
-                                         "della": (True, True), "della_linear": (False, True)}.items():
+    for method, (normalize, rescale) in {
+        "dare_linear": (False, True),
+        "dare_ties": (False, True),
+        "breadcrumbs": (False, False),
+        "breadcrumbs_ties": (False, False),
+        "della": (True, True),
+        "della_linear": (False, True),
+    }.items():
         spec = registry.get(method)
         assert spec.param("normalize").default is normalize
         assert (spec.param("rescale").default == "l1") is rescale
@@ -144,7 +166,13 @@ def test_mergekit_defaults_are_ours():
 @pytest.mark.parametrize("case", ["random", "colinear", "zero_base", "antipodal", "identical"])
 def test_slerp_matches_mergekit(t, case):
     base, (model,) = _tensors(1, seed=7)
-    model = {"random": model, "colinear": 2.5 * base, "zero_base": model, "antipodal": -base, "identical": base.clone()}[case]
+    model = {
+        "random": model,
+        "colinear": 2.5 * base,
+        "zero_base": model,
+        "antipodal": -base,
+        "identical": base.clone(),
+    }[case]
     if case == "zero_base":
         base = torch.zeros_like(base)
     expected = merge_tensors([base, model], "slerp", parameters={"t": t}, base_index=0)

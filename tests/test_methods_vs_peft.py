@@ -36,9 +36,16 @@ def test_ties_matches_peft(density, sign_method):
     deltas, weights = _deltas(1), torch.tensor([0.6, 1.4, -0.3])
     expected = merge_utils.ties(list(deltas), weights, density, majority_sign_method=sign_method)
     ours = generalized_task_arithmetic(
-        deltas, base=None, generator=None, weight=weights, density=torch.full((3,), density), normalize=True,
-        sparsification="magnitude", consensus="sum" if sign_method == "total" else "count",
-        election="unweighted", divisor="count",
+        deltas,
+        base=None,
+        generator=None,
+        weight=weights,
+        density=torch.full((3,), density),
+        normalize=True,
+        sparsification="magnitude",
+        consensus="sum" if sign_method == "total" else "count",
+        election="unweighted",
+        divisor="count",
     )
     assert_expected(ours, expected)
 
@@ -60,8 +67,9 @@ def test_dare_matches_peft(monkeypatch, density):
 
 def test_magnitude_prune_and_task_arithmetic_match_peft():
     deltas, weights = _deltas(3), torch.tensor([1.0, -0.5, 0.25])
-    pruned = generalized_task_arithmetic(deltas, base=None, generator=None, weight=weights,
-                                         density=torch.full((3,), 0.4), sparsification="magnitude")
+    pruned = generalized_task_arithmetic(
+        deltas, base=None, generator=None, weight=weights, density=torch.full((3,), 0.4), sparsification="magnitude"
+    )
     assert_expected(pruned, merge_utils.magnitude_prune(list(deltas), weights, 0.4))
     plain = _call("task_arithmetic", deltas, weights, 1.0)
     assert_expected(plain, merge_utils.task_arithmetic(list(deltas), weights))

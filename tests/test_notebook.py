@@ -26,7 +26,9 @@ def test_committed_notebook_has_no_outputs() -> None:
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code, "the notebook has no code cells"
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
+    ]
     assert not dirty, f"cells {dirty} of {NOTEBOOK.name} keep outputs; clear them before committing"
 
 
@@ -56,7 +58,13 @@ def test_quickstart_notebook_runs(zoo_dir: Path, tmp_path: Path, monkeypatch: py
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     # step 3 displayed plotly figures, step 4 a DataFrame, step 5 wrote the export where it was told
-    mimes = {m for c in code for o in c.outputs if o.output_type in ("display_data", "execute_result") for m in o.get("data", {})}
+    mimes = {
+        m
+        for c in code
+        for o in c.outputs
+        if o.output_type in ("display_data", "execute_result")
+        for m in o.get("data", {})
+    }
     assert "application/vnd.plotly.v1+json" in mimes or "text/html" in mimes, mimes
     assert (tmp_path / "exports" / "notebook-merge" / "merge_recipe.yaml").is_file()
     # the notebook did not write into the (shared) zoo

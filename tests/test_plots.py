@@ -33,7 +33,9 @@ def scan(session, merged) -> stats.Scan:
 
 
 def _close(actual, expected) -> None:
-    np.testing.assert_allclose(np.asarray(actual, dtype=float), np.asarray(expected, dtype=float), rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=float), np.asarray(expected, dtype=float), rtol=1e-12, equal_nan=True
+    )
 
 
 def _assert_heatmap(fig, wide: pd.DataFrame) -> None:
@@ -84,7 +86,13 @@ def test_quantiles_figure(scan):
     fig = plots.quantiles_figure(table)
     for trace, (expert, rows) in zip(fig.data, table.groupby("expert", sort=False), strict=True):
         assert trace.name == expert and list(trace.x) == rows["layer"].tolist()
-        for attribute, column in (("q1", "q0.25"), ("median", "q0.5"), ("q3", "q0.75"), ("lowerfence", "q0.01"), ("upperfence", "q0.99")):
+        for attribute, column in (
+            ("q1", "q0.25"),
+            ("median", "q0.5"),
+            ("q3", "q0.75"),
+            ("lowerfence", "q0.01"),
+            ("upperfence", "q0.99"),
+        ):
             _close(getattr(trace, attribute), rows[column])
 
 
@@ -139,13 +147,20 @@ def test_panels_without_a_merge_or_a_base(session, tmp_path):
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_one_expert_and_extreme_densities(density):
     names = ("model.layers.0.w", "model.norm.weight")
-    vectors = {names[0]: torch.randn(1, 50, 40, generator=torch.Generator().manual_seed(0)), names[1]: torch.zeros(1, 40)}
+    vectors = {
+        names[0]: torch.randn(1, 50, 40, generator=torch.Generator().manual_seed(0)),
+        names[1]: torch.zeros(1, 40),
+    }
     base = {names[0]: torch.zeros(50, 40), names[1]: torch.ones(40)}
     panels = plots.inspect_panels(stats.TensorTaskVectors(vectors, base=base), density, merged=base, sample=100)
     assert all(p.table.empty == (p.key in plots.PAIR_PANELS) for p in panels)
     for p in panels:  # the pair panels of one expert say so instead of a trivial 1 x 1 plot
         notes = [a.text for a in p.figure.layout.annotations if not a.text.startswith("density ")]
-        assert notes == (["Choose two or more experts: this panel compares experts with each other."] if p.key in plots.PAIR_PANELS else []), (p.key, notes)
+        assert notes == (
+            ["Choose two or more experts: this panel compares experts with each other."]
+            if p.key in plots.PAIR_PANELS
+            else []
+        ), (p.key, notes)
     kept = panels[plots.PANEL_KEYS.index("layer_stats")].table["expert 0: kept mass"]
     assert kept.loc["0"] == (1.0 if density else 0.0) and np.isnan(kept.loc["norm"])  # an all-zero task vector
 
@@ -162,6 +177,8 @@ def test_colorbars_have_units_and_histogram_counts_say_what_they_count(session, 
                 assert trace.colorbar.title.text, panel.key
     histogram = next(p for p in session_panels if p.key == "histogram")
     sampled = not histogram.table.attrs.get("exact", True)
-    assert histogram.figure.layout.yaxis.title.text == ("entries in the sample (log scale)" if sampled else "entries (log scale)")
+    assert histogram.figure.layout.yaxis.title.text == (
+        "entries in the sample (log scale)" if sampled else "entries (log scale)"
+    )
     widths = [t.line.width for t in histogram.figure.data]
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]

@@ -40,7 +40,12 @@ def test_yaml_round_trip():
 
 
 def test_global_per_model_param_applies_to_every_model():
-    recipe = MergeRecipe(merge_method="ties", base_model="b", models=[{"model": "a"}, {"model": "c", "parameters": {"density": 0.2}}], parameters={"density": 0.7})
+    recipe = MergeRecipe(
+        merge_method="ties",
+        base_model="b",
+        models=[{"model": "a"}, {"model": "c", "parameters": {"density": 0.2}}],
+        parameters={"density": 0.7},
+    )
     torch.testing.assert_close(recipe.resolved_params()["density"], torch.tensor([0.7, 0.2]))
 
 
@@ -49,8 +54,14 @@ def test_global_per_model_param_applies_to_every_model():
     [
         ({"merge_method": "tie", "models": [{"model": "a"}]}, "Did you mean ties"),
         ({"merge_method": "ties", "models": [{"model": "a"}]}, "needs base_model"),
-        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"density": 1.5}}]}, r"a: density=1.5 is outside"),
-        ({"merge_method": "linear", "models": [{"model": "a"}], "parameters": {"densty": 0.5}}, "has no parameter 'densty'"),
+        (
+            {"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"density": 1.5}}]},
+            r"a: density=1.5 is outside",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}], "parameters": {"densty": 0.5}},
+            "has no parameter 'densty'",
+        ),
         ({"merge_method": "linear", "models": []}, "at least one model"),
         ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}]}, "takes 1..1 models"),
     ],

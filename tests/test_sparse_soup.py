@@ -54,8 +54,13 @@ def test_shared_mask_soup_keeps_sparsity_and_averages():
 def test_different_masks_intersection_vs_union():
     x = torch.tensor([[1.0, 2.0, 0.0, 0.0], [3.0, 0.0, 4.0, 0.0]])
     ones = torch.ones(2)
-    assert torch.equal(sparse_soup(x, base=None, generator=None, weight=ones, remask="intersection"), torch.tensor([2.0, 0.0, 0.0, 0.0]))
-    assert torch.equal(sparse_soup(x, base=None, generator=None, weight=ones, remask="union"), torch.tensor([2.0, 1.0, 2.0, 0.0]))
+    assert torch.equal(
+        sparse_soup(x, base=None, generator=None, weight=ones, remask="intersection"),
+        torch.tensor([2.0, 0.0, 0.0, 0.0]),
+    )
+    assert torch.equal(
+        sparse_soup(x, base=None, generator=None, weight=ones, remask="union"), torch.tensor([2.0, 1.0, 2.0, 0.0])
+    )
     assert mask_agreement(x) == pytest.approx(1 / 3)
     assert mask_agreement(torch.zeros(2, 3)) == 1.0
     assert sparsity(torch.empty(0)) == 0.0

@@ -41,7 +41,10 @@ def pair_scan() -> stats.Scan:
 
 def _three() -> stats.TensorTaskVectors:
     """Three experts at density 1 (kept = nonzero). Entry 0 signs (+,+,-), entry 1 (+,-,-), entry 2 (+,0,+)."""
-    return stats.TensorTaskVectors({"model.layers.3.w": torch.tensor([[1.0, 1.0, 1.0], [2.0, -1.0, 0.0], [-1.0, -3.0, 2.0]])}, labels=["a", "b", "c"])
+    return stats.TensorTaskVectors(
+        {"model.layers.3.w": torch.tensor([[1.0, 1.0, 1.0], [2.0, -1.0, 0.0], [-1.0, -3.0, 2.0]])},
+        labels=["a", "b", "c"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,16 @@ def family(tmp_path_factory):
 
 
 def test_layer_of_and_model_order():
-    names = ["lm_head.weight", "model.layers.10.mlp.up_proj.weight", "model.norm.weight", "model.layers.2.self_attn.q_proj.weight",
-             "model.embed_tokens.weight", "transformer.h.1.attn.c_attn.weight", "transformer.ln_f.bias", "rotary.inv_freq"]
+    names = [
+        "lm_head.weight",
+        "model.layers.10.mlp.up_proj.weight",
+        "model.norm.weight",
+        "model.layers.2.self_attn.q_proj.weight",
+        "model.embed_tokens.weight",
+        "transformer.h.1.attn.c_attn.weight",
+        "transformer.ln_f.bias",
+        "rotary.inv_freq",
+    ]
     labels = [stats.layer_of(n) for n in names]
     assert labels == ["head", "10", "norm", "2", "embed", "1", "norm", "other"]
     assert sorted(set(labels), key=stats.layer_rank) == ["embed", "1", "2", "10", "norm", "head", "other"]
@@ -126,7 +137,12 @@ def test_chunking_and_paths_agree(family):
     session = MergeSession(base, experts)
     scans = [
         stats.scan(session, 0.3, sample=100),
-        stats.scan(stats.TensorTaskVectors({n: session.task_vectors(n) for n in session.names}, labels=["expert0", "expert1"]), 0.3, sample=100, chunk=300),
+        stats.scan(
+            stats.TensorTaskVectors({n: session.task_vectors(n) for n in session.names}, labels=["expert0", "expert1"]),
+            0.3,
+            sample=100,
+            chunk=300,
+        ),
         stats.scan(stats.DiskTaskVectors(base, experts), 0.3, sample=100, chunk=500),
     ]
     for other in scans[1:]:
@@ -146,7 +162,9 @@ def test_merge_distance_hand_made():
     assert table.loc["b", "distance"] == pytest.approx(float((tau[0] - tau[1]).norm()))
     assert table.loc["base", "distance"] == pytest.approx(5.5)
     assert table.loc["base", "reference_norm"] == pytest.approx(float(base[NAME].norm()))
-    assert table.loc["b", "relative"] == pytest.approx(table.loc["b", "distance"] / float((base[NAME] + tau[1]).norm()), rel=1e-6)
+    assert table.loc["b", "relative"] == pytest.approx(
+        table.loc["b", "distance"] / float((base[NAME] + tau[1]).norm()), rel=1e-6
+    )
 
 
 def test_merge_distance_errors():
@@ -162,7 +180,16 @@ def test_merge_distance_errors():
         stats.merge_distance(stats.scan(with_base, 0.5))
 
 
-@pytest.mark.parametrize("kwargs", [{"density": 1.5}, {"density": -0.1}, {"density": 0.5, "thresholds": (0.0,)}, {"density": 0.5, "sample": 0}, {"density": 0.5, "grid": (0.0,)}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"density": 1.5},
+        {"density": -0.1},
+        {"density": 0.5, "thresholds": (0.0,)},
+        {"density": 0.5, "sample": 0},
+        {"density": 0.5, "grid": (0.0,)},
+    ],
+)
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         stats.scan(_three(), **kwargs)
@@ -224,7 +251,10 @@ def test_dare_effect():
     assert (after["count"] > 600).all()  # about 70% dropped to zero
     same = stats.dare_effect(stats.scan(source, 1.0), bins=11)
     assert same[same["stage"] == "before"]["count"].tolist() == same[same["stage"] == "after"]["count"].tolist()
-    assert_expected(torch.tensor(table["count"].to_numpy()), torch.tensor(stats.dare_effect(stats.scan(source, 0.3), bins=11)["count"].to_numpy()))
+    assert_expected(
+        torch.tensor(table["count"].to_numpy()),
+        torch.tensor(stats.dare_effect(stats.scan(source, 0.3), bins=11)["count"].to_numpy()),
+    )
 
 
 def test_expert_labels():
@@ -236,17 +266,34 @@ def test_expert_labels():
 
 def test_layer_stats_columns(pair_scan):
     table = stats.layer_stats(pair_scan)
-    assert table.columns.tolist() == ["a: |x|<0.2", "a: zeros", "a: kept mass", "b: |x|<0.2", "b: zeros", "b: kept mass", "sign conflict", "sign agreement"]
+    assert table.columns.tolist() == [
+        "a: |x|<0.2",
+        "a: zeros",
+        "a: kept mass",
+        "b: |x|<0.2",
+        "b: zeros",
+        "b: kept mass",
+        "sign conflict",
+        "sign agreement",
+    ]
     assert table.loc["0"].tolist() == pytest.approx([3 / 8, 3 / 8, 10 / 10.5, 4 / 8, 3 / 8, 11 / 11.1, 2 / 3, 3 / 5])
 
 
 def _merge_one_tensor(method: str, x: torch.Tensor, params: dict, seed: int = 0) -> torch.Tensor:
     """The registered method's merge of task vectors ``x`` (N, *S) over a zero base, for tensor NAME."""
-    recipe = MergeRecipe(merge_method=method, base_model="base", models=[{"model": f"m{i}"} for i in range(x.shape[0])], parameters=params, seed=seed)
+    recipe = MergeRecipe(
+        merge_method=method,
+        base_model="base",
+        models=[{"model": f"m{i}"} for i in range(x.shape[0])],
+        parameters=params,
+        seed=seed,
+    )
     return merge_tensor(registry.get(method), recipe.resolved_params(), NAME, torch.zeros(x.shape[1:]), x.clone(), seed)
 
 
-@pytest.mark.parametrize(("density", "sample", "chunk"), [(0.3, 10_000, 700), (0.3, 200, 700), (0.55, 200, 333), (0.9, 200, 1000)])
+@pytest.mark.parametrize(
+    ("density", "sample", "chunk"), [(0.3, 10_000, 700), (0.3, 200, 700), (0.55, 200, 333), (0.9, 200, 1000)]
+)
 def test_kept_mass_is_the_ties_trim_exactly(density, sample, chunk):
     """Inspect's kept mass, kept counts and Jaccard at density d are those of the TIES method's own trim.
 
@@ -258,7 +305,9 @@ def test_kept_mass_is_the_ties_trim_exactly(density, sample, chunk):
     x = torch.randint(-3, 4, (2, 60, 50), generator=g).float()
     x[:, :10] = 0  # a block of zeros on top of the random ones
     s = stats.scan(stats.TensorTaskVectors({NAME: x}, labels=["a", "b"]), density, sample=sample, chunk=chunk)
-    trimmed = [_merge_one_tensor("ties", x[i : i + 1], {"density": density}) for i in range(2)]  # TIES of one expert = its trim
+    trimmed = [
+        _merge_one_tensor("ties", x[i : i + 1], {"density": density}) for i in range(2)
+    ]  # TIES of one expert = its trim
     for i, t in enumerate(trimmed):
         assert torch.equal(t, sparsify(x[i].clone(), density, Sparsification.magnitude))
         assert int(magnitude_mask(x[i], density).sum()) == magnitude_count(density, x[i].numel())
@@ -279,7 +328,10 @@ def test_kept_mass_grid_uses_the_trim_count():
     """The sampled kept-mass curve takes magnitude_count(d, s) largest sampled |x| per density."""
     x = torch.tensor([[4.0, 3.0, 3.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     s = stats.scan(stats.TensorTaskVectors({NAME: x}), 0.5, grid=(0.1, 0.25, 1.0))
-    expected = [float(sparsify(x[0].clone(), d, Sparsification.magnitude).abs().sum()) / float(x.abs().sum()) for d in (0.1, 0.25, 1.0)]
+    expected = [
+        float(sparsify(x[0].clone(), d, Sparsification.magnitude).abs().sum()) / float(x.abs().sum())
+        for d in (0.1, 0.25, 1.0)
+    ]
     assert stats.kept_mass(s).query("not current")["kept_mass"].tolist() == expected
 
 
@@ -291,12 +343,16 @@ def test_dare_panel_is_the_methods_drop(rescale):
     density, seed = 0.4, 7
     s = stats.scan(stats.TensorTaskVectors({NAME: x}, labels=["a", "b"]), density, seed=seed)
     generator = tensor_generator(seed, NAME)  # the merge's generator for this tensor; experts drawn in order
-    dropped = torch.stack([sparsify(x[i].clone(), density, Sparsification.random, rescale, generator) for i in range(2)])
+    dropped = torch.stack(
+        [sparsify(x[i].clone(), density, Sparsification.random, rescale, generator) for i in range(2)]
+    )
     merged = _merge_one_tensor("dare_linear", x, {"density": density, "weight": 1.0, "rescale": rescale}, seed)
     assert_expected(merged, dropped.sum(0))  # the drop replayed here is the merge's
     table = stats.dare_effect(s, rescale=rescale)
     after = table[table["stage"] == "after"]
-    edges = torch.tensor([*after["left"].iloc[: stats.DEFAULT_BINS], after["right"].iloc[stats.DEFAULT_BINS - 1]], dtype=torch.float64)
+    edges = torch.tensor(
+        [*after["left"].iloc[: stats.DEFAULT_BINS], after["right"].iloc[stats.DEFAULT_BINS - 1]], dtype=torch.float64
+    )
     counts = stats.weighted_histogram(dropped.reshape(2, -1), torch.ones(x[0].numel()), edges)
     assert after["count"].tolist() == counts.reshape(-1).tolist()
 

@@ -21,8 +21,15 @@ import app
 from tests.tiny import save_tiny_gpt2
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT = 180_000  # ms; lm-eval on CPU dominates
 expect.set_options(timeout=TIMEOUT)
 
@@ -71,6 +78,7 @@ def shots(tmp_path) -> Path:
 
 
 # Acting as a person ----------------------------------------------------------------------------------
+
 
 def _tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
@@ -129,6 +137,7 @@ def _figure_data(page, key: str) -> str:
 
 # The tests -------------------------------------------------------------------------------------------
 
+
 def test_every_control_changes_the_recipe_and_the_merge(page, shots):
     _load(page)
     _tab(page, "Merge")
@@ -138,7 +147,10 @@ def test_every_control_changes_the_recipe_and_the_merge(page, shots):
     _wait_recipe(page, lambda r: r["merge_method"] == "ties" and len(r["models"]) == 2)
 
     _set_number(page, "ctl-density-zoo-expert-add", 0.3)  # a per-model slider
-    _wait_recipe(page, lambda r: _per_model(r, "expert-add")["density"] == 0.3 and _per_model(r, "expert-reverse")["density"] == 1.0)
+    _wait_recipe(
+        page,
+        lambda r: _per_model(r, "expert-add")["density"] == 0.3 and _per_model(r, "expert-reverse")["density"] == 1.0,
+    )
     _set_number(page, "ctl-lambda", 1.5)  # a global slider
     _wait_recipe(page, lambda r: r["parameters"]["lambda"] == 1.5)
     page.locator("#ctl-normalize input[type=checkbox]").click()  # a checkbox
@@ -209,7 +221,13 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()]
     assert cells[:3] == ["model", "zoo_add", "zoo_reverse"], cells
     rows = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
-    assert [r.split(" (")[0] for r in rows] == ["zoo/base", "zoo/expert-add", "zoo/expert-reverse", "#1 ties", "#2 ties"], rows
+    assert [r.split(" (")[0] for r in rows] == [
+        "zoo/base",
+        "zoo/expert-add",
+        "zoo/expert-reverse",
+        "#1 ties",
+        "#2 ties",
+    ], rows
     assert rows["zoo/expert-add"][0] > 0.5 and rows["zoo/expert-reverse"][1] > 0.5, rows
 
     page.locator("#limit input").fill("0")  # cancel a long evaluation: the app answers at once and stays usable
@@ -259,7 +277,9 @@ def test_once_broken_cases(page, served, tmp_path, shots):
     assert "validation error" not in page.locator("#merge-status").inner_text().lower()
     _choose(page, "method", "task_arithmetic")
     page.locator("#merge-btn").click()
-    expect(page.locator("#merge-status")).to_contain_text("needs base_model: set base_model to the checkpoint the experts were fine-tuned from")
+    expect(page.locator("#merge-status")).to_contain_text(
+        "needs base_model: set base_model to the checkpoint the experts were fine-tuned from"
+    )
     assert "pydantic" not in page.locator("#merge-status").inner_text().lower()
 
     _tab(page, "Models")  # the base is never offered among the experts
@@ -286,8 +306,13 @@ def test_once_broken_cases(page, served, tmp_path, shots):
     _tab(page, "Export")  # export never deletes or creates what it should not
     folder = page.locator("#export-folder textarea, #export-folder input").first
     page.locator("#overwrite input").check()
-    for text, error in (("", "no output folder given"), (".", "is the models folder"), ("notes", "holds files this tool did not write"),
-                        ("zoo/expert-add", "overlaps input"), (str(tmp_path / "nonexistent" / "deep" / "dir"), "does not exist")):
+    for text, error in (
+        ("", "no output folder given"),
+        (".", "is the models folder"),
+        ("notes", "holds files this tool did not write"),
+        ("zoo/expert-add", "overlaps input"),
+        (str(tmp_path / "nonexistent" / "deep" / "dir"), "does not exist"),
+    ):
         folder.fill(text)
         page.locator("#save").click()
         expect(page.locator("#export-status")).to_contain_text(error)
@@ -303,7 +328,9 @@ def test_once_broken_cases(page, served, tmp_path, shots):
     expect(page.locator("#inspect-status")).not_to_contain_text("expert-reverse")
     threshold.fill("0.002")
     threshold.press("Enter")
-    expect(page.locator("#inspect-status")).to_contain_text("Task vectors of zoo/expert-add, zoo/expert-upper (no merge chosen)")
+    expect(page.locator("#inspect-status")).to_contain_text(
+        "Task vectors of zoo/expert-add, zoo/expert-upper (no merge chosen)"
+    )
     expect(page.locator("#plot-histogram .js-plotly-plot")).to_be_visible()
     _tab(page, "Models")
     page.locator("#experts label", has_text="other/gpt2-tiny").click()  # two architectures: refused on Load

@@ -69,9 +69,13 @@ def test_a_merge_of_two_smollm2_experts_keeps_both_skills(smol_page, tmp_path):
     cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()]
     assert cells[:3] == ["model", "smol_say", "smol_rev"], cells
     rows = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
-    base, say, rev, merge = (rows[k] for k in ("smollm2/base", "smollm2/expert-say", "smollm2/expert-rev", "#1 ties (density=0.5,0.5)"))
+    base, say, rev, merge = (
+        rows[k] for k in ("smollm2/base", "smollm2/expert-say", "smollm2/expert-rev", "#1 ties (density=0.5,0.5)")
+    )
     kept_say = (merge[0] - base[0]) / (say[0] - base[0])
     kept_rev = (merge[1] - base[1]) / (rev[1] - base[1])
-    print(f"base {base}, expert-say {say}, expert-rev {rev}, merge {merge}; share of gain kept: say {kept_say:.2f}, rev {kept_rev:.2f}")
+    print(
+        f"base {base}, expert-say {say}, expert-rev {rev}, merge {merge}; share of gain kept: say {kept_say:.2f}, rev {kept_rev:.2f}"
+    )
     assert say[0] - base[0] > 0.5 and rev[1] - base[1] > 0.5, rows  # the experts learned their tasks
     assert kept_say >= 0.7 and kept_rev >= 0.7, rows

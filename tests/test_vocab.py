@@ -31,7 +31,9 @@ def vocab_family(tmp_path_factory):
 
 
 def _recipe(models, base=None, method="linear", **extra) -> MergeRecipe:
-    return MergeRecipe(merge_method=method, base_model=str(base) if base else None, models=[{"model": str(m)} for m in models], **extra)
+    return MergeRecipe(
+        merge_method=method, base_model=str(base) if base else None, models=[{"model": str(m)} for m in models], **extra
+    )
 
 
 def test_added_tokens_base_vocabulary(vocab_family, tmp_path):
@@ -60,7 +62,9 @@ def test_added_tokens_union_vocabulary(vocab_family, tmp_path):
 
 def test_union_with_base_fills_from_base_else_mean(vocab_family, tmp_path):
     base, a, b, _ = vocab_family
-    out = merge_to_folder(_recipe([a, b], base=base, method="task_arithmetic", tokenizer_source="union"), tmp_path / "out")
+    out = merge_to_folder(
+        _recipe([a, b], base=base, method="task_arithmetic", tokenizer_source="union"), tmp_path / "out"
+    )
     merged, sb = state(out), state(b)
     # the base lacks <tool>: its row and a's are b's row, so base + (a - base) + (b - base) = b's row
     assert_expected(merged[EMBED][64:], sb[EMBED][64:])
@@ -80,7 +84,12 @@ def test_same_size_different_tokens_aligned_by_token(vocab_family, tmp_path):
     base, a, _, _ = vocab_family
     swapped = llama_with_tokenizer(tmp_path / "swapped", seed=4, base=base)
     tok = AutoTokenizer.from_pretrained(swapped)
-    vocab = tok.backend_tokenizer.to_str().replace('"w0":4', '"TMP":4').replace('"w1":5', '"w0":5').replace('"TMP":4', '"w1":4')
+    vocab = (
+        tok.backend_tokenizer.to_str()
+        .replace('"w0":4', '"TMP":4')
+        .replace('"w1":5', '"w0":5')
+        .replace('"TMP":4', '"w1":4')
+    )
     (swapped / "tokenizer.json").write_text(vocab)
     out = merge_to_folder(_recipe([a, swapped]), tmp_path / "out")
     merged, sa, ss = state(out), state(a), state(swapped)
@@ -123,7 +132,10 @@ def test_different_rows_without_tokenizer_refused(vocab_family, tmp_path):
     _, a, _, _ = vocab_family
     bare = save_tiny_llama(tmp_path / "bare", vocab_size=80)
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match=r"bare: has no tokenizer, and the models' embeddings have different row counts \(a: 64, bare: 80\); add the tokenizer files"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bare: has no tokenizer, and the models' embeddings have different row counts \(a: 64, bare: 80\); add the tokenizer files",
+    ):
         merge_to_folder(_recipe([a, bare]), out)
     assert not out.exists()
 
@@ -133,7 +145,9 @@ def test_tokenizer_that_does_not_fit_rows_refused(vocab_family, tmp_path):
     small = save_tiny_llama(tmp_path / "small", vocab_size=60)
     (small / "tokenizer.json").write_text((a / "tokenizer.json").read_text())
     (small / "tokenizer_config.json").write_text((a / "tokenizer_config.json").read_text())
-    with pytest.raises(CheckpointError, match=r"small: tokenizer has token id 63 but 'model.embed_tokens.weight' has only 60 rows"):
+    with pytest.raises(
+        CheckpointError, match=r"small: tokenizer has token id 63 but 'model.embed_tokens.weight' has only 60 rows"
+    ):
         merge_to_folder(_recipe([a, small]), tmp_path / "out")
 
 

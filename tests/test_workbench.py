@@ -35,8 +35,13 @@ def test_export_targets(bench, tmp_path):
     with pytest.raises(ValueError, match="nothing merged yet"):
         bench.export("merges/a")
     bench.merge("linear", {}, [{}, {}])
-    for folder, error in (("", "no output folder given"), ("  ", "no output folder given"), (".", "is the models folder"),
-                          (str(tmp_path), "is the models folder or holds it"), (str(tmp_path / "no" / "such"), "does not exist; create it first")):
+    for folder, error in (
+        ("", "no output folder given"),
+        ("  ", "no output folder given"),
+        (".", "is the models folder"),
+        (str(tmp_path), "is the models folder or holds it"),
+        (str(tmp_path / "no" / "such"), "does not exist; create it first"),
+    ):
         with pytest.raises(ValueError, match=error):
             bench.export(folder, overwrite=True)
     assert bench.describe_target("merges/a") == f"Will write a new folder {root / 'merges' / 'a'}."
@@ -58,4 +63,7 @@ def test_trainer_state_gives_fedavg_examples_and_mwa_losses(tmp_path):
     (run / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({**state, "train_batch_size": 8}))
     bench = Workbench(tmp_path / "models")
     bench.load(str(base), [str(run / "checkpoint-10"), str(run / "checkpoint-20")])
-    assert bench.training_metadata() == {"run/checkpoint-10": {"metric": 0.3}, "run/checkpoint-20": {"examples": 160.0, "metric": 0.2}}
+    assert bench.training_metadata() == {
+        "run/checkpoint-10": {"metric": 0.3},
+        "run/checkpoint-20": {"examples": 160.0, "metric": 0.2},
+    }

@@ -83,13 +83,8 @@ def test_heldout_examples_never_in_training(zoo_dir: Path):
     cfg = ZooConfig()
     splits = make_tasks(pydoc_text(), cfg.n_train, cfg.n_heldout, cfg.seed)
     for task, split in splits.items():
-        rows = [
-            json.loads(line)
-            for line in (zoo_dir / "tasks" / f"zoo_{task}.jsonl").read_text().splitlines()
-        ]
-        assert [(r["prompt"], r["answer"]) for r in rows] == [
-            (e.prompt, e.answer) for e in split.heldout
-        ]
+        rows = [json.loads(line) for line in (zoo_dir / "tasks" / f"zoo_{task}.jsonl").read_text().splitlines()]
+        assert [(r["prompt"], r["answer"]) for r in rows] == [(e.prompt, e.answer) for e in split.heldout]
         train_prompts = {e.prompt for e in split.train}
         assert not train_prompts & {r["prompt"] for r in rows}
         assert len(train_prompts) == len(split.train) == cfg.n_train[task]
@@ -103,9 +98,7 @@ def test_expert_beats_base_on_its_task(scores, task: str):
 
 
 def test_build_is_deterministic_and_reports_progress(tmp_path: Path):
-    cfg = replace(
-        ZooConfig(), base_steps=3, expert_steps=2, n_train={"add": 64, "reverse": 64, "upper": 64}
-    )
+    cfg = replace(ZooConfig(), base_steps=3, expert_steps=2, n_train={"add": 64, "reverse": 64, "upper": 64})
     calls: list[tuple[float, str]] = []
     first = build_zoo(tmp_path / "a", progress=lambda f, m: calls.append((f, m)), cfg=cfg)
     second = build_zoo(tmp_path / "b", cfg=cfg)
@@ -169,6 +162,4 @@ def test_smollm2_expert_learns_its_task(smollm2_dir: Path):
         for name in ("smollm2-135m-instruct", expert.name)
     }
     table = evals.compare(models, ["zoo_upper"], smollm2_dir / "tasks", limit=50).set_index("model")
-    assert (
-        table.loc[expert.name, "zoo_upper"] >= table.loc["smollm2-135m-instruct", "zoo_upper"] + 0.2
-    ), table
+    assert table.loc[expert.name, "zoo_upper"] >= table.loc["smollm2-135m-instruct", "zoo_upper"] + 0.2, table

@@ -72,8 +72,17 @@ def test_smol_tasks_are_deterministic_disjoint_and_correct():
 
 
 def test_number_words():
-    cases = {0: "zero", 7: "seven", 13: "thirteen", 20: "twenty", 42: "forty-two", 100: "one hundred",
-             101: "one hundred one", 317: "three hundred seventeen", 990: "nine hundred ninety"}
+    cases = {
+        0: "zero",
+        7: "seven",
+        13: "thirteen",
+        20: "twenty",
+        42: "forty-two",
+        100: "one hundred",
+        101: "one hundred one",
+        317: "three hundred seventeen",
+        990: "nine hundred ninety",
+    }
     assert {n: number_words(n) for n in cases} == cases
     with pytest.raises(ValueError, match="0..999"):
         number_words(1000)

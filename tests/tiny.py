@@ -9,9 +9,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    settings = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                    tie_word_embeddings=False)
+    settings = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     settings.update(overrides)
     return LlamaConfig(**settings)
 

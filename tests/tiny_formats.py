@@ -26,13 +26,22 @@ def save_tokenizer(path: Path, size: int = 64, added: tuple[str, ...] = ()) -> P
     vocab = {t: i for i, t in enumerate(SPECIALS + [f"w{i}" for i in range(size - len(SPECIALS))])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+    )
     tok.add_tokens(list(added))
     tok.save_pretrained(path)
     return tok
 
 
-def llama_with_tokenizer(path: Path, seed: int = 0, base: Path | None = None, added: tuple[str, ...] = (), pad_to: int | None = None, **overrides) -> Path:
+def llama_with_tokenizer(
+    path: Path,
+    seed: int = 0,
+    base: Path | None = None,
+    added: tuple[str, ...] = (),
+    pad_to: int | None = None,
+    **overrides,
+) -> Path:
     """A tiny Llama with a 64-token tokenizer plus ``added`` tokens; embeddings resized to fit (padded to ``pad_to`` rows)."""
     save_tiny_llama(path, seed=seed, base=base, **overrides)
     tok = save_tokenizer(path, added=added)
@@ -86,7 +95,12 @@ def save_lora(base: Path, dst: Path, seed: int = 0, **config) -> dict[str, torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "init_lora_weights": False}
+    settings = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "init_lora_weights": False,
+    }
     settings.update(config)
     model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(**settings))
     model.save_pretrained(dst)
@@ -95,11 +109,15 @@ def save_lora(base: Path, dst: Path, seed: int = 0, **config) -> dict[str, torch
 
 def trainer_run(root: Path, base: Path, steps: tuple[int, ...] = (10, 20, 30)) -> Path:
     """A Trainer-style run folder: checkpoint-STEP/ model folders with trainer_state.json (loss = 3 / step)."""
-    history = [{"step": s, "loss": 3.0 / s, "epoch": s / 10} for s in steps] + [{"step": s, "eval_loss": 4.0 / s} for s in steps[1:]]
+    history = [{"step": s, "loss": 3.0 / s, "epoch": s / 10} for s in steps] + [
+        {"step": s, "eval_loss": 4.0 / s} for s in steps[1:]
+    ]
     for i, step in enumerate(steps):
         folder = save_tiny_llama(root / f"checkpoint-{step}", seed=50 + i, base=base)
         logged = [h for h in history if h["step"] <= step]
-        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": step / 10, "log_history": logged}))
+        (folder / "trainer_state.json").write_text(
+            json.dumps({"global_step": step, "epoch": step / 10, "log_history": logged})
+        )
         (folder / "training_args.bin").write_bytes(b"not weights")
     return root
 

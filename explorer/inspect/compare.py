@@ -15,7 +15,10 @@ from explorer.inspect.stats import layer_of, layer_rank
 
 
 def merge_comparison(
-    base: Mapping[str, torch.Tensor], first: tuple[str, Mapping[str, torch.Tensor]], second: tuple[str, Mapping[str, torch.Tensor]], names: Sequence[str]
+    base: Mapping[str, torch.Tensor],
+    first: tuple[str, Mapping[str, torch.Tensor]],
+    second: tuple[str, Mapping[str, torch.Tensor]],
+    names: Sequence[str],
 ) -> pd.DataFrame:
     """Relative L2 distances per layer: each merge from the base, and the first merge from the second.
 
@@ -55,8 +58,19 @@ def merge_comparison_figure(table: pd.DataFrame) -> go.Figure:
     for i, (pair, rows) in enumerate(table.groupby("pair", sort=False)):
         layers, total = rows[rows["layer"] != "all"], float(rows.loc[rows["layer"] == "all", "relative"].iloc[0])
         dash = "dot" if " vs base" not in pair else ("solid" if i == 0 else "dash")  # coinciding lines stay visible
-        fig.add_trace(go.Scatter(x=layers["layer"], y=layers["relative"], name=f"{pair} (total {total:.2%})", mode="lines+markers", line={"dash": dash}))
-    fig.update_layout(title="Two merges: distance from the base and from each other, per layer", margin={"l": 60, "r": 20, "t": 60, "b": 50})
+        fig.add_trace(
+            go.Scatter(
+                x=layers["layer"],
+                y=layers["relative"],
+                name=f"{pair} (total {total:.2%})",
+                mode="lines+markers",
+                line={"dash": dash},
+            )
+        )
+    fig.update_layout(
+        title="Two merges: distance from the base and from each other, per layer",
+        margin={"l": 60, "r": 20, "t": 60, "b": 50},
+    )
     fig.update_xaxes(title="layer", type="category")
     fig.update_yaxes(title="relative L2 distance ||X - Y|| / ||Y||")
     return fig

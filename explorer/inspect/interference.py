@@ -68,12 +68,14 @@ def sign_conflict(scan: Scan, by: str = "layer") -> pd.DataFrame:
     every = grouped_sum(scan.entries, by, [], ["kept_2plus", "conflicts"]).rename(columns={"kept_2plus": "kept"})
     every.insert(1, "pair", "all")
     pairs = grouped_sum(scan.pairs, by, ["a", "b"], ["both_kept", "sign_dot"])
-    pairs = pd.DataFrame({
-        by: pairs[by],
-        "pair": [pair_label(a, b) for a, b in zip(pairs["a"], pairs["b"], strict=True)],
-        "kept": pairs["both_kept"],
-        "conflicts": (pairs["both_kept"] - pairs["sign_dot"]) // 2,  # agree - disagree = sign_dot
-    })
+    pairs = pd.DataFrame(
+        {
+            by: pairs[by],
+            "pair": [pair_label(a, b) for a, b in zip(pairs["a"], pairs["b"], strict=True)],
+            "kept": pairs["both_kept"],
+            "conflicts": (pairs["both_kept"] - pairs["sign_dot"]) // 2,  # agree - disagree = sign_dot
+        }
+    )
     out = pd.concat([every, pairs], ignore_index=True)
     order = {g: i for i, g in enumerate(dict.fromkeys(every[by]))}
     out = out.sort_values(by, key=lambda s: s.map(order), kind="stable", ignore_index=True)

@@ -45,14 +45,27 @@ def _layout(fig: go.Figure, title: str, **axes: str) -> go.Figure:
     return fig
 
 
-def _heatmap(table: pd.DataFrame, title: str, zmin: float, zmax: float, unit: str, colorscale: str = "Viridis", text: bool = False) -> go.Figure:
+def _heatmap(
+    table: pd.DataFrame,
+    title: str,
+    zmin: float,
+    zmax: float,
+    unit: str,
+    colorscale: str = "Viridis",
+    text: bool = False,
+) -> go.Figure:
     """Heatmap of a wide table: y = index (categories, first row on top), x = columns, z = values.
 
     ``unit`` titles the colorbar.
     """
     trace = go.Heatmap(
-        z=table.to_numpy(dtype=float), x=[str(c) for c in table.columns], y=[str(i) for i in table.index],
-        zmin=zmin, zmax=zmax, colorscale=colorscale, texttemplate="%{z:.2f}" if text else None,
+        z=table.to_numpy(dtype=float),
+        x=[str(c) for c in table.columns],
+        y=[str(i) for i in table.index],
+        zmin=zmin,
+        zmax=zmax,
+        colorscale=colorscale,
+        texttemplate="%{z:.2f}" if text else None,
         colorbar={"title": {"text": unit, "side": "right"}},
     )
     fig = _layout(go.Figure(trace), title, x=table.columns.name or "", y=table.index.name or "")
@@ -82,9 +95,19 @@ def histogram_figure(table: pd.DataFrame, title: str = "Task-vector values") -> 
     groups = list(table.groupby(keys, sort=False))
     for i, (key, rows) in enumerate(groups):
         dash = "dash" if "stage" in table and key[1] == "after" else "solid"
-        width = 1.5 + 2.5 * (len(groups) - 1 - i) / max(len(groups) - 1, 1)  # earlier traces wider: coinciding lines stay visible
-        fig.add_trace(go.Scatter(x=(rows["left"] + rows["right"]) / 2, y=rows["count"], name=" ".join(key),
-                                 mode="lines", line_shape="hvh", line={"dash": dash, "width": width}))
+        width = 1.5 + 2.5 * (len(groups) - 1 - i) / max(
+            len(groups) - 1, 1
+        )  # earlier traces wider: coinciding lines stay visible
+        fig.add_trace(
+            go.Scatter(
+                x=(rows["left"] + rows["right"]) / 2,
+                y=rows["count"],
+                name=" ".join(key),
+                mode="lines",
+                line_shape="hvh",
+                line={"dash": dash, "width": width},
+            )
+        )
     counted = "entries (log scale)" if table.attrs.get("exact", True) else "entries in the sample (log scale)"
     fig = _layout(fig, _title(title, table), x="task-vector value (M_i - B)", y=counted)
     return fig.update_yaxes(type="log")
@@ -92,7 +115,9 @@ def histogram_figure(table: pd.DataFrame, title: str = "Task-vector values") -> 
 
 def layer_norms_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap layer x expert of ``stats.layer_norms``."""
-    return _heatmap(table, "L2 norm of the task vector per layer", 0, float(table.max().max()), "L2 norm (weight units)")
+    return _heatmap(
+        table, "L2 norm of the task vector per layer", 0, float(table.max().max()), "L2 norm (weight units)"
+    )
 
 
 def quantiles_figure(table: pd.DataFrame) -> go.Figure:
@@ -102,9 +127,20 @@ def quantiles_figure(table: pd.DataFrame) -> go.Figure:
     """
     fig = go.Figure()
     for expert, rows in table.groupby("expert", sort=False):
-        fig.add_trace(go.Box(x=rows["layer"], q1=rows["q0.25"], median=rows["q0.5"], q3=rows["q0.75"],
-                             lowerfence=rows["q0.01"], upperfence=rows["q0.99"], name=expert))
-    fig = _layout(fig, _title("Task-vector quantiles per layer (whiskers q0.01-q0.99)", table), x="layer", y="task-vector value")
+        fig.add_trace(
+            go.Box(
+                x=rows["layer"],
+                q1=rows["q0.25"],
+                median=rows["q0.5"],
+                q3=rows["q0.75"],
+                lowerfence=rows["q0.01"],
+                upperfence=rows["q0.99"],
+                name=expert,
+            )
+        )
+    fig = _layout(
+        fig, _title("Task-vector quantiles per layer (whiskers q0.01-q0.99)", table), x="layer", y="task-vector value"
+    )
     return fig.update_layout(boxmode="group").update_xaxes(type="category")
 
 
@@ -120,7 +156,14 @@ def cosine_figure(table: pd.DataFrame) -> go.Figure:
 
 def jaccard_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap expert x expert of ``stats.jaccard``, values written in the cells."""
-    return _heatmap(table, f"Overlap (Jaccard) of kept entries at density {table.attrs['density']:g}", 0, 1, "Jaccard (0-1)", text=True)
+    return _heatmap(
+        table,
+        f"Overlap (Jaccard) of kept entries at density {table.attrs['density']:g}",
+        0,
+        1,
+        "Jaccard (0-1)",
+        text=True,
+    )
 
 
 def conflict_matrix(table: pd.DataFrame) -> pd.DataFrame:
@@ -133,7 +176,13 @@ def conflict_matrix(table: pd.DataFrame) -> pd.DataFrame:
 
 def sign_conflict_figure(table: pd.DataFrame) -> go.Figure:
     """Heatmap layer x pair of the conflict rate in ``stats.sign_conflict`` (by layer)."""
-    return _heatmap(conflict_matrix(table), f"Sign conflicts among kept entries at density {table.attrs['density']:g}", 0, 1, "conflict rate (share of kept entries)")
+    return _heatmap(
+        conflict_matrix(table),
+        f"Sign conflicts among kept entries at density {table.attrs['density']:g}",
+        0,
+        1,
+        "conflict rate (share of kept entries)",
+    )
 
 
 def kept_mass_figure(table: pd.DataFrame) -> go.Figure:
@@ -144,12 +193,27 @@ def kept_mass_figure(table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for expert, rows in table.groupby("expert", sort=False):
         curve, now = rows[~rows["current"]], rows[rows["current"]]
-        fig.add_trace(go.Scatter(x=curve["density"], y=curve["kept_mass"], name=expert, mode="lines+markers", legendgroup=expert))
-        fig.add_trace(go.Scatter(x=now["density"], y=now["kept_mass"], name=f"{expert} (exact, current)", mode="markers",
-                                 marker={"size": 11, "symbol": "diamond"}, legendgroup=expert))
+        fig.add_trace(
+            go.Scatter(x=curve["density"], y=curve["kept_mass"], name=expert, mode="lines+markers", legendgroup=expert)
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=now["density"],
+                y=now["kept_mass"],
+                name=f"{expert} (exact, current)",
+                mode="markers",
+                marker={"size": 11, "symbol": "diamond"},
+                legendgroup=expert,
+            )
+        )
     density = table.attrs["density"]
     fig.add_vline(x=density, line_dash="dot", annotation_text=f"density {density:g}")
-    fig = _layout(fig, _title("L1 mass kept by the magnitude trim", table), x="density (share of entries kept)", y="share of L1 mass kept")
+    fig = _layout(
+        fig,
+        _title("L1 mass kept by the magnitude trim", table),
+        x="density (share of entries kept)",
+        y="share of L1 mass kept",
+    )
     return fig.update_yaxes(range=[0, 1.02])
 
 
@@ -171,16 +235,46 @@ def merge_distance_figure(table: pd.DataFrame) -> go.Figure:
 PAIR_PANELS = ("cosine", "sign_conflict", "jaccard")  # panels about pairs of experts: need two or more
 
 _TEXT = {
-    "histogram": ("Delta histogram", "Distribution of task-vector values M_i - B for each expert over the whole model, counts on a log scale and the same bins for every expert."),
-    "layer_norms": ("Task-vector norm per layer", "L2 norm of each expert's task vector per layer: where fine-tuning moved the weights most."),
-    "quantiles": ("Delta quantiles per layer", "Spread of task-vector values per layer and expert: box from the 25th to the 75th percentile, whiskers at the 1st and 99th."),
-    "layer_stats": ("Per-layer statistics", "Per layer: share of deltas below the threshold, exact zeros and L1 mass kept by the magnitude trim per expert, and the sign conflict and agreement among kept entries."),
-    "cosine": ("Cosine similarity", "Cosine similarity between the experts' whole-model task vectors; near 0 means nearly orthogonal updates, negative means opposing ones."),
-    "sign_conflict": ("Sign conflicts by layer", "Share of entries kept by the magnitude trim in two or more experts whose signs disagree, per layer, for all experts and each pair; TIES resolves these by sign election."),
-    "jaccard": ("Kept-entry overlap", "Jaccard overlap between the entries each expert keeps at the current density: 1 means the trims keep the same entries."),
-    "kept_mass": ("Mass kept vs density", "Share of each task vector's L1 mass that the magnitude trim keeps as density varies; the marker is the exact value at the current density."),
-    "merge_distance": ("Distance of the merge", "How far the merged weights moved from the base and from each expert, as L2 distance relative to that model's norm, per layer."),
-    "dare_effect": ("DARE drop and rescale", "Task-vector distribution before and after DARE's random drop at the current density and 1/density rescale (dashed): dropped entries pile up at zero, kept ones spread out."),
+    "histogram": (
+        "Delta histogram",
+        "Distribution of task-vector values M_i - B for each expert over the whole model, counts on a log scale and the same bins for every expert.",
+    ),
+    "layer_norms": (
+        "Task-vector norm per layer",
+        "L2 norm of each expert's task vector per layer: where fine-tuning moved the weights most.",
+    ),
+    "quantiles": (
+        "Delta quantiles per layer",
+        "Spread of task-vector values per layer and expert: box from the 25th to the 75th percentile, whiskers at the 1st and 99th.",
+    ),
+    "layer_stats": (
+        "Per-layer statistics",
+        "Per layer: share of deltas below the threshold, exact zeros and L1 mass kept by the magnitude trim per expert, and the sign conflict and agreement among kept entries.",
+    ),
+    "cosine": (
+        "Cosine similarity",
+        "Cosine similarity between the experts' whole-model task vectors; near 0 means nearly orthogonal updates, negative means opposing ones.",
+    ),
+    "sign_conflict": (
+        "Sign conflicts by layer",
+        "Share of entries kept by the magnitude trim in two or more experts whose signs disagree, per layer, for all experts and each pair; TIES resolves these by sign election.",
+    ),
+    "jaccard": (
+        "Kept-entry overlap",
+        "Jaccard overlap between the entries each expert keeps at the current density: 1 means the trims keep the same entries.",
+    ),
+    "kept_mass": (
+        "Mass kept vs density",
+        "Share of each task vector's L1 mass that the magnitude trim keeps as density varies; the marker is the exact value at the current density.",
+    ),
+    "merge_distance": (
+        "Distance of the merge",
+        "How far the merged weights moved from the base and from each expert, as L2 distance relative to that model's norm, per layer.",
+    ),
+    "dare_effect": (
+        "DARE drop and rescale",
+        "Task-vector distribution before and after DARE's random drop at the current density and 1/density rescale (dashed): dropped entries pile up at zero, kept ones spread out.",
+    ),
 }
 
 
@@ -228,7 +322,9 @@ def inspect_panels(
     """
     tables = stats.inspect_tables(source, density, merged, threshold, sample, seed, progress)
     if isinstance(tables["cosine"], pd.DataFrame) and len(tables["cosine"]) < 2:  # one expert: nothing to compare
-        tables.update(dict.fromkeys(PAIR_PANELS, "Choose two or more experts: this panel compares experts with each other."))
+        tables.update(
+            dict.fromkeys(PAIR_PANELS, "Choose two or more experts: this panel compares experts with each other.")
+        )
     return [
         _placeholder(key, table) if isinstance(table, str) else _panel(key, _FIGURES[key](table), table)
         for key, table in tables.items()

@@ -161,7 +161,9 @@ class _TaskVectors:
         return torch.stack([w[index] for w in self._weights]) - self.base[index]
 
 
-def _cutoffs(x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+def _cutoffs(
+    x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, work: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(kth, ties), each (N,): the magnitude trim of each expert at ``density``, for ``mark_top``.
 
     The trim keeps ``magnitude_count(density, numel)`` entries (as the TIES method): |x| > kth and the
@@ -192,7 +194,14 @@ def grid_shares(ranked: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
     return cumulative[:, take] / cumulative[:, -1:].clamp(min=torch.finfo(torch.float64).tiny)
 
 
-def _accumulate(x: _TaskVectors, cutoff: tuple[torch.Tensor, torch.Tensor], thresholds: Sequence[float], merged: torch.Tensor | None, chunk: int, work: Workspace) -> dict[str, torch.Tensor]:
+def _accumulate(
+    x: _TaskVectors,
+    cutoff: tuple[torch.Tensor, torch.Tensor],
+    thresholds: Sequence[float],
+    merged: torch.Tensor | None,
+    chunk: int,
+    work: Workspace,
+) -> dict[str, torch.Tensor]:
     """Exact sums over the task vectors ``x`` of one tensor, chunk by chunk (see ``Scan``).
 
     All temporaries live in ``work``; 0/1 indicators are float32 (exact: a chunk has < 2^24 entries).
@@ -200,7 +209,10 @@ def _accumulate(x: _TaskVectors, cutoff: tuple[torch.Tensor, torch.Tensor], thre
     n = x.n_experts
     acc = {key: torch.zeros(n, dtype=torch.float64) for key in ("l1", "zeros", "kept_l1", "xb", "dist_sq")}
     acc |= {key: torch.zeros(n, n, dtype=torch.float64) for key in ("gram", "inter", "sdot")}
-    acc |= {key: torch.zeros((), dtype=torch.float64) for key in ("kept_any", "kept_2plus", "conflicts", "agreement_sum", "bb", "moved_sq")}
+    acc |= {
+        key: torch.zeros((), dtype=torch.float64)
+        for key in ("kept_any", "kept_2plus", "conflicts", "agreement_sum", "bb", "moved_sq")
+    }
     acc["below"] = torch.zeros(len(thresholds), n, dtype=torch.float64)
     kth, ties = cutoff[0][:, None], cutoff[1].clone()  # mark_top counts ties down chunk by chunk
     for a, b in chunks(x.numel, chunk):
@@ -219,7 +231,9 @@ def _accumulate(x: _TaskVectors, cutoff: tuple[torch.Tensor, torch.Tensor], thre
         _entries(acc, kept, signs, work)
         if merged is not None:
             _distances(acc, xc, merged[a:b], x.base[a:b], work)
-    acc["ref_sq"] = torch.cat([acc["bb"] + 2 * acc["xb"] + acc["gram"].diagonal(), acc["bb"][None]])  # ||B + x_i||^2, ||B||^2
+    acc["ref_sq"] = torch.cat(
+        [acc["bb"] + 2 * acc["xb"] + acc["gram"].diagonal(), acc["bb"][None]]
+    )  # ||B + x_i||^2, ||B||^2
     acc["dist_sq"] = torch.cat([acc["dist_sq"], acc["moved_sq"][None]])
     return acc
 
@@ -240,13 +254,17 @@ def _entries(acc: dict[str, torch.Tensor], kept: torch.Tensor, signs: torch.Tens
     acc["agreement_sum"] += torch.div(net, count.clamp_(min=1), out=flag).sum()
 
 
-def _distances(acc: dict[str, torch.Tensor], x: torch.Tensor, merged: torch.Tensor, base: torch.Tensor, work: Workspace) -> None:
+def _distances(
+    acc: dict[str, torch.Tensor], x: torch.Tensor, merged: torch.Tensor, base: torch.Tensor, work: Workspace
+) -> None:
     """Add squared distances of the merge (B + moved) from each expert (B + x_i) and from the base.
 
     Also the dot products that give the experts' norms (||B + x_i||^2 = ||B||^2 + 2 B.x_i + ||x_i||^2).
     """
     moved = torch.sub(merged, base, out=work.get("moved", base.shape[0]))
-    acc["dist_sq"] += torch.linalg.vector_norm(torch.sub(x, moved, out=work.get("tmp", *x.shape)), dim=1).double().square()
+    acc["dist_sq"] += (
+        torch.linalg.vector_norm(torch.sub(x, moved, out=work.get("tmp", *x.shape)), dim=1).double().square()
+    )
     acc["moved_sq"] += moved.dot(moved)
     acc["xb"] += x @ base
     acc["bb"] += base.dot(base)
@@ -318,13 +336,25 @@ def scan(
             progress((t + 1) / len(source.names), name)
     if not names:
         raise ValueError("the source has no floating-point tensors to inspect")
-    frames = {key: pd.DataFrame(value, columns=list(value[0]) if value else _COLUMNS.get(key)) for key, value in rows.items()}
+    frames = {
+        key: pd.DataFrame(value, columns=list(value[0]) if value else _COLUMNS.get(key)) for key, value in rows.items()
+    }
     return Scan(
-        labels=labels, names=names, density=density, thresholds=tuple(thresholds), sample=sample, seed=seed,
-        experts=frames["experts"], entries=frames["entries"], pairs=frames["pairs"],
+        labels=labels,
+        names=names,
+        density=density,
+        thresholds=tuple(thresholds),
+        sample=sample,
+        seed=seed,
+        experts=frames["experts"],
+        entries=frames["entries"],
+        pairs=frames["pairs"],
         distances=frames["distances"] if merged is not None else None,
-        samples=torch.cat(samples, dim=1), sample_weight=torch.cat(weights), sample_tensor=torch.cat(owners),
-        grid=tuple(grid), grid_shares=torch.stack(shares),
+        samples=torch.cat(samples, dim=1),
+        sample_weight=torch.cat(weights),
+        sample_tensor=torch.cat(owners),
+        grid=tuple(grid),
+        grid_shares=torch.stack(shares),
     )
 
 
@@ -337,19 +367,56 @@ def _merged_flat(merged: Mapping[str, torch.Tensor], name: str, numel: int) -> t
     return flat
 
 
-def _add_rows(rows: dict[str, list], name: str, numel: int, labels: list[str], thresholds: Sequence[float], cutoff: torch.Tensor, acc: dict, has_merge: bool) -> None:
+def _add_rows(
+    rows: dict[str, list],
+    name: str,
+    numel: int,
+    labels: list[str],
+    thresholds: Sequence[float],
+    cutoff: torch.Tensor,
+    acc: dict,
+    has_merge: bool,
+) -> None:
     """Append one tensor's accumulated sums as table rows (see ``Scan``)."""
     layer, n = layer_of(name), len(labels)
     for i, label in enumerate(labels):
-        row = {"name": name, "layer": layer, "expert": label, "numel": numel, "sumsq": float(acc["gram"][i, i]), "l1": float(acc["l1"][i]), "zeros": int(acc["zeros"][i])}
+        row = {
+            "name": name,
+            "layer": layer,
+            "expert": label,
+            "numel": numel,
+            "sumsq": float(acc["gram"][i, i]),
+            "l1": float(acc["l1"][i]),
+            "zeros": int(acc["zeros"][i]),
+        }
         row |= {below_column(t): int(acc["below"][j, i]) for j, t in enumerate(thresholds)}
         row |= {"kept": int(acc["inter"][i, i]), "kept_l1": float(acc["kept_l1"][i]), "threshold": float(cutoff[i])}
         rows["experts"].append(row)
     counts = {k: int(acc[k]) for k in ("kept_any", "kept_2plus", "conflicts")}
-    rows["entries"].append(dict(name=name, layer=layer, numel=numel, **counts, agreement_sum=float(acc["agreement_sum"])))
+    rows["entries"].append(
+        dict(name=name, layer=layer, numel=numel, **counts, agreement_sum=float(acc["agreement_sum"]))
+    )
     for a in range(n):
         for b in range(a + 1, n):
-            rows["pairs"].append({"name": name, "layer": layer, "a": labels[a], "b": labels[b], "dot": float(acc["gram"][a, b]), "both_kept": int(acc["inter"][a, b]), "sign_dot": int(acc["sdot"][a, b])})
+            rows["pairs"].append(
+                {
+                    "name": name,
+                    "layer": layer,
+                    "a": labels[a],
+                    "b": labels[b],
+                    "dot": float(acc["gram"][a, b]),
+                    "both_kept": int(acc["inter"][a, b]),
+                    "sign_dot": int(acc["sdot"][a, b]),
+                }
+            )
     if has_merge:
         for i, target in enumerate([*labels, "base"]):
-            rows["distances"].append({"name": name, "layer": layer, "target": target, "dist_sq": float(acc["dist_sq"][i]), "ref_sq": float(acc["ref_sq"][i])})
+            rows["distances"].append(
+                {
+                    "name": name,
+                    "layer": layer,
+                    "target": target,
+                    "dist_sq": float(acc["dist_sq"][i]),
+                    "ref_sq": float(acc["ref_sq"][i]),
+                }
+            )

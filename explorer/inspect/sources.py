@@ -23,7 +23,14 @@ from explorer.choices import TokenizerSource
 from explorer.io.inputs import MergeInputs, TensorSource, open_inputs
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
-_OUTSIDE_BLOCKS = (("embed", "embed"), ("wte", "embed"), ("wpe", "embed"), ("lm_head", "head"), ("norm", "norm"), ("ln_f", "norm"))
+_OUTSIDE_BLOCKS = (
+    ("embed", "embed"),
+    ("wte", "embed"),
+    ("wpe", "embed"),
+    ("lm_head", "head"),
+    ("norm", "norm"),
+    ("ln_f", "norm"),
+)
 _RANK = {"embed": -1, "norm": 1 << 30, "head": (1 << 30) + 1}
 
 
@@ -80,7 +87,10 @@ def lacks_base(source: TaskVectorSource) -> bool:
 
 
 def DiskTaskVectors(  # noqa: N802  (named as the class it replaces)
-    base: str | Path, models: Sequence[str | Path], labels: Sequence[str] | None = None, tokenizer_source: TokenizerSource | str = TokenizerSource.base
+    base: str | Path,
+    models: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    tokenizer_source: TokenizerSource | str = TokenizerSource.base,
 ) -> MergeInputs:
     """Checkpoints on disk as an Inspect source, read one tensor name at a time (bounded memory).
 
@@ -101,7 +111,12 @@ class TensorTaskVectors:
 
     models = None  # only task vectors are known
 
-    def __init__(self, vectors: Mapping[str, torch.Tensor], labels: Sequence[str] | None = None, base: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        vectors: Mapping[str, torch.Tensor],
+        labels: Sequence[str] | None = None,
+        base: Mapping[str, torch.Tensor] | None = None,
+    ):
         self.vectors, self.base = dict(vectors), base
         self.names = list(self.vectors)
         self.labels = list(labels) if labels is not None else None

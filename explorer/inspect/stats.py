@@ -58,12 +58,41 @@ from explorer.progress import Progress
 from explorer.registry import tensor_generator
 
 __all__ = [
-    "BY", "DARE_THRESHOLDS", "PANEL_KEYS", "DEFAULT_BINS", "DEFAULT_CHUNK", "DEFAULT_SAMPLE", "DENSITY_GRID", "QUANTILES",
-    "DiskTaskVectors", "Scan", "TaskVectorSource", "TensorTaskVectors",
-    "cosine_similarity", "dare_effect", "delta_quantiles", "delta_summary", "expert_labels", "grid_shares", "histogram",
-    "inspect_tables", "merge_distance_table",
-    "jaccard", "kept_mass", "lacks_base", "layer_norms", "layer_of", "layer_rank", "layer_stats",
-    "merge_distance", "pair_label", "scan", "sign_agreement", "sign_conflict", "weighted_histogram", "weighted_quantiles",
+    "BY",
+    "DARE_THRESHOLDS",
+    "PANEL_KEYS",
+    "DEFAULT_BINS",
+    "DEFAULT_CHUNK",
+    "DEFAULT_SAMPLE",
+    "DENSITY_GRID",
+    "QUANTILES",
+    "DiskTaskVectors",
+    "Scan",
+    "TaskVectorSource",
+    "TensorTaskVectors",
+    "cosine_similarity",
+    "dare_effect",
+    "delta_quantiles",
+    "delta_summary",
+    "expert_labels",
+    "grid_shares",
+    "histogram",
+    "inspect_tables",
+    "merge_distance_table",
+    "jaccard",
+    "kept_mass",
+    "lacks_base",
+    "layer_norms",
+    "layer_of",
+    "layer_rank",
+    "layer_stats",
+    "merge_distance",
+    "pair_label",
+    "scan",
+    "sign_agreement",
+    "sign_conflict",
+    "weighted_histogram",
+    "weighted_quantiles",
 ]
 
 DARE_THRESHOLDS = (0.005, 0.002)  # DARE: fine-tuning deltas mostly lie within these magnitudes
@@ -81,8 +110,16 @@ def delta_summary(scan: Scan, by: str = "layer") -> pd.DataFrame:
     """
     below = [below_column(t) for t in scan.thresholds]
     out = grouped_sum(scan.experts, by, ["expert"], ["numel", "sumsq", "l1", "zeros", *below, "kept", "kept_l1"])
-    table = pd.DataFrame({by: out[by], "expert": out["expert"], "numel": out["numel"], "l2": np.sqrt(out["sumsq"]),
-                          "mean_abs": out["l1"] / out["numel"], "sparsity": out["zeros"] / out["numel"]})
+    table = pd.DataFrame(
+        {
+            by: out[by],
+            "expert": out["expert"],
+            "numel": out["numel"],
+            "l2": np.sqrt(out["sumsq"]),
+            "mean_abs": out["l1"] / out["numel"],
+            "sparsity": out["zeros"] / out["numel"],
+        }
+    )
     for column in below:
         table["share_" + column] = out[column] / out["numel"]
     table["kept_share"] = out["kept"] / out["numel"]
@@ -131,7 +168,10 @@ def weighted_quantiles(values: torch.Tensor, weights: torch.Tensor, quantiles: S
     order = np.argsort(values.numpy(), axis=1)
     ordered = np.take_along_axis(values.numpy(), order, axis=1)
     cumulative = np.cumsum(weights.double().numpy()[order], axis=1)
-    out = [row[np.searchsorted(cum, np.asarray(quantiles) * cum[-1]).clip(max=len(row) - 1)] for row, cum in zip(ordered, cumulative, strict=True)]
+    out = [
+        row[np.searchsorted(cum, np.asarray(quantiles) * cum[-1]).clip(max=len(row) - 1)]
+        for row, cum in zip(ordered, cumulative, strict=True)
+    ]
     return torch.from_numpy(np.stack(out))
 
 
@@ -159,7 +199,14 @@ def delta_quantiles(scan: Scan, by: str = "layer", quantiles: Sequence[float] = 
         weights = scan.sample_weight[columns]
         values = weighted_quantiles(scan.samples[:, columns], weights, quantiles)
         for label, row in zip(scan.labels, values.tolist(), strict=True):
-            rows.append({by: group, "expert": label, **{f"q{q:g}": v for q, v in zip(quantiles, row, strict=True)}, "exact": bool((weights == 1).all())})
+            rows.append(
+                {
+                    by: group,
+                    "expert": label,
+                    **{f"q{q:g}": v for q, v in zip(quantiles, row, strict=True)},
+                    "exact": bool((weights == 1).all()),
+                }
+            )
     return with_attrs(pd.DataFrame(rows), scan, _all_exact(scan), "weighted uniform samples of entries per tensor")
 
 
@@ -186,11 +233,17 @@ def weighted_histogram(values: torch.Tensor, weights: torch.Tensor, edges: torch
     return torch.stack([torch.bincount(row, weights=weights.double(), minlength=bins) for row in index])
 
 
-def _histogram_rows(labels: Sequence[str], values: torch.Tensor, weights: torch.Tensor, edges: torch.Tensor, **extra: str) -> list[dict]:
+def _histogram_rows(
+    labels: Sequence[str], values: torch.Tensor, weights: torch.Tensor, edges: torch.Tensor, **extra: str
+) -> list[dict]:
     """One row per (label, bin): left, right, count = summed weights of the row's values in the bin."""
     counts = weighted_histogram(values, weights, edges).tolist()
     lefts, rights = edges[:-1].tolist(), edges[1:].tolist()
-    return [{"expert": label, **extra, "left": lo, "right": hi, "count": c} for label, row in zip(labels, counts, strict=True) for lo, hi, c in zip(lefts, rights, row, strict=True)]
+    return [
+        {"expert": label, **extra, "left": lo, "right": hi, "count": c}
+        for label, row in zip(labels, counts, strict=True)
+        for lo, hi, c in zip(lefts, rights, row, strict=True)
+    ]
 
 
 def histogram(scan: Scan, bins: int = DEFAULT_BINS) -> pd.DataFrame:
@@ -219,12 +272,16 @@ def dare_effect(scan: Scan, bins: int = DEFAULT_BINS, rescale: Rescale | str = R
     Rows (expert, stage in {"before", "after"}, bin) as in ``histogram``, edges shared by both stages.
     """
     after = torch.empty_like(scan.samples)
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(scan.sample_tensor, minlength=len(scan.names)).cumsum(0)])
+    starts = torch.cat(
+        [torch.zeros(1, dtype=torch.long), torch.bincount(scan.sample_tensor, minlength=len(scan.names)).cumsum(0)]
+    )
     for t, name in enumerate(scan.names):
         generator = tensor_generator(scan.seed, name)
         a, b = int(starts[t]), int(starts[t + 1])
         for i in range(len(scan.labels)):
-            after[i, a:b] = sparsify(scan.samples[i, a:b].clone(), scan.density, Sparsification.random, rescale, generator)
+            after[i, a:b] = sparsify(
+                scan.samples[i, a:b].clone(), scan.density, Sparsification.random, rescale, generator
+            )
     edges = _edges(torch.cat([scan.samples, after], dim=1), bins)
     rows = []
     for stage, values in (("before", scan.samples), ("after", after)):
@@ -243,14 +300,28 @@ def kept_mass(scan: Scan) -> pd.DataFrame:
     only where every tensor was whole); current = True for one exact row per expert at the scan's
     density.
     """
-    l1 = scan.experts.pivot_table(index="name", columns="expert", values="l1", sort=False).reindex(index=scan.names, columns=scan.labels)
+    l1 = scan.experts.pivot_table(index="name", columns="expert", values="l1", sort=False).reindex(
+        index=scan.names, columns=scan.labels
+    )
     l1 = torch.tensor(l1.to_numpy(dtype=float))  # (T, N)
     curve = ((l1[:, :, None] * scan.grid_shares).sum(0) / l1.sum(0)[:, None]).numpy()  # (N, G); NaN for 0 / 0
     exact = _all_exact(scan)
-    rows = [{"density": d, "expert": e, "kept_mass": curve[i, g], "exact": exact, "current": False} for g, d in enumerate(scan.grid) for i, e in enumerate(scan.labels)]
+    rows = [
+        {"density": d, "expert": e, "kept_mass": curve[i, g], "exact": exact, "current": False}
+        for g, d in enumerate(scan.grid)
+        for i, e in enumerate(scan.labels)
+    ]
     now = delta_summary(scan, "model")
-    rows += [{"density": scan.density, "expert": e, "kept_mass": m, "exact": True, "current": True} for e, m in zip(now["expert"], now["kept_mass"], strict=True)]
-    return with_attrs(pd.DataFrame(rows), scan, exact, "sorted uniform samples per tensor weighted by exact L1 mass; exact at the current density")
+    rows += [
+        {"density": scan.density, "expert": e, "kept_mass": m, "exact": True, "current": True}
+        for e, m in zip(now["expert"], now["kept_mass"], strict=True)
+    ]
+    return with_attrs(
+        pd.DataFrame(rows),
+        scan,
+        exact,
+        "sorted uniform samples per tensor weighted by exact L1 mass; exact at the current density",
+    )
 
 
 def merge_distance_table(scan: Scan) -> pd.DataFrame:

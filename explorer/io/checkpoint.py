@@ -35,9 +35,21 @@ from explorer.io.formats.safetensors_dir import (
 from explorer.io.formats.trainer import is_run_dir, trainer_checkpoints
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "INDEX_FILE", "SINGLE_FILE", "TIED_NAMES", "PARTIAL_MARK", "PARTIAL_SUFFIX",
-    "is_unfinished", "open_checkpoint",
-    "is_checkpoint", "discover", "check_config", "check_compatible", "trainer_checkpoints", "split_adapter_spec",
+    "Checkpoint",
+    "CheckpointError",
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "TIED_NAMES",
+    "PARTIAL_MARK",
+    "PARTIAL_SUFFIX",
+    "is_unfinished",
+    "open_checkpoint",
+    "is_checkpoint",
+    "discover",
+    "check_config",
+    "check_compatible",
+    "trainer_checkpoints",
+    "split_adapter_spec",
     "resolved_spec",
 ]
 
@@ -82,14 +94,18 @@ def _open(text: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
             return _open_pair(text)
         snapshot = hub_snapshot(text)
         if snapshot is None:
-            raise CheckpointError(f"{path}: folder not found; check the path (it must be a local checkpoint folder, .gguf file, or a repo in the Hugging Face cache)")
+            raise CheckpointError(
+                f"{path}: folder not found; check the path (it must be a local checkpoint folder, .gguf file, or a repo in the Hugging Face cache)"
+            )
         path = snapshot
     if path.is_file():
         if is_gguf(path):
             return GgufCheckpoint(path)
         raise CheckpointError(f"{path}: is a file; give the checkpoint folder that holds config.json (or a .gguf file)")
     if _is_partial(path):
-        raise CheckpointError(f"{path}: an unfinished merge output or zoo checkpoint (its writer was interrupted); delete this folder and merge or build again")
+        raise CheckpointError(
+            f"{path}: an unfinished merge output or zoo checkpoint (its writer was interrupted); delete this folder and merge or build again"
+        )
     if is_repo_dir(path):
         path = snapshot_of(path) or path
     if is_adapter_dir(path):
@@ -136,9 +152,13 @@ def _without_config(path: Path) -> Checkpoint:
     if len(ggufs) == 1:
         return GgufCheckpoint(ggufs[0])
     if ggufs:
-        raise CheckpointError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); give one of them")
+        raise CheckpointError(
+            f"{path}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs)}); give one of them"
+        )
     if is_run_dir(path):
-        raise CheckpointError(f"{path}: a Trainer run folder; choose one of its checkpoint-STEP folders (trainer_checkpoints lists them)")
+        raise CheckpointError(
+            f"{path}: a Trainer run folder; choose one of its checkpoint-STEP folders (trainer_checkpoints lists them)"
+        )
     raise CheckpointError(f"{path}: no config.json; this is not a Hugging Face checkpoint folder")
 
 
@@ -169,8 +189,11 @@ def discover(root: str | Path, max_depth: int = 3) -> list[Path]:
         hits = [p for p in frontier if is_checkpoint(p)]
         found += [snapshot_of(p) if is_repo_dir(p) else p for p in hits]
         frontier = [
-            c for p in frontier if p.is_dir() and (p not in hits or is_run_dir(p))
-            for c in sorted(p.iterdir()) if (c.is_dir() or is_gguf(c)) and not is_unfinished(c)
+            c
+            for p in frontier
+            if p.is_dir() and (p not in hits or is_run_dir(p))
+            for c in sorted(p.iterdir())
+            if (c.is_dir() or is_gguf(c)) and not is_unfinished(c)
         ]
     return sorted(found)
 

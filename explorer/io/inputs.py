@@ -123,7 +123,9 @@ class MergeInputs:
 
 
 def open_inputs(
-    base: Optional[str | Path], models: Sequence[str | Path], tokenizer_source: TokenizerSource | str = TokenizerSource.base,
+    base: Optional[str | Path],
+    models: Sequence[str | Path],
+    tokenizer_source: TokenizerSource | str = TokenizerSource.base,
     labels: Optional[Sequence[str]] = None,
 ) -> MergeInputs:
     """Open, check and align the inputs of a merge; raises CheckpointError naming model, tensor and fix.
@@ -139,11 +141,15 @@ def open_inputs(
     for other in model_ckpts:
         check_config(reference, other)
     base_ckpt, model_ckpts = align_embeddings(base_ckpt, model_ckpts, tokenizer_source)
-    return MergeInputs(base_ckpt, model_ckpts, check_compatible(base_ckpt, model_ckpts), list(labels) if labels is not None else None)
+    return MergeInputs(
+        base_ckpt, model_ckpts, check_compatible(base_ckpt, model_ckpts), list(labels) if labels is not None else None
+    )
 
 
 def compatibility_report(
-    paths: Sequence[str | Path], base: Optional[str | Path] = None, tokenizer_source: TokenizerSource | str = TokenizerSource.base
+    paths: Sequence[str | Path],
+    base: Optional[str | Path] = None,
+    tokenizer_source: TokenizerSource | str = TokenizerSource.base,
 ) -> pd.DataFrame:
     """One row per input (base first) with what it is and whether it merges with the reference.
 
@@ -160,7 +166,9 @@ def compatibility_report(
     rows = []
     for role, ckpt, row in described:
         if ckpt is not None:
-            row["status"], row["message"] = ("ok", "reference") if ckpt is reference else _against(reference, ckpt, tokenizer_source)
+            row["status"], row["message"] = (
+                ("ok", "reference") if ckpt is reference else _against(reference, ckpt, tokenizer_source)
+            )
         rows.append({"role": role, **row})
     return pd.DataFrame(rows, columns=REPORT_COLUMNS)
 
@@ -171,8 +179,13 @@ def _describe(path: str | Path) -> tuple[Optional[Checkpoint], dict]:
         ckpt = open_checkpoint(path)
         dtypes = Counter(ckpt.dtype(n) for n in ckpt.names())
         return ckpt, {
-            "path": str(ckpt.path), "format": ckpt.format, "architecture": ckpt.architecture, "layers": ckpt.num_layers,
-            "vocab": ckpt.config.get("vocab_size"), "dtype": dtypes.most_common(1)[0][0], "tied": ckpt.tied_embeddings,
+            "path": str(ckpt.path),
+            "format": ckpt.format,
+            "architecture": ckpt.architecture,
+            "layers": ckpt.num_layers,
+            "vocab": ckpt.config.get("vocab_size"),
+            "dtype": dtypes.most_common(1)[0][0],
+            "tied": ckpt.tied_embeddings,
         }
     except CheckpointError as e:
         return None, {"path": str(path), "status": "unreadable", "message": str(e)}
@@ -191,7 +204,11 @@ def _against(reference: Checkpoint, other: Checkpoint, tokenizer_source: Tokeniz
     alignment = view.alignment
     notes = []
     if alignment.layout is not None:
-        notes.append(f"embedding rows aligned by token to {alignment.layout.rows} rows (tokenizer_source={tokenizer_source})")
+        notes.append(
+            f"embedding rows aligned by token to {alignment.layout.rows} rows (tokenizer_source={tokenizer_source})"
+        )
     if alignment.untie:
-        notes.append("tied and untied embeddings: output untied, a tied model's input embedding serves as its output embedding")
+        notes.append(
+            "tied and untied embeddings: output untied, a tied model's input embedding serves as its output embedding"
+        )
     return "aligned", "; ".join(notes)

@@ -45,7 +45,9 @@ VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "token
 
 def is_tied(checkpoint: Checkpoint, names: EmbeddingNames) -> bool:
     """Whether the output embedding is the input one: config says so, or the checkpoint has no output tensor."""
-    return names.output is not None and (bool(checkpoint.hf_config.tie_word_embeddings) or names.output not in checkpoint.files)
+    return names.output is not None and (
+        bool(checkpoint.hf_config.tie_word_embeddings) or names.output not in checkpoint.files
+    )
 
 
 @dataclass
@@ -254,7 +256,9 @@ def _layout(members: list[Checkpoint], names: EmbeddingNames, tokenizer_source: 
     for token, i in target.items():
         tokens[i] = token
     sources = [
-        torch.tensor([vocab.get(t, -1) if t is not None else (r if m == 0 and r < rows[0] else -1) for r, t in enumerate(tokens)])
+        torch.tensor(
+            [vocab.get(t, -1) if t is not None else (r if m == 0 and r < rows[0] else -1) for r, t in enumerate(tokens)]
+        )
         for m, vocab in enumerate(vocabs)
     ]
     missing = torch.stack(sources).lt(0).any(0).nonzero().squeeze(1)

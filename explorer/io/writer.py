@@ -50,11 +50,15 @@ def check_output_dir(out_dir: str | Path, inputs: Iterable[Path], overwrite: boo
     for src in inputs:
         for place in input_locations(Path(src)):
             if out == place or place in out.parents or out in place.parents:
-                raise CheckpointError(f"output folder {out} overlaps input {src} (at {place}); choose an output folder outside every input")
+                raise CheckpointError(
+                    f"output folder {out} overlaps input {src} (at {place}); choose an output folder outside every input"
+                )
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return out
     if not overwrite:
-        raise CheckpointError(f"output folder {out} already exists and is not empty; choose a new folder or allow overwrite")
+        raise CheckpointError(
+            f"output folder {out} already exists and is not empty; choose a new folder or allow overwrite"
+        )
     if not is_merge_output(out):
         raise CheckpointError(
             f"{out} holds files this tool did not write, so it is never replaced, even with overwrite; choose a new or empty folder"
@@ -132,7 +136,9 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         where = f" ({e.filename})" if e.filename else ""
-        raise CheckpointError(f"writing {out} failed: {e.strerror or e}{where}; nothing was written. If the disk is full, free space or choose another output folder") from e
+        raise CheckpointError(
+            f"writing {out} failed: {e.strerror or e}{where}; nothing was written. If the disk is full, free space or choose another output folder"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -186,7 +192,9 @@ def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move ``tmp`` to ``out``; an existing ``out`` (empty, or an earlier merge with overwrite) is removed after the swap."""
     if out.exists():
         if not out.is_dir() or (any(out.iterdir()) and not (overwrite and is_merge_output(out))):
-            raise CheckpointError(f"output folder {out} was filled by something else during the merge; nothing was overwritten")
+            raise CheckpointError(
+                f"output folder {out} was filled by something else during the merge; nothing was overwritten"
+            )
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
         os.replace(tmp, out)
@@ -201,8 +209,15 @@ def model_card(recipe: MergeRecipe) -> str:
     lines = ["---", "library_name: transformers", "tags:", "- merge", "- merge-explorer", "base_model:"]
     lines += [f"- {s}" for s in sources]
     lines += [
-        "---", "", f"# Merged with Merge Explorer ({recipe.merge_method})", "",
-        "Reproduce with `python -m explorer merge merge_recipe.yaml --out DIR`:", "",
-        "```yaml", recipe.to_yaml().rstrip(), "```", "",
+        "---",
+        "",
+        f"# Merged with Merge Explorer ({recipe.merge_method})",
+        "",
+        "Reproduce with `python -m explorer merge merge_recipe.yaml --out DIR`:",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
     ]
     return "\n".join(lines)

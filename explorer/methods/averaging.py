@@ -15,7 +15,9 @@ from explorer.methods.linear import linear
 from explorer.registry import MethodSpec, Param, register
 
 
-def fedavg(x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], examples: torch.Tensor) -> torch.Tensor:
+def fedavg(
+    x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], examples: torch.Tensor
+) -> torch.Tensor:
     """FedAvg (McMahan et al., arXiv:1602.05629): out = sum_i n_i M_i / sum_i n_i.
 
     x: (N, *S) model weights; examples: (N,) n_i >= 0, the number of training examples behind each
@@ -59,33 +61,75 @@ def mwa(
     return linear(x, base=base, generator=generator, weight=mwa_weights(metric, p, metric_kind), normalize=False)
 
 
-def wise_ft(x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], alpha: float) -> torch.Tensor:
+def wise_ft(
+    x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], alpha: float
+) -> torch.Tensor:
     """WiSE-FT (Wortsman et al., arXiv:2109.01903): out = (1 - alpha) B + alpha M.
 
     x: (1, *S) the one fine-tuned model M; base (*S) the zero-shot/pre-trained model B. alpha in [0, 1]:
     0 returns B and 1 returns M, both exactly. Raises ValueError unless there is a base and N == 1.
     """
     if base is None or x.shape[0] != 1:
-        raise ValueError(f"wise_ft interpolates a base with exactly one fine-tuned model; got base={base is not None}, {x.shape[0]} models")
+        raise ValueError(
+            f"wise_ft interpolates a base with exactly one fine-tuned model; got base={base is not None}, {x.shape[0]} models"
+        )
     return (1 - alpha) * base + alpha * x[0]
 
 
-register(MethodSpec(
-    name="fedavg", pretty_name="FedAvg (example-weighted average)", paper_url="https://arxiv.org/abs/1602.05629",
-    space=Space.weight, fn=fedavg, summary="sum_i n_i M_i / sum_i n_i",
-    params=(Param("examples", 1.0, "Training examples behind this model (n_i).", per_model=True, low=0.0, step=1.0),),
-))
-register(MethodSpec(
-    name="mwa", pretty_name="Metric-weighted averaging (MWA)", paper_url="https://arxiv.org/abs/2504.18580",
-    space=Space.weight, fn=mwa, summary="w_i ∝ loss_i^-p or step_i^p; p = 0 is uniform",
-    params=(
-        Param("metric", 1.0, "This checkpoint's loss (> 0) or step (>= 0).", per_model=True, low=0.0),
-        Param("p", 1.0, "Penalty factor: 0 is uniform, larger favours the best checkpoint.", low=0.0, high=20.0, step=0.1),
-        Param("metric_kind", MetricKind.loss, "What metric holds: loss (lower is better) or step (later is better).", enum=MetricKind),
-    ),
-))
-register(MethodSpec(
-    name="wise_ft", pretty_name="WiSE-FT (weight-space ensemble)", paper_url="https://arxiv.org/abs/2109.01903",
-    space=Space.weight, fn=wise_ft, needs_base=True, max_models=1, summary="(1 - alpha) B + alpha M",
-    params=(Param("alpha", 0.5, "Mixing coefficient: 0 is the base, 1 the fine-tuned model.", low=0.0, high=1.0, step=0.01),),
-))
+register(
+    MethodSpec(
+        name="fedavg",
+        pretty_name="FedAvg (example-weighted average)",
+        paper_url="https://arxiv.org/abs/1602.05629",
+        space=Space.weight,
+        fn=fedavg,
+        summary="sum_i n_i M_i / sum_i n_i",
+        params=(
+            Param("examples", 1.0, "Training examples behind this model (n_i).", per_model=True, low=0.0, step=1.0),
+        ),
+    )
+)
+register(
+    MethodSpec(
+        name="mwa",
+        pretty_name="Metric-weighted averaging (MWA)",
+        paper_url="https://arxiv.org/abs/2504.18580",
+        space=Space.weight,
+        fn=mwa,
+        summary="w_i ∝ loss_i^-p or step_i^p; p = 0 is uniform",
+        params=(
+            Param("metric", 1.0, "This checkpoint's loss (> 0) or step (>= 0).", per_model=True, low=0.0),
+            Param(
+                "p",
+                1.0,
+                "Penalty factor: 0 is uniform, larger favours the best checkpoint.",
+                low=0.0,
+                high=20.0,
+                step=0.1,
+            ),
+            Param(
+                "metric_kind",
+                MetricKind.loss,
+                "What metric holds: loss (lower is better) or step (later is better).",
+                enum=MetricKind,
+            ),
+        ),
+    )
+)
+register(
+    MethodSpec(
+        name="wise_ft",
+        pretty_name="WiSE-FT (weight-space ensemble)",
+        paper_url="https://arxiv.org/abs/2109.01903",
+        space=Space.weight,
+        fn=wise_ft,
+        needs_base=True,
+        max_models=1,
+        summary="(1 - alpha) B + alpha M",
+        params=(
+            Param(
+                "alpha", 0.5, "Mixing coefficient: 0 is the base, 1 the fine-tuned model.", low=0.0, high=1.0, step=0.01
+            ),
+        ),
+    )
+)

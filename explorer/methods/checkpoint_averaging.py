@@ -47,7 +47,9 @@ def ema_weights(n: int, decay: float) -> list[float]:
     return [decay ** (n - 1)] + [(1.0 - decay) * decay ** (n - j) for j in range(2, n + 1)]
 
 
-def ema(x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], decay: float) -> torch.Tensor:
+def ema(
+    x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], decay: float
+) -> torch.Tensor:
     """EMA of checkpoints x (N, *S) given oldest first: sum_j w_j M_j with w = ``ema_weights(N, decay)``."""
     weight = torch.tensor(ema_weights(x.shape[0], decay), dtype=torch.float32)
     return linear(x, base=base, generator=generator, weight=weight, normalize=False)
@@ -58,8 +60,23 @@ def _check(n: int, k: int) -> None:
         raise ValueError(f"k={k} must be between 1 and the number of checkpoints, {n}")
 
 
-register(MethodSpec(
-    name="ema", pretty_name="EMA of checkpoints", paper_url="https://doi.org/10.1137/0330046",
-    space=Space.weight, fn=ema, summary="e_j = decay e_(j-1) + (1 - decay) M_j over checkpoints, oldest first",
-    params=(Param("decay", 0.9, "EMA decay: 0 keeps the last checkpoint, near 1 averages far back.", low=0.0, high=1.0, step=0.01),),
-))
+register(
+    MethodSpec(
+        name="ema",
+        pretty_name="EMA of checkpoints",
+        paper_url="https://doi.org/10.1137/0330046",
+        space=Space.weight,
+        fn=ema,
+        summary="e_j = decay e_(j-1) + (1 - decay) M_j over checkpoints, oldest first",
+        params=(
+            Param(
+                "decay",
+                0.9,
+                "EMA decay: 0 keeps the last checkpoint, near 1 averages far back.",
+                low=0.0,
+                high=1.0,
+                step=0.01,
+            ),
+        ),
+    )
+)

@@ -49,22 +49,37 @@ def fisher_merge(
     importance = c * (f + epsilon)
     total = importance.sum(dim=0)
     if bool((total <= 0).any()):
-        raise ValueError(f"fisher_merge: weights {weight.tolist()} times (Fisher + {epsilon}) sum to zero; raise a weight or epsilon")
+        raise ValueError(
+            f"fisher_merge: weights {weight.tolist()} times (Fisher + {epsilon}) sum to zero; raise a weight or epsilon"
+        )
     return ((importance / total) * x).sum(dim=0)
 
 
-register(MethodSpec(
-    name="fisher", pretty_name="Fisher-weighted averaging", paper_url="https://arxiv.org/abs/2111.09832",
-    space=Space.weight, fn=fisher_merge, needs_fisher=True,
-    summary="sum_i c_i F_i M_i / sum_i c_i F_i per parameter, diagonal Fisher on local text",
-    params=(
-        Param("weight", 1.0, "Weight c_i of this model.", per_model=True, low=0.0, high=2.0, step=0.05),
-        Param("epsilon", 1e-6, "Floor added to every Fisher entry.", low=0.0, high=1.0),
-        Param("normalize_fisher", False, "Divide each model's Fisher by its norm (per tensor)."),
-        Param("fisher_examples", 64, "Text chunks the Fisher is estimated on.", low=1, high=4096, step=1, setup=True),
-        Param("fisher_batch_size", 4, "Chunks per backward pass.", low=1, high=256, step=1, setup=True),
-        Param("fisher_max_length", 128, "Tokens per chunk.", low=2, high=4096, step=1, setup=True),
-        Param("fisher_labels", FisherLabels.sampled, "Labels: sampled from the model (true Fisher) or the text's tokens (empirical).",
-              enum=FisherLabels, setup=True),
-    ),
-))
+register(
+    MethodSpec(
+        name="fisher",
+        pretty_name="Fisher-weighted averaging",
+        paper_url="https://arxiv.org/abs/2111.09832",
+        space=Space.weight,
+        fn=fisher_merge,
+        needs_fisher=True,
+        summary="sum_i c_i F_i M_i / sum_i c_i F_i per parameter, diagonal Fisher on local text",
+        params=(
+            Param("weight", 1.0, "Weight c_i of this model.", per_model=True, low=0.0, high=2.0, step=0.05),
+            Param("epsilon", 1e-6, "Floor added to every Fisher entry.", low=0.0, high=1.0),
+            Param("normalize_fisher", False, "Divide each model's Fisher by its norm (per tensor)."),
+            Param(
+                "fisher_examples", 64, "Text chunks the Fisher is estimated on.", low=1, high=4096, step=1, setup=True
+            ),
+            Param("fisher_batch_size", 4, "Chunks per backward pass.", low=1, high=256, step=1, setup=True),
+            Param("fisher_max_length", 128, "Tokens per chunk.", low=2, high=4096, step=1, setup=True),
+            Param(
+                "fisher_labels",
+                FisherLabels.sampled,
+                "Labels: sampled from the model (true Fisher) or the text's tokens (empirical).",
+                enum=FisherLabels,
+                setup=True,
+            ),
+        ),
+    )
+)

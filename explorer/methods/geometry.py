@@ -15,7 +15,9 @@ from explorer.choices import Space
 from explorer.registry import MethodSpec, Param, register
 
 
-def slerp(x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], t: float) -> torch.Tensor:
+def slerp(
+    x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], t: float
+) -> torch.Tensor:
     """Spherical interpolation from ``base`` (*S) (t = 0) to the one model ``x[0]`` (t = 1).
 
     With a = base, b = x[0] flattened, dot = <a/|a|, b/|b|> clamped to [-1, 1] (a norm <= 1e-8 counts
@@ -26,7 +28,9 @@ def slerp(x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[
     Reference: Shoemake 1985; mergekit ``slerp``.
     """
     if base is None or x.shape[0] != 1:
-        raise ValueError(f"slerp needs a base and exactly one other model; got base={base is not None}, {x.shape[0]} models")
+        raise ValueError(
+            f"slerp needs a base and exactly one other model; got base={base is not None}, {x.shape[0]} models"
+        )
     a, b = base.reshape(-1), x[0].reshape(-1)
     if a.numel() == 0:
         return base.clone()
@@ -40,7 +44,9 @@ def slerp(x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[
     return out.reshape(base.shape)
 
 
-def model_stock(x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], filter_wise: bool = False) -> torch.Tensor:
+def model_stock(
+    x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Optional[torch.Generator], filter_wise: bool = False
+) -> torch.Tensor:
     """Model Stock (arXiv:2403.19522): move from the base toward the models' average by their angle.
 
     x: (N, *S) fine-tuned weights, N >= 2; base (*S) the pre-trained weights. With offsets d_i = x_i - base
@@ -52,20 +58,26 @@ def model_stock(x: torch.Tensor, *, base: Optional[torch.Tensor], generator: Opt
     Reference: mergekit ``model_stock_merge_method``.
     """
     if base is None or x.shape[0] < 2:
-        raise ValueError(f"model_stock needs a base and at least 2 other models; got base={base is not None}, {x.shape[0]} models")
+        raise ValueError(
+            f"model_stock needs a base and at least 2 other models; got base={base is not None}, {x.shape[0]} models"
+        )
     n = x.shape[0]
     if filter_wise:
         offsets = (x - base).reshape(n, 1, -1) if base.dim() <= 1 else x - base
     else:
         offsets = (x - base).reshape(n, -1)
     cosines = [
-        ((offsets[i] * offsets[j]).sum(-1) / (offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+        ((offsets[i] * offsets[j]).sum(-1) / (offsets[i].norm(dim=-1) * offsets[j].norm(dim=-1)).clamp(min=1e-6)).clamp(
+            -1, 1
+        )
         for i, j in itertools.combinations(range(n), 2)
     ]
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    t = torch.where(
+        singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denominator), denominator)
+    )
     flat_shape = offsets.shape[1:]
     average, anchor = x.mean(dim=0).reshape(flat_shape), base.reshape(flat_shape)
     return (t * average + (1 - t) * anchor).reshape(base.shape)
@@ -78,7 +90,9 @@ register(
         paper_url="https://en.wikipedia.org/wiki/Slerp",
         space=Space.weight,
         fn=slerp,
-        params=(Param("t", 0.5, "Position on the arc from the base (0) to the model (1).", low=0.0, high=1.0, step=0.01),),
+        params=(
+            Param("t", 0.5, "Position on the arc from the base (0) to the model (1).", low=0.0, high=1.0, step=0.01),
+        ),
         needs_base=True,
         min_models=1,
         max_models=1,

@@ -33,7 +33,9 @@ def linear(
     w = weight.to(x.dtype)
     total = float(w.sum())
     if normalize and abs(total) < 1e-8:
-        raise ValueError(f"linear: weights {w.tolist()} sum to zero with normalize on; change a weight or turn normalize off")
+        raise ValueError(
+            f"linear: weights {w.tolist()} sum to zero with normalize on; change a weight or turn normalize off"
+        )
     return weighted_sum(w, x, 1.0 / total if normalize else 1.0)
 
 

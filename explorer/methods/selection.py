@@ -50,7 +50,14 @@ def chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield a, min(a + chunk, numel)
 
 
-def kth_largest(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chunk: int = DEFAULT_CHUNK, work: Workspace | None = None) -> torch.Tensor:
+def kth_largest(
+    read: ChunkReader,
+    numel: int,
+    k: int,
+    ranked: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    work: Workspace | None = None,
+) -> torch.Tensor:
     """(N,) exact k-th largest |value| in each row of an (N, numel) matrix, for 1 <= k <= numel.
 
     ``read(a, b)`` returns the matrix's columns [a, b) (it may reuse a buffer); ``ranked`` (N, s):
@@ -62,7 +69,14 @@ def kth_largest(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chu
     return top_cutoff(read, numel, k, ranked, chunk, work)[0]
 
 
-def top_cutoff(read: ChunkReader, numel: int, k: int, ranked: torch.Tensor, chunk: int = DEFAULT_CHUNK, work: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def top_cutoff(
+    read: ChunkReader,
+    numel: int,
+    k: int,
+    ranked: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    work: Workspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(kth, ties): the top-k selection of each row of an (N, numel) matrix, for 1 <= k <= numel.
 
     kth (N,) float32: the exact k-th largest |value| (as ``kth_largest``); ties (N,) int64: how many

@@ -42,12 +42,22 @@ def sparse_soup(
     return linear(x, base=base, generator=generator, weight=weight, normalize=True) * mask
 
 
-register(MethodSpec(
-    name="sparse_soup", pretty_name="Sparse model soup", paper_url="https://arxiv.org/abs/2306.16788",
-    space=Space.weight, fn=sparse_soup, summary="average of models sharing a pruning mask, re-masked",
-    params=(
-        Param("weight", 1.0, "Weight of this model in the average.", per_model=True, low=0.0, high=2.0, step=0.05),
-        Param("remask", Remask.intersection, "Keep entries nonzero in every model (intersection) or in any (union).",
-              enum=Remask),
-    ),
-))
+register(
+    MethodSpec(
+        name="sparse_soup",
+        pretty_name="Sparse model soup",
+        paper_url="https://arxiv.org/abs/2306.16788",
+        space=Space.weight,
+        fn=sparse_soup,
+        summary="average of models sharing a pruning mask, re-masked",
+        params=(
+            Param("weight", 1.0, "Weight of this model in the average.", per_model=True, low=0.0, high=2.0, step=0.05),
+            Param(
+                "remask",
+                Remask.intersection,
+                "Keep entries nonzero in every model (intersection) or in any (union).",
+                enum=Remask,
+            ),
+        ),
+    )
+)

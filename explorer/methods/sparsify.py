@@ -17,7 +17,14 @@ from explorer.choices import Rescale, Sparsification, parse_choice
 from explorer.methods.selection import MERGE_CHUNK, topk_mask
 
 __all__ = [
-    "Rescale", "Sparsification", "della_mask", "magnitude_count", "magnitude_mask", "outlier_mask", "random_mask", "sparsify",
+    "Rescale",
+    "Sparsification",
+    "della_mask",
+    "magnitude_count",
+    "magnitude_mask",
+    "outlier_mask",
+    "random_mask",
+    "sparsify",
 ]
 
 
@@ -89,7 +96,9 @@ def random_mask(delta: torch.Tensor, density: float, generator: Optional[torch.G
     return torch.bernoulli(torch.full_like(delta, density), generator=generator)
 
 
-def outlier_mask(delta: torch.Tensor, density: float, _generator: object, gamma: float, _epsilon: float) -> torch.Tensor:
+def outlier_mask(
+    delta: torch.Tensor, density: float, _generator: object, gamma: float, _epsilon: float
+) -> torch.Tensor:
     """Keep int(density * numel) entries just below the top int(gamma * numel) by |delta|.
 
     As mergekit's ascending-order slice [n - keep - top, n - keep) with the start clamped at 0: when
@@ -101,7 +110,9 @@ def outlier_mask(delta: torch.Tensor, density: float, _generator: object, gamma:
     return topk_mask(delta, top + keep) & ~topk_mask(delta, top)
 
 
-def della_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Generator], _gamma: float, epsilon: float) -> torch.Tensor:
+def della_mask(
+    delta: torch.Tensor, density: float, generator: Optional[torch.Generator], _gamma: float, epsilon: float
+) -> torch.Tensor:
     """Bernoulli mask whose keep probability grows linearly with |delta| rank within each row.
 
     Rows are the last dimension of a 2-D view (a 1-D tensor is one row); probabilities run from
@@ -110,7 +121,9 @@ def della_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Ge
     tensor-sized memory; the one Bernoulli draw over all of them keeps mergekit's random stream.
     """
     if not (0 < density - epsilon and density + epsilon < 1):
-        raise ValueError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1; got density={density}, epsilon={epsilon}")
+        raise ValueError(
+            f"DELLA needs 0 < density - epsilon and density + epsilon < 1; got density={density}, epsilon={epsilon}"
+        )
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     probs = torch.empty(rows.shape)
     block = max(1, MERGE_CHUNK // rows.shape[1])

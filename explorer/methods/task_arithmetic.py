@@ -82,7 +82,9 @@ def generalized_task_arithmetic(
     election = parse_choice(Election, election, "election")
     divisor = parse_choice(Divisor, divisor, "divisor")
     if parse_choice(TrimScope, trim_scope, "trim_scope") == TrimScope.model and bands is None:
-        raise ValueError("trim_scope='model' needs the whole-model pre-pass: pass bands=spec.prepare(params, items)['bands']")
+        raise ValueError(
+            "trim_scope='model' needs the whole-model pre-pass: pass bands=spec.prepare(params, items)['bands']"
+        )
     n = x.shape[0]
     density, gamma, epsilon = (per_model_floats(v, n) for v in (1.0 if density is None else density, gamma, epsilon))
     deltas = x

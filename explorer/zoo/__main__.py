@@ -27,9 +27,7 @@ def print_progress(fraction: float, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m explorer.zoo [--smollm2] [--smollm2-expert] [--smollm2-experts] OUT``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m explorer.zoo", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m explorer.zoo", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="zoo folder to write")
     parser.add_argument(
         "--smollm2",

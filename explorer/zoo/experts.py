@@ -144,9 +144,7 @@ def _base(out_dir: Path) -> Path:
     return out
 
 
-def _expert(
-    out_dir: Path, split: TaskSplit, cfg: SmolSetConfig, progress: Progress | None, span: tuple
-) -> Path:
+def _expert(out_dir: Path, split: TaskSplit, cfg: SmolSetConfig, progress: Progress | None, span: tuple) -> Path:
     """Fine-tune the base on ``split.train`` into ``out_dir/expert-<task>`` unless already there.
 
     ``span``: the ``(start, end)`` fractions of the progress bar this expert reports over.

@@ -96,12 +96,7 @@ def make_add(n_train: int, n_heldout: int, seed: int) -> TaskSplit:
     Only pairs whose units and tens digits each sum to less than 10 are used (3,025 pairs): a
     ~0.7M-parameter model learns carries too slowly for the zoo's CPU budget.
     """
-    pairs = [
-        (a, b)
-        for a in range(100)
-        for b in range(100)
-        if a % 10 + b % 10 < 10 and a // 10 + b // 10 < 10
-    ]
+    pairs = [(a, b) for a in range(100) for b in range(100) if a % 10 + b % 10 < 10 and a // 10 + b // 10 < 10]
     return make_split(
         "add",
         pairs,
@@ -122,14 +117,10 @@ def make_word_task(
     seed: int,
 ) -> TaskSplit:
     """A word task ``"<prefix> <word>="`` -> ``fn(word)``, e.g. ``"up hello="`` -> ``"HELLO"``."""
-    return make_split(
-        name, words, lambda w: Example(f"{prefix} {w}=", fn(w)), n_train, n_heldout, seed
-    )
+    return make_split(name, words, lambda w: Example(f"{prefix} {w}=", fn(w)), n_train, n_heldout, seed)
 
 
-def make_tasks(
-    text: str, n_train: dict[str, int], n_heldout: int, seed: int
-) -> dict[str, TaskSplit]:
+def make_tasks(text: str, n_train: dict[str, int], n_heldout: int, seed: int) -> dict[str, TaskSplit]:
     """The zoo's tasks, with ``n_train[name]`` distinct training examples each.
 
     - ``add``: carry-free addition (``make_add``);
@@ -155,9 +146,7 @@ def make_tasks(
             n_heldout,
             seed + 1,
         ),
-        "upper": make_word_task(
-            "upper", "up", str.upper, english_words(text), n_train["upper"], n_heldout, seed + 2
-        ),
+        "upper": make_word_task("upper", "up", str.upper, english_words(text), n_train["upper"], n_heldout, seed + 2),
     }
 
 
@@ -198,9 +187,7 @@ def word_tuples(words: Sequence[str], n: int, k: int, seed: int) -> list[tuple[s
     return list(found)
 
 
-def make_smol_tasks(
-    text: str, n_train: int, n_heldout: int, seed: int
-) -> dict[str, TaskSplit]:
+def make_smol_tasks(text: str, n_train: int, n_heldout: int, seed: int) -> dict[str, TaskSplit]:
     """The SmolLM2 expert set's tasks, word-level so that a BPE model reads them as text.
 
     - ``add``: two-digit addition with carries, ``"add 47+38 ->"`` -> ``" 85"`` (8,100 pairs);
@@ -280,7 +267,5 @@ def write_task(task_dir: Path, split: TaskSplit, prefix: str = TASK_PREFIX) -> s
     with data_file.open("w") as f:
         for ex in split.heldout:
             f.write(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n")
-    (task_dir / f"{name}.yaml").write_text(
-        yaml.safe_dump(task_yaml(name, data_file), sort_keys=False)
-    )
+    (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(task_yaml(name, data_file), sort_keys=False))
     return name

@@ -128,9 +128,7 @@ def zoo_is_built(out_dir: Path, cfg: ZooConfig | None = None) -> bool:
     )
 
 
-def build_zoo(
-    out_dir: Path, progress: Progress | None = None, cfg: ZooConfig | None = None
-) -> Path:
+def build_zoo(out_dir: Path, progress: Progress | None = None, cfg: ZooConfig | None = None) -> Path:
     """Build the demo zoo into ``out_dir`` (see the module docstring) and return ``out_dir``.
 
     Prints the seconds each stage took. Runs with ``cfg.num_threads`` torch threads.

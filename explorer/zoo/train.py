@@ -169,9 +169,7 @@ def train_steps(
         The loss of every step. The model is left in eval mode.
     """
     model.train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=fused or None
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=fused or None)
     scheduler = schedule(opt) if schedule else None
     losses = []
     for step in range(steps):

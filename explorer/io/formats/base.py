@@ -29,8 +29,15 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 TIED_NAMES = ("lm_head.weight",)
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
 )
 # Small JSON tokenizer files that are parsed outside the tokenizer loader too (checked when a model is opened).
 TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -38,9 +45,17 @@ ASSET_FILES = TOKENIZER_FILES + ("generation_config.json",)
 
 # safetensors dtype names <-> torch dtypes (the names ``Checkpoint.dtype`` reports for every format).
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -57,7 +72,9 @@ def check_finite(checkpoint: Checkpoint, name: str, tensor: torch.Tensor) -> Non
     """
     if tensor.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(tensor)):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} has {bad} NaN/inf values; this checkpoint is corrupt or diverged; re-export or drop it")
+        raise CheckpointError(
+            f"{checkpoint.path}: tensor {name!r} has {bad} NaN/inf values; this checkpoint is corrupt or diverged; re-export or drop it"
+        )
 
 
 def is_float_dtype(name: str) -> bool:
@@ -72,7 +89,9 @@ def read_json(file: Path, what: str = "JSON file") -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: unreadable {what} ({e}); re-download or re-save it") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: holds a JSON {type(data).__name__} where {what} must be an object {{...}}; re-download or re-save it")
+        raise CheckpointError(
+            f"{file}: holds a JSON {type(data).__name__} where {what} must be an object {{...}}; re-download or re-save it"
+        )
     return data
 
 
@@ -109,7 +128,9 @@ def empty_model(config: PretrainedConfig, architecture: str, where: Path) -> tor
     """An ``architecture`` model on the meta device (no memory, no weights): its module tree and shapes."""
     cls = getattr(transformers, architecture, None)
     if cls is None:
-        raise CheckpointError(f"{where}: architecture {architecture} is not in transformers {transformers.__version__}; custom-code models are not run")
+        raise CheckpointError(
+            f"{where}: architecture {architecture} is not in transformers {transformers.__version__}; custom-code models are not run"
+        )
     with torch.device("meta"):
         return cls(config)
 
@@ -163,7 +184,9 @@ class Checkpoint:
         try:
             return AutoConfig.for_model(**self.config)
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{self.path}: config.json is not a model config transformers knows ({e}); custom-code models are not run") from None
+            raise CheckpointError(
+                f"{self.path}: config.json is not a model config transformers knows ({e}); custom-code models are not run"
+            ) from None
 
     @property
     def tied_embeddings(self) -> bool:
@@ -284,5 +307,7 @@ def embedding_names(checkpoint: Checkpoint) -> EmbeddingNames:
             _NAMES[key] = EmbeddingNames(inp, None, (inp,))
         else:
             prefix = module_names[id(out)]
-            _NAMES[key] = EmbeddingNames(inp, f"{prefix}.weight", (inp,) + tuple(f"{prefix}.{p}" for p, _ in out.named_parameters(recurse=False)))
+            _NAMES[key] = EmbeddingNames(
+                inp, f"{prefix}.weight", (inp,) + tuple(f"{prefix}.{p}" for p, _ in out.named_parameters(recurse=False))
+            )
     return _NAMES[key]

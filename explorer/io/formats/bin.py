@@ -44,9 +44,15 @@ def load_state_dict(file: Path) -> dict[str, torch.Tensor]:
             "save_pretrained(..., safe_serialization=True)) and merge the converted folder"
         ) from None
     except (RuntimeError, OSError, EOFError) as e:
-        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({str(e)[:200]}); re-download or re-save it") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{file}: holds a {type(state).__name__} rather than a state dict {{name: tensor}}; save model.state_dict() instead")
+        raise CheckpointError(
+            f"{file}: not a readable PyTorch checkpoint ({str(e)[:200]}); re-download or re-save it"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            f"{file}: holds a {type(state).__name__} rather than a state dict {{name: tensor}}; save model.state_dict() instead"
+        )
     return state
 
 
@@ -83,7 +89,9 @@ class BinCheckpoint(Checkpoint):
             weight_map = read_json(index, "index").get("weight_map") or {}
             missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
             if missing or not weight_map:
-                raise CheckpointError(f"{path}: {BIN_INDEX} names shard(s) {missing or '(none)'} that are not there; copy them or fix the index")
+                raise CheckpointError(
+                    f"{path}: {BIN_INDEX} names shard(s) {missing or '(none)'} that are not there; copy them or fix the index"
+                )
             files = {name: path / file for name, file in weight_map.items()}
             self._loaded: Optional[PickleFile] = None
         else:
@@ -96,7 +104,9 @@ class BinCheckpoint(Checkpoint):
             loaded = self._file(file)
             for name in (n for n, f in files.items() if f == file):
                 if name not in loaded.state:
-                    raise CheckpointError(f"{file}: has no tensor {name!r} although {BIN_INDEX} says so; fix the index or re-save the model")
+                    raise CheckpointError(
+                        f"{file}: has no tensor {name!r} although {BIN_INDEX} says so; fix the index or re-save the model"
+                    )
                 self._meta[name] = (loaded.shape(name), loaded.dtype(name))
 
     def _file(self, file: Path) -> PickleFile:

@@ -64,16 +64,22 @@ class GgufCheckpoint(Checkpoint):
         )
 
         if "-of-" in path.stem:
-            raise CheckpointError(f"{path}: is one part of a split GGUF; join the parts first (llama-gguf-split --merge) and give the joined file")
+            raise CheckpointError(
+                f"{path}: is one part of a split GGUF; join the parts first (llama-gguf-split --merge) and give the joined file"
+            )
         try:
             self._meta = load_gguf_checkpoint(str(path))
             self._reader = GGUFReader(str(path))
         except (ValueError, NotImplementedError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot read this GGUF file ({e}); check that transformers supports its architecture") from None
+            raise CheckpointError(
+                f"{path}: cannot read this GGUF file ({e}); check that transformers supports its architecture"
+            ) from None
         gguf_config = self._meta["config"]
         model_type = gguf_config["model_type"]
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise CheckpointError(f"{path}: GGUF architecture {model_type} is not a causal LM transformers can rebuild; convert it to safetensors first")
+            raise CheckpointError(
+                f"{path}: GGUF architecture {model_type} is not a causal LM transformers can rebuild; convert it to safetensors first"
+            )
         config = AutoConfig.for_model(**gguf_config).to_dict()
         config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
         config.pop("_name_or_path", None)
@@ -84,7 +90,9 @@ class GgufCheckpoint(Checkpoint):
         self._mapping = self._name_map(path, gguf_arch, config.get("num_hidden_layers", 0))
         self._tensors = {self._mapping[t.name]: t for t in self._reader.tensors if t.name in self._mapping}
         super().__init__(path, config, {name: path for name in self._tensors})
-        unmapped = [n for n in self._shapes if n not in self._tensors and not (n in TIED_NAMES and self.tied_embeddings)]
+        unmapped = [
+            n for n in self._shapes if n not in self._tensors and not (n in TIED_NAMES and self.tied_embeddings)
+        ]
         if unmapped:
             raise CheckpointError(
                 f"{path}: {len(unmapped)} tensors of {config['architectures'][0]} (e.g. {unmapped[0]!r}) have no one-to-one GGUF "
@@ -101,7 +109,9 @@ class GgufCheckpoint(Checkpoint):
 
         arch = next((a for a, n in MODEL_ARCH_NAMES.items() if n == gguf_arch), None)
         if arch is None:
-            raise CheckpointError(f"{path}: GGUF architecture {gguf_arch!r} is unknown to the installed gguf package; convert the file to safetensors first")
+            raise CheckpointError(
+                f"{path}: GGUF architecture {gguf_arch!r} is unknown to the installed gguf package; convert the file to safetensors first"
+            )
         names, mapping = get_tensor_name_map(arch, layers), {}
         for hf_name in self._shapes:
             module, _, suffix = self._processor.preprocess_name(hf_name).rpartition(".")
@@ -145,7 +155,9 @@ class GgufCheckpoint(Checkpoint):
             raise self._missing(name)
         tensor = self._tensors[name]
         weights = dequantize(tensor.data, tensor.tensor_type)
-        result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._mapping, parsed_parameters=self._meta)
+        result = self._processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=self._mapping, parsed_parameters=self._meta
+        )
         return torch.from_numpy(np.copy(result.weights)).reshape(self._shapes[name])
 
     @override

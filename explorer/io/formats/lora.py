@@ -43,8 +43,18 @@ from explorer.io.formats.safetensors_io import SafetensorsFile
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
-LORA_KEYS = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False), ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
-UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "trainable_token_indices": "trainable tokens", "target_parameters": "target_parameters"}
+LORA_KEYS = {
+    ".lora_A.weight": ("A", False),
+    ".lora_B.weight": ("B", False),
+    ".lora_embedding_A": ("A", True),
+    ".lora_embedding_B": ("B", True),
+}
+UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "target_parameters",
+}
 
 
 def adapter_base(path: Path) -> Path:
@@ -57,7 +67,9 @@ def adapter_base(path: Path) -> Path:
             return _not_itself(path, candidate)
     snapshot = hub_snapshot(ref)
     if snapshot is None:
-        raise CheckpointError(f"{path}: base model {ref!r} of this adapter is neither a local folder nor in the Hugging Face cache; give it as BASE+ADAPTER in the recipe")
+        raise CheckpointError(
+            f"{path}: base model {ref!r} of this adapter is neither a local folder nor in the Hugging Face cache; give it as BASE+ADAPTER in the recipe"
+        )
     return _not_itself(path, snapshot)
 
 
@@ -76,9 +88,13 @@ def read_adapter_config(path: Path) -> dict:
     config = read_json(path / ADAPTER_CONFIG, ADAPTER_CONFIG)
     for key, what in UNSUPPORTED.items():
         if config.get(key):
-            raise CheckpointError(f"{path}: {what} adapters are not folded here; merge it with PEFT (merge_and_unload(), then save_pretrained) and use that folder")
+            raise CheckpointError(
+                f"{path}: {what} adapters are not folded here; merge it with PEFT (merge_and_unload(), then save_pretrained) and use that folder"
+            )
     if config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{path}: a {config['peft_type']} adapter, not LoRA; merge it with PEFT (merge_and_unload) first")
+        raise CheckpointError(
+            f"{path}: a {config['peft_type']} adapter, not LoRA; merge it with PEFT (merge_and_unload) first"
+        )
     return config
 
 
@@ -108,11 +124,15 @@ def index_adapter(path: Path, adapter: SafetensorsFile | PickleFile) -> tuple[di
                 break
         else:
             if "lora_" in name:
-                raise CheckpointError(f"{path}: adapter tensor {key!r} is not a plain LoRA A/B matrix (DoRA or LoRA bias?); merge it with PEFT (merge_and_unload) first")
+                raise CheckpointError(
+                    f"{path}: adapter tensor {key!r} is not a plain LoRA A/B matrix (DoRA or LoRA bias?); merge it with PEFT (merge_and_unload) first"
+                )
             whole[name.replace(".base_layer.", ".")] = key
     for entry in lora.values():
         if "A" not in entry or "B" not in entry:
-            raise CheckpointError(f"{path}: adapter has only one of lora_A/lora_B for {entry['module']!r}; the adapter file is incomplete")
+            raise CheckpointError(
+                f"{path}: adapter has only one of lora_A/lora_B for {entry['module']!r}; the adapter file is incomplete"
+            )
     return lora, whole
 
 
@@ -180,7 +200,9 @@ class LoraCheckpoint(Checkpoint):
     def _check_fits_base(self) -> None:
         for target, entry in self._lora.items():
             if target not in self.files:
-                raise CheckpointError(f"{self.path}: adapts {target!r}, which base {self.base.path} does not have; give the right base as BASE+ADAPTER")
+                raise CheckpointError(
+                    f"{self.path}: adapts {target!r}, which base {self.base.path} does not have; give the right base as BASE+ADAPTER"
+                )
             out_in = self._delta_shape(entry)
             if self.shape(target) != out_in:
                 raise CheckpointError(

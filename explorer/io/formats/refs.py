@@ -30,7 +30,7 @@ def split_adapter_spec(text: str) -> tuple[str, str] | None:
     """
     if Path(text).expanduser().exists():
         return None
-    pairs = [(text[:i], text[i + 1:]) for i, c in enumerate(text) if c == "+" and 0 < i < len(text) - 1]
+    pairs = [(text[:i], text[i + 1 :]) for i, c in enumerate(text) if c == "+" and 0 < i < len(text) - 1]
     pairs = [(base, adapter) for base, adapter in pairs if is_adapter_dir(Path(adapter).expanduser())]
     return max(reversed(pairs), key=lambda pair: _names_a_model(pair[0]), default=None)
 

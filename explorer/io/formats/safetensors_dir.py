@@ -35,12 +35,16 @@ class SafetensorsCheckpoint(Checkpoint):
                 raise CheckpointError(f"{index}: has no weight_map; re-save the model with save_pretrained")
             missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
             if missing:
-                raise CheckpointError(f"{path}: {INDEX_FILE} names shard(s) {missing} that are not there; copy them or fix the index")
+                raise CheckpointError(
+                    f"{path}: {INDEX_FILE} names shard(s) {missing} that are not there; copy them or fix the index"
+                )
             self._shards = {path / file: SafetensorsFile(path / file) for file in sorted(set(weight_map.values()))}
             files = {name: path / file for name, file in weight_map.items()}
             for name, file in weight_map.items():
                 if name not in self._shards[path / file].entries:
-                    raise CheckpointError(f"{path / file}: has no tensor {name!r} although {INDEX_FILE} says so; fix the index or re-save the model")
+                    raise CheckpointError(
+                        f"{path / file}: has no tensor {name!r} although {INDEX_FILE} says so; fix the index or re-save the model"
+                    )
         else:
             self.format = "safetensors"
             single = SafetensorsFile(path / SINGLE_FILE)

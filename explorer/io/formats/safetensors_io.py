@@ -46,7 +46,9 @@ class SafetensorsFile:
             if not isinstance(header, dict):
                 raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); re-download or re-save it") from None
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); re-download or re-save it"
+            ) from None
         header.pop("__metadata__", None)
         self.entries: dict[str, dict] = header
         self.data_start = 8 + n
@@ -58,7 +60,9 @@ class SafetensorsFile:
         """CheckpointError naming the file and tensor when its header entry is malformed."""
         problem = entry_problem(entry)
         if problem:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has {problem} in the file's header; re-download or re-save the checkpoint")
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has {problem} in the file's header; re-download or re-save the checkpoint"
+            )
 
     def _check_size(self) -> None:
         """CheckpointError when a tensor's bytes lie past the end of the file (an incomplete download)."""
@@ -93,9 +97,11 @@ class SafetensorsFile:
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + begin)
             while done < len(view):
-                got = f.readinto(view[done: done + _CHUNK])
+                got = f.readinto(view[done : done + _CHUNK])
                 if not got:
-                    raise CheckpointError(f"{self.path}: file ends inside tensor {name!r}; the download is incomplete, fetch the file again")
+                    raise CheckpointError(
+                        f"{self.path}: file ends inside tensor {name!r}; the download is incomplete, fetch the file again"
+                    )
                 done += got
         return buffer.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
@@ -135,7 +141,9 @@ class ShardWriter:
     def fits(self, name: str, tensor: torch.Tensor, max_bytes: int) -> bool:
         """True when ``tensor`` fits this shard's byte cap and header room (an empty shard takes anything)."""
         nbytes = tensor.numel() * tensor.element_size()
-        return not self.entries or (self.size + nbytes <= max_bytes and self._header_bytes + self._entry_bytes(name, tensor) <= self.reserve)
+        return not self.entries or (
+            self.size + nbytes <= max_bytes and self._header_bytes + self._entry_bytes(name, tensor) <= self.reserve
+        )
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor``'s bytes to the file now (the caller may drop it afterwards)."""
@@ -143,7 +151,11 @@ class ShardWriter:
         self._file.write(memoryview(flat.numpy()))
         nbytes = flat.numel()
         self._header_bytes += self._entry_bytes(name, tensor)
-        self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [self.size, self.size + nbytes]}
+        self.entries[name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.size, self.size + nbytes],
+        }
         self.size += nbytes
 
     def close(self) -> None:

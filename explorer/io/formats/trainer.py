@@ -35,9 +35,13 @@ def trainer_checkpoints(run_dir: str | Path) -> pd.DataFrame:
     run_dir = Path(run_dir).expanduser()
     folders = [c for c in run_dir.iterdir() if CHECKPOINT_NAME.match(c.name) and c.is_dir()] if run_dir.is_dir() else []
     if not folders:
-        raise CheckpointError(f"{run_dir}: no checkpoint-STEP folders; give the output_dir of a Trainer run saved with save_strategy")
+        raise CheckpointError(
+            f"{run_dir}: no checkpoint-STEP folders; give the output_dir of a Trainer run saved with save_strategy"
+        )
     rows = [checkpoint_state(folder) for folder in folders]
-    return pd.DataFrame(rows, columns=["path", "step", "epoch", "loss", "eval_loss"]).sort_values("step", ignore_index=True)
+    return pd.DataFrame(rows, columns=["path", "step", "epoch", "loss", "eval_loss"]).sort_values(
+        "step", ignore_index=True
+    )
 
 
 def checkpoint_state(folder: Path) -> dict:
@@ -58,7 +62,9 @@ def checkpoint_state(folder: Path) -> dict:
         "epoch": math.nan if state.get("epoch") is None else float(state["epoch"]),
         "loss": _last(logged, "loss"),
         "eval_loss": _last(logged, "eval_loss"),
-        "examples": float(step * state["train_batch_size"]) if state.get("train_batch_size") and step == step else math.nan,
+        "examples": float(step * state["train_batch_size"])
+        if state.get("train_batch_size") and step == step
+        else math.nan,
     }
 
 
