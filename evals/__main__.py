@@ -4,7 +4,8 @@ The first loads each checkpoint folder, scores it with lm-eval on local tasks an
 (rows: models, labelled by folder name; columns: tasks, acc). ``greedy-soup MODEL ... --task-dir DIR
 --task TASK --out DIR`` builds a greedy soup of the models (``evals.greedy_soup``): ranks them by
 their own score, adds each to the soup when the soup's score does not drop, prints every step and
-which models were kept, and writes the final soup.
+which models were kept, and writes the final soup. ``scenarios (--tiny ZOO | --smollm2 SET) --work DIR``
+runs the method-family scenarios (``evals.scenarios``) and writes their tables to ``DIR/scenarios.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 GREEDY_SOUP = "greedy-soup"
+SCENARIOS = "scenarios"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == [GREEDY_SOUP]:
         return _greedy_soup(argv[1:])
+    if argv[:1] == [SCENARIOS]:
+        return _scenarios(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m evals",
         description="Score checkpoint folders with lm-eval on local tasks and print one table.",
@@ -110,3 +114,51 @@ def _greedy_soup(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _scenarios(argv: list[str]) -> int:
+    from evals.scenarios import SCENARIOS as NAMES
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m evals {SCENARIOS}",
+        description="Run the method-family scenarios on a testbed and write their README tables (markdown).",
+        epilog="Scenarios: " + "; ".join(f"{k}: {v}" for k, v in NAMES.items()),
+    )
+    bed = parser.add_mutually_exclusive_group(required=True)
+    bed.add_argument("--tiny", type=Path, help="tiny zoo folder (built there if missing: ~2.5 CPU minutes)")
+    bed.add_argument("--smollm2", type=Path, help="SmolLM2 expert set (built there if missing: ~9 CPU minutes)")
+    parser.add_argument("--work", type=Path, required=True, help="folder for what the scenarios build (reused)")
+    parser.add_argument("--only", nargs="+", choices=list(NAMES), default=list(NAMES), help="default: all")
+    parser.add_argument("--limit", type=int, help="examples per task (default: all held-out examples)")
+    parser.add_argument("--out", type=Path, help="markdown file to write (default: WORK/scenarios.md)")
+    args = parser.parse_args(argv)
+
+    import time
+
+    from evals.scenarios import run_scenario
+    from evals.scenarios.report import to_markdown
+    from explorer.zoo import experts, tiny
+    from explorer.zoo.testbed import smollm2_testbed, tiny_testbed
+
+    def log(line: str) -> None:
+        print(f"  {line}", flush=True)
+
+    if args.tiny:
+        if not tiny.zoo_is_built(args.tiny):
+            tiny.build_zoo(args.tiny)
+        testbed = tiny_testbed(args.tiny)
+    else:
+        experts.build_smollm2_experts(args.smollm2, lambda f, m: log(f"[{f:4.0%}] {m}"))
+        testbed = smollm2_testbed(args.smollm2)
+    out = args.out or args.work / "scenarios.md"
+    sections = []
+    for name in args.only:
+        print(f"{name}: {NAMES[name]}", flush=True)
+        start = time.perf_counter()
+        tables = run_scenario(name, testbed, args.work, args.limit, log)
+        seconds = time.perf_counter() - start
+        sections.append("\n".join(to_markdown(t) for t in tables) + f"\n({name}: {seconds:.0f} s on this machine)\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(sections))  # after every scenario: a long run shows what is done
+        print(sections[-1], flush=True)
+    return 0

@@ -17,6 +17,7 @@ import difflib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import yaml
@@ -27,6 +28,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TaskDirs = str | Path | Sequence[str | Path]  # one task folder or several
 METRIC = "acc,none"  # lm-eval's result key for the acc metric without a filter
+STDERR = "acc_stderr,none"  # and for its standard error
+STDERR_ITERS = 100  # > 0 makes lm-eval report stderr; acc's mean has a closed form, nothing is resampled
 MAX_SEARCH_DEPTH = 3  # task_dirs() looks this many folders deep
 
 # lm-eval warns on every model object passed as `pretrained`: here that is the intended use.
@@ -126,15 +129,23 @@ def _task_spec(manager: TaskManager, task: str) -> str | dict:
     return {**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": fixed}}
 
 
-def evaluate_model(
+class Score(NamedTuple):
+    """One task's lm-eval result: ``acc`` in [0, 1], its standard error, and the examples scored."""
+
+    acc: float
+    stderr: float
+    n: int
+
+
+def task_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     tasks: Sequence[str],
     task_dir: TaskDirs,
     limit: int | None = None,
     batch_size: int = 32,
-) -> dict[str, float]:
-    """Score an in-memory model on local lm-eval tasks.
+) -> dict[str, Score]:
+    """Score an in-memory model on local lm-eval tasks: acc, its standard error and the example count.
 
     Args:
         model: a causal LM, left on its device (not saved, not reloaded).
@@ -145,8 +156,10 @@ def evaluate_model(
         batch_size: sequences per forward pass.
 
     Returns:
-        ``{task: acc}`` with acc in [0, 1]; for the zoo's loglikelihood tasks, the share of examples
-        whose target is exactly the model's greedy continuation.
+        ``{task: Score}``. acc is lm-eval's mean of per-example accuracies (for the zoo's
+        loglikelihood tasks: the share of examples whose target is exactly the model's greedy
+        continuation); stderr is lm-eval's closed-form standard error of that mean,
+        ``sqrt(acc (1 - acc) / (n - 1))``.
 
     Raises:
         FileNotFoundError: a task folder does not exist.
@@ -160,10 +173,29 @@ def evaluate_model(
         tasks=[_task_spec(manager, t) for t in tasks],
         task_manager=manager,
         limit=limit,
-        bootstrap_iters=0,
+        bootstrap_iters=STDERR_ITERS,
         log_samples=False,
     )
-    return {t: float(results["results"][t][METRIC]) for t in tasks}
+    return {
+        t: Score(
+            float(results["results"][t][METRIC]),
+            float(results["results"][t][STDERR]),
+            int(results["n-samples"][t]["effective"]),
+        )
+        for t in tasks
+    }
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str],
+    task_dir: TaskDirs,
+    limit: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """``{task: acc}`` of an in-memory model: ``task_scores`` without the standard errors."""
+    return {t: s.acc for t, s in task_scores(model, tokenizer, tasks, task_dir, limit, batch_size).items()}
 
 
 def compare(
