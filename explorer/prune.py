@@ -192,7 +192,7 @@ def prune_to_folder(
             yield name, pruned
 
     report = PruneReport(
-        source=str(checkpoint.spec),
+        source=str(checkpoint.ref),
         sparsity=sparsity,
         scope=scope.value,
         pruned_tensors=[n for n in checkpoint.names() if n in chosen],
@@ -208,9 +208,9 @@ def prune_to_folder(
         return json.dumps(asdict(report), indent=2)
 
     card = (
-        f"---\nlibrary_name: transformers\ntags:\n- pruned\n- merge-explorer\nbase_model:\n- {checkpoint.spec}\n---\n\n"
+        f"---\nlibrary_name: transformers\ntags:\n- pruned\n- merge-explorer\nbase_model:\n- {checkpoint.ref}\n---\n\n"
         f"# {checkpoint.name}, magnitude-pruned to sparsity {sparsity} (per {scope.value})\n\n"
-        f"Reproduce with `python -m explorer prune {checkpoint.spec} --sparsity {sparsity} --scope {scope.value} --out DIR`; "
+        f"Reproduce with `python -m explorer prune {checkpoint.ref} --sparsity {sparsity} --scope {scope.value} --out DIR`; "
         f"the sparsity reached is in `{PRUNE_REPORT}`.\n"
     )
     write_checkpoint(out, stream(), checkpoint, None, overwrite, files={"README.md": card, PRUNE_REPORT: report_text})

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from explorer import registry
 from explorer.choices import DType, OutOfRange, TokenizerSource, parse_choice
-from explorer.io.formats.refs import resolved_spec
+from explorer.io.formats.refs import resolved_ref
 from explorer.registry import ParamValue
 
 MERGEKIT_ONLY = ("int8_mask",)
@@ -77,8 +77,8 @@ class MergeRecipe(BaseModel):
         spec = registry.get(self.merge_method)
         if spec.needs_base and self.base_model:
             # mergekit lists the base among the models too (e.g. slerp); it is the base, not an input.
-            base = resolved_spec(self.base_model)
-            self.models = [e for e in self.models if resolved_spec(e.model) != base]
+            base = resolved_ref(self.base_model)
+            self.models = [e for e in self.models if resolved_ref(e.model) != base]
         if not self.models:
             raise ValueError("a recipe needs at least one model under 'models'")
         if spec.needs_base and not self.base_model:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from explorer import registry
 from explorer.executor import merge_stream
-from explorer.io.checkpoint import TIED_NAMES, resolved_spec
+from explorer.io.checkpoint import TIED_NAMES, resolved_ref
 from explorer.io.finite import read_float
 from explorer.io.inputs import open_inputs, task_vectors
 from explorer.io.writer import check_output_dir, write_checkpoint
@@ -61,12 +61,12 @@ class MergeSession:
     ) -> MergeRecipe:
         """A validated recipe over this session's inputs (what the app exports and the CLI replays).
 
-        Inputs are named by ``Checkpoint.spec``: a LoRA adapter as ``BASE+ADAPTER`` with its base explicit.
+        Inputs are named by ``Checkpoint.ref``: a LoRA adapter as ``BASE+ADAPTER`` with its base explicit.
         """
         return MergeRecipe(
             merge_method=method,
-            base_model=self.base_ckpt.spec if self.base_ckpt else None,
-            models=[{"model": c.spec, "parameters": pm} for c, pm in zip(self.model_ckpts, per_model, strict=True)],
+            base_model=self.base_ckpt.ref if self.base_ckpt else None,
+            models=[{"model": c.ref, "parameters": pm} for c, pm in zip(self.model_ckpts, per_model, strict=True)],
             parameters=parameters,
             dtype=dtype,
             seed=seed,
@@ -83,9 +83,9 @@ class MergeSession:
 
     def same_inputs(self, recipe: MergeRecipe) -> bool:
         """True when ``recipe`` names exactly this session's base and models, in order."""
-        models = [resolved_spec(e.model) for e in recipe.models] == [resolved_spec(c.spec) for c in self.model_ckpts]
-        base = (recipe.base_model and resolved_spec(recipe.base_model)) == (
-            self.base_ckpt and resolved_spec(self.base_ckpt.spec)
+        models = [resolved_ref(e.model) for e in recipe.models] == [resolved_ref(c.ref) for c in self.model_ckpts]
+        base = (recipe.base_model and resolved_ref(recipe.base_model)) == (
+            self.base_ckpt and resolved_ref(self.base_ckpt.ref)
         )
         return models and base
 

@@ -23,7 +23,7 @@ from explorer.io.checkpoint import (
     CheckpointError,
     check_compatible,
     open_checkpoint,
-    split_adapter_spec,
+    split_adapter_ref,
 )
 from explorer.io.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
@@ -306,20 +306,20 @@ def test_adapter_rank_differs_from_its_tensors_refused(family, tmp_path, config,
     _refused([adapter], tmp_path / "out", match)
 
 
-def test_split_adapter_spec_with_plus_in_folder_names(family, tmp_path, monkeypatch):
+def test_split_adapter_ref_with_plus_in_folder_names(family, tmp_path, monkeypatch):
     base, experts = family
     adapter = tmp_path / "lora+v2"
     expected = save_lora(base, adapter)
-    spec = f"{base}+{adapter}"
-    assert split_adapter_spec(spec) == (str(base), str(adapter))
-    assert_expected(open_checkpoint(spec).get(Q_PROJ), expected[Q_PROJ])
+    ref = f"{base}+{adapter}"
+    assert split_adapter_ref(ref) == (str(base), str(adapter))
+    assert_expected(open_checkpoint(ref).get(Q_PROJ), expected[Q_PROJ])
     monkeypatch.chdir(tmp_path)
     save_lora(base, tmp_path / "v2")  # "v2" now also qualifies after the last '+', but its left side names no model
-    assert split_adapter_spec(spec) == (str(base), str(adapter))
-    assert split_adapter_spec(f"{spec}+v2") == (spec, "v2")  # an adapter on BASE+ADAPTER
-    assert split_adapter_spec(str(adapter)) is None  # an existing path names itself
-    assert split_adapter_spec(f"{base}+nothing") is None and split_adapter_spec("plain") is None
-    out = merge_to_folder(_recipe([spec, experts[0]]), tmp_path / "out")
+    assert split_adapter_ref(ref) == (str(base), str(adapter))
+    assert split_adapter_ref(f"{ref}+v2") == (ref, "v2")  # an adapter on BASE+ADAPTER
+    assert split_adapter_ref(str(adapter)) is None  # an existing path names itself
+    assert split_adapter_ref(f"{base}+nothing") is None and split_adapter_ref("plain") is None
+    out = merge_to_folder(_recipe([ref, experts[0]]), tmp_path / "out")
     assert_expected(state(out)[Q_PROJ], (expected[Q_PROJ] + state(experts[0])[Q_PROJ]) / 2)
 
 

@@ -25,7 +25,7 @@ from explorer.io.formats.bin import BinCheckpoint, is_bin_dir
 from explorer.io.formats.gguf_file import GgufCheckpoint, is_gguf
 from explorer.io.formats.hf_cache import hub_snapshot, is_repo_dir, snapshot_of
 from explorer.io.formats.lora import LoraCheckpoint, adapter_base
-from explorer.io.formats.refs import is_adapter_dir, resolved_spec, split_adapter_spec
+from explorer.io.formats.refs import is_adapter_dir, resolved_ref, split_adapter_ref
 from explorer.io.formats.safetensors_dir import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -49,8 +49,8 @@ __all__ = [
     "check_config",
     "check_compatible",
     "trainer_checkpoints",
-    "split_adapter_spec",
-    "resolved_spec",
+    "split_adapter_ref",
+    "resolved_ref",
 ]
 
 PARTIAL_MARK = ".partial-"  # in the name of a merge output folder still being written (see explorer.io.writer)
@@ -123,8 +123,8 @@ def _open(text: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
 
 
 def _open_pair(text: str) -> Checkpoint:
-    """``BASE+ADAPTER``: the adapter folded into the base (see ``split_adapter_spec``)."""
-    pair = split_adapter_spec(text)
+    """``BASE+ADAPTER``: the adapter folded into the base (see ``split_adapter_ref``)."""
+    pair = split_adapter_ref(text)
     if pair is None:
         raise CheckpointError(
             f"{text}: not found, and no '+' in it is followed by a LoRA adapter folder (one with adapter_config.json); "

@@ -173,8 +173,8 @@ class EmbeddingView(Checkpoint):
         return self.inner.sources
 
     @property
-    def spec(self) -> str:
-        return self.inner.spec
+    def ref(self) -> str:
+        return self.inner.ref
 
     @property
     def assets_dir(self) -> Optional[Path]:

@@ -199,8 +199,8 @@ class Checkpoint:
         return [self.path]
 
     @property
-    def spec(self) -> str:
-        """How a recipe names this checkpoint so that ``open_checkpoint(spec)`` opens it again."""
+    def ref(self) -> str:
+        """How a recipe names this checkpoint so that ``open_checkpoint(ref)`` opens it again."""
         return str(self.path)
 
     @property

@@ -221,9 +221,9 @@ class LoraCheckpoint(Checkpoint):
         return [self.path] + self.base.sources
 
     @property
-    def spec(self) -> str:
+    def ref(self) -> str:
         """``BASE+ADAPTER``: the base this adapter was folded into, explicitly (found or given)."""
-        return f"{self.base.spec}+{self.path}"
+        return f"{self.base.ref}+{self.path}"
 
     @property
     def assets_dir(self) -> Optional[Path]:

@@ -18,7 +18,7 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file()
 
 
-def split_adapter_spec(text: str) -> tuple[str, str] | None:
+def split_adapter_ref(text: str) -> tuple[str, str] | None:
     """``(base, adapter)`` when ``text`` is ``BASE+ADAPTER``; None when it names no such pair.
 
     The split is at a '+' whose right side is an existing LoRA adapter folder (adapter_config.json in
@@ -35,16 +35,16 @@ def split_adapter_spec(text: str) -> tuple[str, str] | None:
     return max(reversed(pairs), key=lambda pair: _names_a_model(pair[0]), default=None)
 
 
-def resolved_spec(spec: str) -> str:
+def resolved_ref(ref: str) -> str:
     """A recipe's name for an input with each path made absolute, ``BASE+ADAPTER`` part by part.
 
     So "x", "x/" and "./x" compare equal.
     """
-    pair = split_adapter_spec(spec)
+    pair = split_adapter_ref(ref)
     if pair:
-        return "+".join(resolved_spec(part) for part in pair)
-    return str(Path(spec).expanduser().resolve())
+        return "+".join(resolved_ref(part) for part in pair)
+    return str(Path(ref).expanduser().resolve())
 
 
 def _names_a_model(text: str) -> bool:
-    return Path(text).expanduser().exists() or hub_snapshot(text) is not None or split_adapter_spec(text) is not None
+    return Path(text).expanduser().exists() or hub_snapshot(text) is not None or split_adapter_ref(text) is not None
