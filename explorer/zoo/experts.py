@@ -38,7 +38,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    get_cosine_with_min_lr_schedule_with_warmup,
 )
 
 from explorer.zoo.smollm2 import load_smollm2, smollm2_gguf
@@ -46,6 +45,7 @@ from explorer.zoo.tasks import TaskSplit, make_smol_tasks, write_task
 from explorer.zoo.train import (
     Progress,
     answer_loss,
+    cosine_schedule,
     finetune,
     pydoc_text,
     save_checkpoint,
@@ -167,9 +167,7 @@ def _expert(out_dir: Path, split: TaskSplit, cfg: SmolSetConfig, progress: Progr
         cfg.seed,
         step_reporter(progress, *span, steps, f"training {out.name}"),
         loss_fn=answer_loss,
-        schedule=lambda opt: get_cosine_with_min_lr_schedule_with_warmup(
-            opt, round(cfg.warmup_ratio * steps), steps, min_lr_rate=cfg.min_lr_rate
-        ),
+        schedule=cosine_schedule(steps, round(cfg.warmup_ratio * steps), cfg.min_lr_rate),
         fused=True,
     )
     info = {

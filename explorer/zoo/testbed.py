@@ -19,12 +19,11 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    get_cosine_with_min_lr_schedule_with_warmup,
 )
 
 from explorer.zoo import experts, tiny
 from explorer.zoo.tasks import TASK_PREFIX, Example, TaskSplit, make_smol_tasks, make_tasks
-from explorer.zoo.train import ZooConfig, answer_loss, finetune, lm_loss, pydoc_text, torch_threads
+from explorer.zoo.train import ZooConfig, answer_loss, cosine_schedule, finetune, lm_loss, pydoc_text, torch_threads
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class FinetuneSettings:
         loss_fn: ``explorer.zoo.train.lm_loss`` or ``answer_loss``.
         fused: the fused AdamW kernel.
         warmup_ratio: share of the steps with linear warm-up before a cosine decay to
-            ``min_lr_rate * lr``; ``None``: the tiny zoo's own ``lr_at`` schedule.
+            ``min_lr_rate * lr``; ``None``: the tiny zoo's ``cosine_schedule``.
         min_lr_rate: final learning rate as a share of ``lr``.
     """
 
@@ -58,10 +57,7 @@ class FinetuneSettings:
         """Keyword arguments of ``explorer.zoo.train.finetune`` for a run of ``steps`` steps."""
         options = {"loss_fn": self.loss_fn, "fused": self.fused}
         if self.warmup_ratio is not None:
-            warmup, rate = round(self.warmup_ratio * steps), self.min_lr_rate
-            options["schedule"] = lambda opt: get_cosine_with_min_lr_schedule_with_warmup(
-                opt, warmup, steps, min_lr_rate=rate
-            )
+            options["schedule"] = cosine_schedule(steps, round(self.warmup_ratio * steps), self.min_lr_rate)
         return options
 
 

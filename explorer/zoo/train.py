@@ -7,7 +7,6 @@ same machine.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import string
 import time
@@ -26,6 +25,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    get_cosine_with_min_lr_schedule_with_warmup,
 )
 
 from explorer.zoo.tasks import Example
@@ -34,6 +34,8 @@ Progress = Callable[[float, str], None]  # progress(fraction in [0, 1], message)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels: (B, T)
 LossFn = Callable[[PreTrainedModel, Batch], torch.Tensor]  # (model, batch) -> scalar loss
 Schedule = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+WARMUP_STEPS = 20  # the tiny zoo's linear warm-up (pre-training and fine-tuning)
+MIN_LR_RATE = 0.1  # its final learning rate as a share of the peak
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = [c for c in string.printable if c not in "\r\x0b\x0c"]  # printable ASCII, space, \t, \n
@@ -110,12 +112,12 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int = 20) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay from ``peak`` to ``peak / 10``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+def cosine_schedule(steps: int, warmup: int = WARMUP_STEPS, min_lr_rate: float = MIN_LR_RATE) -> Schedule:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_rate`` x peak (defaults: the tiny zoo's).
+
+    transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` over ``steps`` optimizer steps.
+    """
+    return lambda opt: get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, steps, min_lr_rate=min_lr_rate)
 
 
 def lm_loss(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
@@ -161,8 +163,8 @@ def train_steps(
         on_step: called with the step index after every step.
         loss_fn: ``(model, batch) -> scalar``; ``lm_loss`` or ``answer_loss``.
         schedule: makes the learning-rate scheduler from the optimizer (e.g. a
-            ``transformers.get_*_schedule_with_warmup``), stepped after every step; ``None``: the
-            zoo's ``lr_at``.
+            ``transformers.get_*_schedule_with_warmup``), stepped after every step; ``None``:
+            ``cosine_schedule(steps)``.
         fused: use the fused AdamW kernel (faster on CPU for large models; other rounding).
 
     Returns:
@@ -170,19 +172,15 @@ def train_steps(
     """
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95), fused=fused or None)
-    scheduler = schedule(opt) if schedule else None
+    scheduler = (schedule or cosine_schedule(steps))(opt)
     losses = []
     for step in range(steps):
-        if scheduler is None:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
         loss = loss_fn(model, next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if scheduler is not None:
-            scheduler.step()
+        scheduler.step()
         losses.append(loss.item())
         if on_step:
             on_step(step)
