@@ -50,6 +50,8 @@ def _control(p: registry.Param, key: str, value):
         return gr.Dropdown(list(p.choices), value=value, **common)
     if None in (p.low, p.high, p.step):  # open range or no natural step (epsilon 1e-6): a number box
         return gr.Number(value, minimum=p.low, maximum=p.high, step=p.step or 1e-6, **common)
+    if p.slider_only and isinstance(value, (int, float)):  # a recipe's value beyond the slider widens it
+        return gr.Slider(min(p.low, value), max(p.high, value), value=value, step=p.step, **common)
     return gr.Slider(p.low, p.high, value=value, step=p.step, **common)
 
 

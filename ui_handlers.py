@@ -23,6 +23,7 @@ from explorer.background import BackgroundJob
 from explorer.inspect import plots
 from explorer.inspect.compare import merge_comparison, merge_comparison_figure
 from explorer.recipe import MergeRecipe
+from explorer.recipe_values import is_scalar
 from explorer.workbench import Workbench
 
 log = logging.getLogger("merge_explorer.app")
@@ -214,9 +215,14 @@ def import_recipe(bench: Workbench, values: dict, text: str, file: Optional[str]
     except Exception as e:
         return bench, gr.update(), gr.update(), *_merged(bench, readable(e))[1:]
     labels = _labels(bench)
-    values.update(recipe.parameters)
-    for label, entry in zip(labels, recipe.models, strict=True):
-        values.update({f"{k}{KEY_SEP}{label}": v for k, v in entry.parameters.items()})
+    values.update({k: v for k, v in recipe.parameters.items() if is_scalar(v)})
+    for label, entry in zip(labels, recipe.models, strict=not recipe.slices):  # slices: no per-model controls
+        values.update({f"{k}{KEY_SEP}{label}": v for k, v in entry.parameters.items() if is_scalar(v)})
+    if recipe.varying() or recipe.slices:
+        message += (
+            f"\n\nMerged as written, with values per layer or tensor ({', '.join(recipe.varying()) or 'slices'}); "
+            "the controls show one value each, so Merge from the controls does not repeat them."
+        )
     state = {"labels": labels, "version": loaded["version"] + 1}
     return bench, recipe.merge_method, state, *_merged(bench, message)[1:]
 

@@ -24,6 +24,7 @@ from explorer.io.inputs import MergeInputs, TensorSource, open_inputs
 from explorer.io.writer import check_output_dir, write_checkpoint
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
+from explorer.recipe_layout import TensorPlace, layer_count
 from explorer.registry import MethodSpec
 
 __all__ = [
@@ -34,7 +35,9 @@ __all__ = [
     "merge_to_folder",
     "method_inputs",
     "no_extras",
+    "output_config",
     "plan",
+    "read_place",
     "setup_extras",
 ]
 
@@ -68,6 +71,36 @@ def method_inputs(source: TensorSource, name: str, spec: MethodSpec) -> torch.Te
     return source.task_vectors(name) if spec.space == Space.delta else source.read_models(name)
 
 
+def read_place(
+    source: TensorSource, place: TensorPlace, order: Optional[dict[str, int]] = None
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(base (*S) or None, models (N, *S)) float32 of the output tensor at ``place``.
+
+    ``order`` maps a model's recipe name to its index in ``source.models`` for a recipe with slices;
+    None for the ``models`` form, whose place takes tensor ``place.name`` of every model, read through
+    ``source.read_models`` (one tensor at a time into the stack). A slice's place gathers each of its
+    models' own input tensors (non-float tensors: stored dtype). Raises CheckpointError as the reads
+    do (NaN/inf in an input).
+    """
+    if order is None:
+        return (source.read_base(place.name) if place.base else None), source.read_models(place.name)
+    indices = [order[m] for m, _ in place.inputs]
+    base = source.base[place.base] if place.base and source.base is not None else None
+    first = source.models[indices[0]][place.inputs[0][1]]
+    stacked = torch.empty(
+        (len(indices), *first.shape), dtype=first.dtype if not first.is_floating_point() else torch.float32
+    )
+    stacked[0].copy_(first)
+    for k, (i, (_, name)) in enumerate(zip(indices[1:], place.inputs[1:], strict=True), start=1):
+        stacked[k].copy_(source.models[i][name])
+    return base, stacked
+
+
+def _method_view(spec: MethodSpec, base: Optional[torch.Tensor], models: torch.Tensor) -> torch.Tensor:
+    """What the method sees: task vectors ``models - base`` for delta-space methods, else the weights."""
+    return models.sub_(base) if spec.space == Space.delta else models
+
+
 def no_extras(_name: str) -> dict:
     """The ``Extras`` of a method that needs nothing beyond the tensors."""
     return {}
@@ -97,39 +130,61 @@ def merge_stream(
     fisher_cache: Optional[Path] = None,
     extras: Optional[Extras] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor in recipe.dtype) for every tensor of ``source``, one at a time.
+    """Yield (name, merged tensor in the output dtype) for every output tensor, one at a time.
 
-    Runs the method's whole-model pre-pass (``spec.prepare``, e.g. a TIES trim over the whole model)
+    The output tensors and their inputs are ``recipe.layout(source.names)`` (the ``models`` form: every
+    tensor of ``source``; ``slices``: layers renumbered), each merged with ``recipe.params_at`` its
+    place (gradients and filters evaluated there). Runs the method's whole-model pre-pass (``spec.prepare``, e.g. a TIES trim over the whole model)
     first. extras(name) adds per-tensor inputs (the Fisher of each model): pass ``setup_extras``'s
     result to set them up ahead (errors before any output, one estimation per session); when None,
     ``setup_extras(source, recipe, progress, fisher_cache)`` runs here before the first tensor.
     Non-float tensors (int buffers) are taken from the first model. Peak memory is about (N + 2) x
     the largest tensor.
     """
-    spec, params = registry.get(recipe.merge_method), recipe.resolved_params()
+    spec = registry.get(recipe.merge_method)
+    layout = recipe.layout(source.names)
+    order = {m: i for i, m in enumerate(recipe.input_models())} if recipe.slices else None
     if extras is None:
         extras = setup_extras(source, recipe, progress, fisher_cache)
-    prepared = spec.prepare(params, ((n, method_inputs(source, n, spec)) for n in source.names)) if spec.prepare else {}
-    for i, name in enumerate(source.names):
-        models = source.read_models(name)
+    prepared = {}
+    if spec.prepare:
+        items = ((p.name, _method_view(spec, *read_place(source, p, order))) for p in layout)
+        prepared = spec.prepare(recipe.resolved_params(), items)
+    for i, place in enumerate(layout):
+        base, models = read_place(source, place, order)
         if not models.is_floating_point():
-            yield name, models[0]
+            yield place.name, models[0]
             continue
-        extra = dict(prepared, **extras(name))
-        merged = merge_tensor(spec, params, name, source.read_base(name), models, recipe.seed, extra)
+        extra = dict(prepared, **extras(place.name))
+        merged = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
         del models
-        yield name, cast_output(name, merged, recipe.torch_dtype, recipe.out_of_range)
+        yield place.name, cast_output(place.name, merged, recipe.torch_dtype, recipe.out_of_range)
         if progress:
-            progress((i + 1) / len(source.names), name)
+            progress((i + 1) / len(layout), place.name)
 
 
 def plan(recipe: MergeRecipe) -> MergeInputs:
-    """Check the recipe's params, then open, check and align every input before any work (``open_inputs``).
+    """Check the recipe's params, open, check and align every input, and lay out the output tensors.
 
-    Raises CheckpointError/ValueError naming the model, tensor and fix.
+    All before any work (``open_inputs``, ``MergeRecipe.layout``). Raises CheckpointError/ValueError
+    naming the model, tensor (or slice) and fix.
     """
     recipe.resolved_params()
-    return open_inputs(recipe.base_model, recipe.model_paths(), recipe.tokenizer_source)
+    inputs = open_inputs(recipe.base_model, recipe.model_paths(), recipe.tokenizer_source)
+    recipe.layout(inputs.names)
+    return inputs
+
+
+def output_config(recipe: MergeRecipe, merge_plan: MergeInputs) -> dict:
+    """Config entries the output changes: the number of layers, when slices stack or drop layers.
+
+    As mergekit's ``_model_out_config``: the sum of the slices' lengths, under the reference config's
+    key for it (``num_hidden_layers``, GPT-2's ``n_layer``).
+    """
+    depth = layer_count([p.name for p in recipe.layout(merge_plan.names)])
+    config = merge_plan.reference.config
+    key = next((k for k in ("num_hidden_layers", "n_layer") if k in config), None)
+    return {key: depth} if key and config[key] != depth else {}
 
 
 def cast_output(
@@ -177,4 +232,5 @@ def merge_to_folder(
     out = check_output_dir(out_dir, merge_plan.sources(), overwrite)
     extras = setup_extras(merge_plan, recipe, progress, fisher_cache)
     stream = merge_stream(merge_plan, recipe, progress, extras=extras)
-    return write_checkpoint(out, stream, merge_plan.reference, recipe, overwrite)
+    updates = output_config(recipe, merge_plan)
+    return write_checkpoint(out, stream, merge_plan.reference, recipe, overwrite, config_updates=updates)

@@ -1,13 +1,21 @@
 """MergeRecipe: everything that determines a merge, read from and written to mergekit-style YAML.
 
-The YAML keys are mergekit's (``merge_method``, ``base_model``, ``models[].model``,
-``models[].parameters``, ``parameters``, ``dtype``, ``tokenizer_source``) plus ``seed`` for random
-methods and ``out_of_range`` for values the output dtype cannot hold, so a recipe
-written here runs in mergekit when the method exists there, and a mergekit recipe runs here.
-A per-model parameter given in the top-level ``parameters`` applies to every model, as in mergekit.
-String settings (``dtype``, ``tokenizer_source``, ``out_of_range`` and choice parameters such as
-``rescale``) are ``explorer.choices`` enums: validated here, with the closest value suggested on a
-typo, and written back to YAML as plain strings.
+The YAML language is mergekit 0.1.5's (``merge_method``, ``base_model``, ``models[].model``,
+``models[].parameters``, ``slices[].sources[].{model, layer_range, parameters}``,
+``slices[].parameters``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``, ``tokenizer``
+with a ``source`` only) plus ``seed`` for random methods and ``out_of_range`` for values the output
+dtype cannot hold, so a recipe written here runs in mergekit when the method exists there, and a
+mergekit recipe of a method we have runs here with the same meaning.
+
+Parameter values may be scalars, gradients over the layers and filtered lists
+(``explorer.recipe_values``); which input tensors make each output tensor, and at which gradient
+position, is ``explorer.recipe_layout``. Precedence of a value for one tensor, as in mergekit's
+``ConfigReader.parameter_sources``: the model's own parameters (its ``models`` entry or slice source),
+then the slice's, then the top-level ones, then the method's default. A per-model parameter given at
+the top level applies to every model. Keys we cannot honour are refused with ``UNSUPPORTED``'s message
+before anything is read or written, so a recipe is never half-applied. String settings are
+``explorer.choices`` enums: validated here, a typo answered with the closest value, written back as
+plain strings.
 """
 
 from __future__ import annotations
@@ -22,12 +30,44 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from explorer import registry
-from explorer.choices import DType, OutOfRange, TokenizerSource, parse_choice
+from explorer.choices import DType, OutOfRange, TokenizerSource, TrimScope, parse_choice
 from explorer.io.formats.refs import resolved_ref
-from explorer.registry import ParamValue
+from explorer.recipe_layout import Slice, SliceSource, TensorPlace, places, whole_models
+from explorer.recipe_values import ParamSetting, evaluate, is_scalar, leaves
 
 MERGEKIT_ONLY = ("int8_mask",)
 DTYPES = {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}
+KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "seed",
+    "out_of_range",
+)
+# mergekit keys this project cannot honour, and what the user is told (README "Recipe keys").
+UNSUPPORTED = {
+    "modules": "per-module merges (multimodal models) are not supported; merge the language model with "
+    "'models' or 'slices'",
+    "chat_template": "setting a chat template is not supported; remove the key: the output keeps the tokenizer "
+    "files of the base model (else the first model), edit chat_template in its tokenizer_config.json",
+    "tokenizer.tokens": "per-token embedding sources are not supported; remove 'tokens' (with source: union the "
+    "embeddings of added tokens are aligned by token)",
+    "tokenizer.pad_to_multiple_of": "padding the vocabulary is not supported; remove the key",
+    "tokenizer_source: MODEL": "a tokenizer taken from one named model is not supported; use base or union",
+    "slices[].base_model": "a base model per slice is not supported; set base_model once at the top level",
+    "slices[].residual_weight": "residual_weight is not supported; remove it",
+    "models and slices": "give either 'models' or 'slices', not both (as mergekit requires)",
+}
+
+
+def _refused(key: str, where: str = "") -> ValueError:
+    return ValueError(f"{where or key}: {UNSUPPORTED[key]}")
 
 
 class ModelEntry(BaseModel):
@@ -36,7 +76,32 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+
+
+class SliceSourceEntry(BaseModel):
+    """One source of a slice: layers ``layer_range`` = [first, end) of ``model``, and its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+
+
+class SliceEntry(BaseModel):
+    """One output slice: equally long layer ranges of its sources, merged layer by layer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSourceEntry]
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        """Number of layers of this slice (each source's layer_range covers this many)."""
+        first, end = self.sources[0].layer_range
+        return end - first
 
 
 class MergeRecipe(BaseModel):
@@ -45,10 +110,14 @@ class MergeRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str
-    models: list[ModelEntry]
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: Optional[list[SliceEntry]] = None
     base_model: Optional[str] = None
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    parameters: dict[str, ParamSetting] = Field(default_factory=dict)
+    # mergekit computes in dtype and writes out_dtype (dtype when not given); here the computation is
+    # always float32 and the output is written in out_dtype, else dtype.
     dtype: DType = DType.float32
+    out_dtype: Optional[DType] = None
     seed: int = 0
     # Vocabulary of the output when the inputs' differ (mergekit's key): "base" = the base model's
     # (else the first model's) tokenizer; "union" = it plus every other model's extra tokens.
@@ -57,19 +126,44 @@ class MergeRecipe(BaseModel):
     # "clamp" it to the largest finite value.
     out_of_range: OutOfRange = OutOfRange.refuse
 
-    @field_validator("dtype", "tokenizer_source", "out_of_range", mode="before")
+    @field_validator("dtype", "out_dtype", "tokenizer_source", "out_of_range", mode="before")
     @classmethod
     def _choice(cls, value: object, info) -> object:
         """Parse a string setting, answering a typo with the closest value."""
-        kind = cls.model_fields[info.field_name].annotation
+        if value is None and info.field_name == "out_dtype":
+            return None
+        kind = {"out_dtype": DType}.get(info.field_name) or cls.model_fields[info.field_name].annotation
         return parse_choice(kind, value, info.field_name)
 
     @model_validator(mode="before")
     @classmethod
-    def _from_mergekit(cls, data: dict) -> dict:
-        """Accept mergekit's spellings: drop ``int8_mask`` (a memory option with no effect on the math)."""
-        if isinstance(data, dict) and isinstance(data.get("parameters"), dict):
-            data = {**data, "parameters": {k: v for k, v in data["parameters"].items() if k not in MERGEKIT_ONLY}}
+    def _from_mergekit(cls, data: Any) -> Any:
+        """Read mergekit's spellings; refuse (``UNSUPPORTED``) what cannot be honoured, naming the key.
+
+        Drops ``int8_mask`` (a memory option with no effect on the math), reads ``tokenizer: {source}``
+        as ``tokenizer_source``, and drops a slice's ``base_model`` equal to the top-level one.
+        """
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in data:
+            if key in UNSUPPORTED:
+                raise _refused(key)
+            if key not in KEYS:
+                close = difflib.get_close_matches(str(key), KEYS, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"unknown recipe key {key!r}; {hint}a recipe has {list(KEYS)}")
+        if data.get("models") and data.get("slices"):
+            raise _refused("models and slices")
+        if isinstance(data.get("parameters"), dict):
+            data["parameters"] = {k: v for k, v in data["parameters"].items() if k not in MERGEKIT_ONLY}
+        if "tokenizer" in data:
+            data = _tokenizer_block(data)
+        source = data.get("tokenizer_source")
+        if _names_a_model(source):
+            raise ValueError(f"tokenizer_source: {source!r}: {UNSUPPORTED['tokenizer_source: MODEL']}")
+        if isinstance(data.get("slices"), list):
+            data["slices"] = [_slice_keys(s, i, data.get("base_model")) for i, s in enumerate(data["slices"])]
         return data
 
     @model_validator(mode="after")
@@ -79,65 +173,184 @@ class MergeRecipe(BaseModel):
             # mergekit lists the base among the models too (e.g. slerp); it is the base, not an input.
             base = resolved_ref(self.base_model)
             self.models = [e for e in self.models if resolved_ref(e.model) != base]
-        if not self.models:
-            raise ValueError("a recipe needs at least one model under 'models'")
+        if not self.models and not self.slices:
+            raise ValueError("a recipe needs at least one model under 'models' (or 'slices')")
         if spec.needs_base and not self.base_model:
             raise ValueError(
                 f"{spec.name} works on task vectors and needs base_model: set base_model to the checkpoint the experts were fine-tuned from"
             )
-        if len(self.models) < spec.min_models or (spec.max_models and len(self.models) > spec.max_models):
-            raise ValueError(
-                f"{spec.name} takes {spec.min_models}..{spec.max_models or 'any'} models (besides the base); got {len(self.models)}"
-            )
-        names = {p.name for p in spec.params}
-        for key in self.parameters:
-            if key not in names:
-                close = difflib.get_close_matches(key, sorted(names), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ValueError(f"{spec.name} has no parameter {key!r}; {hint}it has {sorted(names)}")
-        for entry in self.models:
-            for key in entry.parameters:
-                if key not in names or not spec.param(key).per_model:
-                    raise ValueError(
-                        f"{entry.model}: {key!r} is not a per-model parameter of {spec.name}; per-model: {[p.name for p in spec.per_model_params]}"
-                    )
-        self.resolved_params()
+        for where, count in self._input_counts():
+            if count < spec.min_models or (spec.max_models and count > spec.max_models):
+                raise ValueError(
+                    f"{where}{spec.name} takes {spec.min_models}..{spec.max_models or 'any'} models (besides the base); got {count}"
+                )
+        self._check_settings(spec)
         return self
+
+    def _input_counts(self) -> list[tuple[str, int]]:
+        """(where, number of merged models) of the whole recipe, or of each slice."""
+        if not self.slices:
+            return [("", len(self.models))]
+        counts = []
+        for i, piece in enumerate(self.slices):
+            if not piece.sources:
+                raise ValueError(f"slices[{i}]: a slice needs at least one source (model and layer_range)")
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in piece.sources}
+            if len(lengths) > 1 or min(lengths) <= 0:
+                ranges = [list(src.layer_range) for src in piece.sources]
+                raise ValueError(
+                    f"slices[{i}]: layer ranges {ranges} must each hold the same, positive number of layers [first, end)"
+                )
+            names = [src.model for src in piece.sources]
+            if len(set(names)) != len(names):
+                raise ValueError(f"slices[{i}]: a model appears twice among the sources {names}; list each once")
+            if registry.get(self.merge_method).needs_base and not any(self._is_base(m) for m in names):
+                raise ValueError(
+                    f"slices[{i}] has no source for base_model {self.base_model}; add it with the slice's layer_range"
+                )
+            counts.append((f"slices[{i}]: ", sum(not self._is_base(m) for m in names)))
+        return counts
+
+    def _is_base(self, model: str) -> bool:
+        """True when ``model`` is the base of a method that needs one (not a merged input)."""
+        return bool(
+            self.base_model
+            and registry.get(self.merge_method).needs_base
+            and resolved_ref(model) == resolved_ref(self.base_model)
+        )
+
+    def _scopes(self, where: str = "") -> list[tuple[str, dict, bool]]:
+        """(where, settings, per-model only) of every parameter block of the recipe."""
+        scopes = [(f"{where}parameters", self.parameters, False)]
+        scopes += [(e.model, e.parameters, True) for e in self.models]
+        for i, piece in enumerate(self.slices or []):
+            scopes.append((f"slices[{i}].parameters", piece.parameters, False))
+            scopes += [(f"slices[{i}] {src.model}", src.parameters, True) for src in piece.sources]
+        return scopes
+
+    def _check_settings(self, spec: registry.MethodSpec) -> None:
+        """Every key a param of the method, every written value valid; refusals that need the values."""
+        names = {p.name for p in spec.params}
+        for where, settings, per_model in self._scopes():
+            for key, setting in settings.items():
+                if key not in names:
+                    close = difflib.get_close_matches(key, sorted(names), n=1)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise ValueError(f"{where}: {spec.name} has no parameter {key!r}; {hint}it has {sorted(names)}")
+                p = spec.param(key)
+                if per_model and not p.per_model:
+                    raise ValueError(
+                        f"{where}: {key!r} is not a per-model parameter of {spec.name}; per-model: {[q.name for q in spec.per_model_params]}"
+                    )
+                for value in leaves(setting):
+                    p.check(value, where)
+                if p.setup and not is_scalar(setting):
+                    raise ValueError(f"{where}: {key} is set once for the whole merge; give one value, not a list")
+        if spec.needs_fisher and self.slices:
+            raise ValueError(f"slices: {spec.name} estimates a Fisher of whole models; give 'models' instead of slices")
+        if spec.prepare and any(
+            TrimScope.model == v for _, s, _ in self._scopes() for v in leaves(s.get("trim_scope"))
+        ):
+            varying = [k for _, s, _ in self._scopes() for k, v in s.items() if not is_scalar(v)]
+            if varying or self.slices:
+                raise ValueError(
+                    f"trim_scope: model ranks the whole model at one density per model; with "
+                    f"{'slices' if self.slices else 'gradients or filters on ' + str(varying)} use trim_scope: tensor"
+                )
+
+    def varying(self) -> list[str]:
+        """Where the recipe sets a value per layer or per tensor: ``where.param`` of each gradient or filter."""
+        return [
+            f"{where}.{key}" for where, settings, _ in self._scopes() for key, v in settings.items() if not is_scalar(v)
+        ]
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        """The output dtype as a torch dtype."""
-        return DTYPES[self.dtype]
+        """The dtype the output is written in (``out_dtype``, else ``dtype``) as a torch dtype."""
+        return DTYPES[self.out_dtype or self.dtype]
 
-    def resolved_params(self) -> dict:
-        """Every param of the method with its value: per-model ones as (N,) float32 tensors.
-
-        Order of precedence: the model's own parameters, then the top-level ones, then the spec default.
-        Raises ValueError naming the model and param when a value is out of range or of the wrong type.
-        """
-        spec = registry.get(self.merge_method)
-        values: dict = {}
-        for p in spec.params:
-            if p.per_model:
-                per = [
-                    p.check(e.parameters.get(p.name, self.parameters.get(p.name, p.default)), e.model)
-                    for e in self.models
-                ]
-                values[p.name] = torch.tensor(per, dtype=torch.float32)
-            else:
-                values[p.name] = p.check(self.parameters.get(p.name, p.default), "parameters")
-        return values
+    def input_models(self) -> list[str]:
+        """The merged models' names, in order of first appearance (the base of a method that needs one not included)."""
+        if not self.slices:
+            return [e.model for e in self.models]
+        found = [src.model for piece in self.slices for src in piece.sources if not self._is_base(src.model)]
+        return list(dict.fromkeys(found))
 
     def model_paths(self) -> list[Path]:
-        """The models' names as paths, in recipe order (the base not included)."""
-        return [Path(e.model) for e in self.models]
+        """The merged models' names as paths, in order (the base not included)."""
+        return [Path(m) for m in self.input_models()]
+
+    def layout(self, names: list[str]) -> list[TensorPlace]:
+        """Every output tensor and its inputs (``explorer.recipe_layout.places``) over models with tensors ``names``.
+
+        Raises ValueError when a slice's layer range is outside the models' layers.
+        """
+        if not self.slices:
+            return whole_models(self.input_models(), self.base_model, names)
+        pieces = [
+            Slice(tuple(SliceSource(s.model, s.layer_range[0], self._is_base(s.model)) for s in p.sources), p.length)
+            for p in self.slices
+        ]
+        return places(names, pieces)
+
+    def params_at(self, place: TensorPlace) -> dict:
+        """Every param of the method for the output tensor at ``place``: per-model ones as (N,) float32 tensors.
+
+        A per-model value is evaluated against the model's input tensor name, a global one against the
+        output name (as mergekit does), both at ``place.t``. Precedence: the model's own parameters, the
+        slice's, the top-level ones, the spec default. Raises ValueError naming the model and param when
+        a value is invalid.
+        """
+        values: dict = {}
+        for p in registry.get(self.merge_method).params:
+            if p.per_model:
+                per = [self._value(p, place.slice, place.t, name, model) for model, name in place.inputs]
+                values[p.name] = torch.tensor(per, dtype=torch.float32)
+            else:
+                values[p.name] = self._value(p, place.slice, place.t, place.name)
+        return values
+
+    def _value(self, p: registry.Param, slice_index: int, t: float, name: str, model: Optional[str] = None) -> Any:
+        """The value of ``p`` for tensor ``name`` (of ``model``, for a per-model param) at position ``t``."""
+        where = model or "parameters"
+        for settings in self._settings_for(slice_index, model):
+            if p.name in settings:
+                value = evaluate(settings[p.name], name, t, lambda v: p.check(v, where))
+                if value is not None:
+                    return value
+        return p.check(p.default, where)
+
+    def _settings_for(self, slice_index: int, model: Optional[str]) -> list[dict]:
+        """The parameter blocks that apply to ``model`` (None: a global param) in slice ``slice_index``, highest first."""
+        if not self.slices:
+            own = [e.parameters for e in self.models if model is not None and e.model == model]
+            return [*own, self.parameters]
+        piece = self.slices[slice_index]
+        own = [src.parameters for src in piece.sources if model is not None and src.model == model]
+        return [*own, piece.parameters, self.parameters]
+
+    def resolved_params(self) -> dict:
+        """The params at t = 0 of a tensor no filter names (in the first slice); per-model ones as (N,) tensors.
+
+        For a recipe without gradients or filters these are the params of every tensor.
+
+        Raises ValueError naming the model and param when a value is out of range or of the wrong type.
+        """
+        if self.slices:
+            inputs = tuple((s.model, "") for s in self.slices[0].sources if not self._is_base(s.model))
+        else:
+            inputs = tuple((m, "") for m in self.input_models())
+        return self.params_at(TensorPlace("", inputs, None, 0, 0.0))
 
     def to_yaml(self) -> str:
         """mergekit-style YAML; defaults that equal the spec's are kept so the file is self-describing.
 
-        Choices are written as their plain string values.
+        Choices are written as their plain string values; ``models`` or ``slices``, whichever the recipe uses.
         """
-        return yaml.safe_dump(_plain(self.model_dump(exclude_none=True)), sort_keys=False)
+        data = _plain(self.model_dump(exclude_none=True, mode="json"))
+        if self.slices:
+            data.pop("models", None)
+        return yaml.safe_dump(data, sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> "MergeRecipe":
@@ -148,6 +361,44 @@ class MergeRecipe(BaseModel):
     def load(cls, path: str | Path) -> "MergeRecipe":
         """Read and validate the YAML file at ``path``; OSError if unreadable, ValueError if invalid."""
         return cls.from_yaml(Path(path).read_text())
+
+
+def _names_a_model(source: Any) -> bool:
+    """True when a ``tokenizer_source`` value names a model, not base or union (nor a typo of them)."""
+    values = list(TokenizerSource)
+    return (
+        isinstance(source, str) and source not in values and not difflib.get_close_matches(source, values, cutoff=0.5)
+    )
+
+
+def _tokenizer_block(data: dict) -> dict:
+    """mergekit's ``tokenizer: {source: ...}`` block as ``tokenizer_source``; refuses what it cannot honour."""
+    block = data.pop("tokenizer") or {}
+    if not isinstance(block, dict):
+        raise ValueError(f"tokenizer: give a mapping such as {{source: union}}, got {block!r}")
+    if "tokenizer_source" in data:
+        raise ValueError("tokenizer and tokenizer_source: give one of them, not both (as mergekit requires)")
+    for key in block:
+        if f"tokenizer.{key}" in UNSUPPORTED:
+            raise _refused(f"tokenizer.{key}")
+        if key != "source":
+            raise ValueError(f"tokenizer.{key}: unknown key; the tokenizer block takes source (base or union)")
+    if "source" in block:
+        data["tokenizer_source"] = block["source"]
+    return data
+
+
+def _slice_keys(piece: Any, index: int, base: Optional[str]) -> Any:
+    """A slice's keys checked: ``residual_weight`` refused, a ``base_model`` other than the top-level one refused."""
+    if not isinstance(piece, dict):
+        return piece
+    if "residual_weight" in piece:
+        raise _refused("slices[].residual_weight", f"slices[{index}].residual_weight")
+    if "base_model" in piece:
+        if not base or resolved_ref(str(piece["base_model"])) != resolved_ref(str(base)):
+            raise _refused("slices[].base_model", f"slices[{index}].base_model")
+        piece = {k: v for k, v in piece.items() if k != "base_model"}
+    return piece
 
 
 def _plain(value: Any) -> Any:

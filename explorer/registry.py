@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -43,6 +44,8 @@ class Param:
     ``per_model`` params take one value per input model (a slider per model in the UI); the others
     one value for the whole merge. A string parameter is always a choice: ``enum`` (an
     ``explorer.choices`` enum) lists its values, ``choices`` gives them as plain strings (a dropdown).
+    ``low``/``high`` bound the values a recipe may hold, unless ``slider_only``: then they are only the
+    UI slider's range and a recipe may hold any finite number (mergekit accepts ``weight: 3.0``).
 
     Raises ValueError when a string default has no enum or is not one of its values.
     """
@@ -57,6 +60,7 @@ class Param:
     enum: Optional[type[Choice]] = None  # the values of a choice parameter
     setup: bool = False  # read by the executor before merging (e.g. Fisher estimation), not passed to fn
     aliases: tuple[tuple[ParamValue, str], ...] = ()  # other spellings of a choice, e.g. mergekit's (True, "l1")
+    slider_only: bool = False  # low/high are the slider's range, not limits on the value
 
     def __post_init__(self) -> None:
         if isinstance(self.default, str) and self.enum is None:
@@ -75,7 +79,7 @@ class Param:
         """Return ``value`` coerced to this param's type; raise ValueError naming ``where`` if invalid.
 
         A choice comes back as its enum member (an unknown one is answered with the closest value); a
-        number as a float within [low, high]; a flag must be a bool.
+        number as a finite float, within [low, high] unless ``slider_only``; a flag must be a bool.
         """
         if isinstance(self.default, bool):
             if not isinstance(value, bool):
@@ -87,8 +91,10 @@ class Param:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{where}: {self.name} must be a number, got {value!r}") from None
-        if number != number:
-            raise ValueError(f"{where}: {self.name} is NaN; give a number")
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: {self.name} is {number}; give a finite number")
+        if self.slider_only:
+            return number
         if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
             raise ValueError(f"{where}: {self.name}={number} is outside [{self.low}, {self.high}]")
         return number

@@ -83,7 +83,7 @@ class MergeSession:
 
     def same_inputs(self, recipe: MergeRecipe) -> bool:
         """True when ``recipe`` names exactly this session's base and models, in order."""
-        models = [resolved_ref(e.model) for e in recipe.models] == [resolved_ref(c.ref) for c in self.model_ckpts]
+        models = [resolved_ref(m) for m in recipe.input_models()] == [resolved_ref(c.ref) for c in self.model_ckpts]
         base = (recipe.base_model and resolved_ref(recipe.base_model)) == (
             self.base_ckpt and resolved_ref(self.base_ckpt.ref)
         )
@@ -93,7 +93,8 @@ class MergeSession:
         """{name: merged tensor in recipe.dtype}.
 
         Raises ValueError when the recipe names other inputs (models or base) or another
-        tokenizer_source than the one this session aligned its vocabularies with.
+        tokenizer_source than the one this session aligned its vocabularies with, and when its slices
+        stack, drop or move layers (the session's model keeps its layers: merge those from the command line).
         """
         if not self.same_inputs(recipe):
             raise ValueError(
@@ -103,6 +104,11 @@ class MergeSession:
             raise ValueError(
                 f"this session aligned vocabularies with tokenizer_source={self.tokenizer_source!r}, the recipe asks for "
                 f"{recipe.tokenizer_source!r}; start a new session with tokenizer_source={recipe.tokenizer_source!r}"
+            )
+        if recipe.slices and [p.name for p in recipe.layout(self.names)] != self.names:
+            raise ValueError(
+                "this recipe's slices stack, drop or move layers, which the in-memory session does not do; "
+                "merge it with: python -m explorer merge RECIPE.yaml --out DIR"
             )
         if registry.get(recipe.merge_method).needs_base and self.base is None:
             raise ValueError(f"{recipe.merge_method} needs a base model; choose one in the Models tab")

@@ -184,7 +184,7 @@ class Workbench:
     def merge_recipe(self, recipe: MergeRecipe, progress: Optional[Progress] = None) -> str:
         """Merge ``recipe``, loading its base and models first when they are not the loaded ones."""
         if self.session is None or not self.session.same_inputs(recipe):
-            self.load(recipe.base_model, [e.model for e in recipe.models], progress)
+            self.load(recipe.base_model, recipe.input_models(), progress)
         session = self.require_session()
         self.merged = None
         self.merged = session.merge(recipe, self.guard(progress))

@@ -2,7 +2,7 @@
 
 Every output tensor is compared. DARE is random: at density 1 it must equal TIES / task arithmetic;
 below 1 both implementations get the same masks, a function of each task-vector entry's value
-(``_content_mask``), so everything around the mask (rescale, election, disjoint mean, lambda, the
+(``tests.helpers.content_mask``), so everything around the mask (rescale, election, disjoint mean, lambda, the
 reading and writing of checkpoints) is compared exactly.
 """
 
@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mergekit.sparsify
 import pytest
 import torch
 import yaml
@@ -20,11 +19,9 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-from explorer.choices import Sparsification
 from explorer.executor import merge_to_folder
-from explorer.methods import sparsify as our_sparsify
 from explorer.recipe import MergeRecipe
-from tests.helpers import assert_expected
+from tests.helpers import assert_expected, force_equal_dare_masks
 from tests.tiny import tiny_family
 from tests.tiny_formats import state
 
@@ -123,34 +120,10 @@ def test_dare_at_density_one_is_ties_and_task_arithmetic(family, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), dare
 
 
-def _content_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep an entry when the fractional part of |delta| * 2^21 is below density.
-
-    As random as a Bernoulli(density) draw for fine-tuning deltas, but the same in any
-    implementation and order.
-    """
-    return torch.frac(delta.abs().double() * 2**21) < density
-
-
-def _force_equal_dare_masks(monkeypatch) -> None:
-    """Both implementations draw their DARE masks from ``_content_mask``; the rest is their own code."""
-    monkeypatch.setitem(
-        our_sparsify._MASKS, Sparsification.random, lambda delta, density, *_: _content_mask(delta, density)
-    )
-
-    def bernoulli(tensor, density, rescale_norm=None):  # mergekit.sparsify.bernoulli with the mask replaced
-        if density >= 1:
-            return tensor
-        mask = _content_mask(tensor, density).to(torch.float32)
-        return mergekit.sparsify.rescaled_masked_tensor(tensor.to(torch.float32), mask, rescale_norm).to(tensor.dtype)
-
-    monkeypatch.setattr(mergekit.sparsify, "bernoulli", bernoulli)
-
-
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_dare_with_equal_masks_equals_mergekit(family, tmp_path, monkeypatch, method, rescale):
-    _force_equal_dare_masks(monkeypatch)
+    force_equal_dare_masks(monkeypatch)
     text = _yaml(family, method, {"density": [0.3, 0.5, 0.8]}, rescale=rescale, normalize=method == "dare_ties")
     ours, theirs = _ours(text, tmp_path / "ours"), _mergekit(text, tmp_path / "mergekit")
     _assert_same_checkpoint(ours, theirs)

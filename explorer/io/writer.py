@@ -92,6 +92,7 @@ def write_checkpoint(
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
     files: Optional[dict[str, str | Callable[[], str]]] = None,
+    config_updates: Optional[dict] = None,
 ) -> Path:
     """Consume ``tensors`` into the new checkpoint folder ``out``; returns ``out``.
 
@@ -99,7 +100,8 @@ def write_checkpoint(
     the tokenizer and generation config files. ``recipe`` adds ``merge_recipe.yaml`` and a model card
     (README.md); None for a checkpoint that is not a merge (e.g. a pruned model, ``explorer.prune``).
     ``files``: more text files to write, {file name: text, or a function returning it, called once every
-    tensor is written}, written after (so replacing) those.
+    tensor is written}, written after (so replacing) those. ``config_updates``: config entries set in
+    the output's config.json (e.g. ``num_hidden_layers`` of a layer-stacking merge).
     Shards hold at most ``shard_bytes`` bytes (one larger tensor gets a shard of its own). An OSError
     while writing (e.g. a full disk) becomes a CheckpointError; any failure leaves nothing at ``out``
     and removes the temporary folder.
@@ -107,7 +109,7 @@ def write_checkpoint(
     source = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     with staged_folder(out, overwrite) as tmp:
         dtype = _write_shards(tmp, tensors, shard_bytes)
-        _write_config(tmp, source.config, dtype)
+        _write_config(tmp, {**source.config, **(config_updates or {})}, dtype)
         source.save_assets(tmp)
         if recipe is not None:
             (tmp / "merge_recipe.yaml").write_text(recipe.to_yaml())

@@ -6,6 +6,7 @@ from explorer.methods import (  # noqa: F401
     fisher_merge,
     geometry,
     linear,
+    passthrough,
     sparse_soup,
     task_vector_variants,
 )

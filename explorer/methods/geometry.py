@@ -91,7 +91,15 @@ register(
         space=Space.weight,
         fn=slerp,
         params=(
-            Param("t", 0.5, "Position on the arc from the base (0) to the model (1).", low=0.0, high=1.0, step=0.01),
+            Param(
+                "t",
+                0.5,
+                "Position on the arc from the base (0) to the model (1).",
+                low=0.0,
+                high=1.0,
+                step=0.01,
+                slider_only=True,
+            ),
         ),
         needs_base=True,
         min_models=1,

@@ -47,7 +47,16 @@ register(
         space=Space.weight,
         fn=linear,
         params=(
-            Param("weight", 1.0, "Weight of this model in the average.", per_model=True, low=-2.0, high=2.0, step=0.05),
+            Param(
+                "weight",
+                1.0,
+                "Weight of this model in the average.",
+                per_model=True,
+                low=-2.0,
+                high=2.0,
+                step=0.05,
+                slider_only=True,
+            ),
             Param("normalize", True, "Divide by the sum of weights."),
         ),
         summary="sum_i w_i M_i / sum_i w_i",

@@ -28,8 +28,17 @@ def _params(
 ) -> tuple[Param, ...]:
     """The params of one variant, with mergekit 0.1.5's defaults (density 1, rescale as its bool)."""
     params = [
-        Param("weight", 1.0, "Scale of this model's task vector.", per_model=True, low=-2.0, high=2.0, step=0.05),
-        Param("lambda", 1.0, "Scale of the merged task vector.", low=0.0, high=3.0, step=0.05),
+        Param(
+            "weight",
+            1.0,
+            "Scale of this model's task vector.",
+            per_model=True,
+            low=-2.0,
+            high=2.0,
+            step=0.05,
+            slider_only=True,
+        ),
+        Param("lambda", 1.0, "Scale of the merged task vector.", low=0.0, high=3.0, step=0.05, slider_only=True),
         Param("normalize", normalize, "Divide by the (agreeing) weights."),
     ]
     if sparsification != Sparsification.none:
