@@ -23,6 +23,7 @@ from mergekit.options import MergeOptions
 
 from explorer.cli import main as explorer_main
 from explorer.recipe import MergeRecipe
+from explorer.session import MergeSession
 from tests.helpers import assert_expected, force_equal_dare_masks, shape_seeded_bernoulli
 from tests.tiny import save_tiny_llama
 from tests.tiny_formats import state
@@ -298,3 +299,13 @@ def test_round_trip_keeps_the_meaning_for_mergekit(name, models, tmp_path):
     if original.slices:
         ranges = [[(s.model, s.layer_range) for s in piece.sources] for piece in original.slices]
         assert [[(s.model, s.layer_range) for s in piece.sources] for piece in again.slices] == ranges
+
+
+@pytest.mark.parametrize("name", ["ties", "slerp_slices"])
+def test_in_memory_session_merges_gradients_as_the_command_line(name, models, tmp_path, one_thread):
+    """The app's path (``MergeSession``) evaluates gradients, filters and slices exactly as the streaming merge."""
+    recipe_path = _recipe(name, models, tmp_path)
+    recipe = MergeRecipe.load(recipe_path)
+    session = MergeSession(recipe.base_model, recipe.input_models())
+    merged, streamed = session.merge(recipe), state(_ours(recipe_path, tmp_path / "ours"))
+    assert merged.keys() == streamed.keys() and all(torch.equal(merged[n], streamed[n]) for n in merged)

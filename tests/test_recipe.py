@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 from explorer.cli import main as cli_main
-from explorer.recipe import MergeRecipe
+from explorer.recipe import UNSUPPORTED, MergeRecipe
 from explorer.recipe_layout import TensorPlace
 
 MERGEKIT_DARE_TIES = """
@@ -212,3 +214,8 @@ def test_a_refused_recipe_writes_nothing(tmp_path, capsys):
     recipe.write_text("merge_method: linear\nmodels: [{model: a}]\nchat_template: chatml\n")
     assert cli_main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 2
     assert "chat_template" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_readme_lists_every_refusal_message():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert all(message in readme for message in UNSUPPORTED.values())
