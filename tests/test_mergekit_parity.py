@@ -1,8 +1,8 @@
 """mergekit recipes, written as mergekit's examples write them, run unchanged here and in mergekit 0.1.5.
 
-Each recipe runs through mergekit's ``run_merge`` (CPU) and through our command line
+Each recipe (one with ``tokenizer: {source: union}`` over experts with added tokens) runs through mergekit's ``run_merge`` (CPU) and through our command line
 (``explorer.cli.main(["merge", ...])``, what ``python -m explorer merge`` runs) on the same tiny
-4-layer Llamas; every output tensor must match within 1e-5 and the configs must agree. Random methods
+4-layer Llamas; every output tensor must match within 1e-5, and the configs and tokenizers must agree. Random methods
 get equal masks in both: DARE's from each entry's value (``force_equal_dare_masks``), DELLA's from one
 uniform draw per probability shape (``shape_seeded_bernoulli``). A second test round-trips each recipe:
 YAML -> MergeRecipe -> YAML, read by mergekit's ``MergeConfiguration`` to the same parameter values.
@@ -20,13 +20,14 @@ import yaml
 from mergekit.config import MergeConfiguration, evaluate_setting
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+from transformers import AutoTokenizer
 
 from explorer.cli import main as explorer_main
 from explorer.recipe import MergeRecipe
 from explorer.session import MergeSession
 from tests.helpers import assert_expected, force_equal_dare_masks, shape_seeded_bernoulli
 from tests.tiny import save_tiny_llama
-from tests.tiny_formats import state
+from tests.tiny_formats import llama_with_tokenizer, save_tokenizer, state
 
 LAYERS = 4
 
@@ -173,6 +174,19 @@ base_model: $base
 parameters: {lambda: 1.0, normalize: true}
 dtype: float32
 """,
+    "tokenizer_union": """
+models:
+  - model: $base
+  - model: $tool
+    parameters: {weight: 0.6}
+  - model: $think
+    parameters: {weight: [0.2, 0.9]}
+merge_method: task_arithmetic
+base_model: $base
+tokenizer:
+  source: union
+dtype: float32
+""",
     "out_dtype": """
 models:
   - model: $a
@@ -188,11 +202,20 @@ out_dtype: bfloat16
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    """A 4-layer tiny Llama base and three experts (base + noise), by recipe placeholder."""
+    """A 4-layer tiny Llama base and experts (base + noise) with its tokenizer, by recipe placeholder.
+
+    a, b, c share the base's 64 tokens; ``tool`` adds ``<tool>`` and ``think`` adds ``<think>`` and
+    ``<tool>`` (embedding rows grown to fit), for ``tokenizer: {source: union}``.
+    """
     root = tmp_path_factory.mktemp("parity")
     base = save_tiny_llama(root / "base", num_hidden_layers=LAYERS)
     experts = [save_tiny_llama(root / f"expert{i}", seed=i + 1, base=base) for i in range(3)]
-    return {"base": str(base), **{k: str(e) for k, e in zip("abc", experts, strict=True)}}
+    for folder in (base, *experts):
+        save_tokenizer(folder)
+    tool = llama_with_tokenizer(root / "tool", seed=4, base=base, added=("<tool>",))
+    think = llama_with_tokenizer(root / "think", seed=5, base=base, added=("<think>", "<tool>"))
+    experts = {k: str(e) for k, e in zip("abc", experts, strict=True)}
+    return {"base": str(base), **experts, "tool": str(tool), "think": str(think)}
 
 
 def _recipe(name: str, models: dict[str, str], folder: Path) -> Path:
@@ -202,7 +225,7 @@ def _recipe(name: str, models: dict[str, str], folder: Path) -> Path:
 
 
 def _mergekit(recipe: Path, out: Path) -> Path:
-    options = MergeOptions(device="cpu", copy_tokenizer=False, quiet=True, lazy_unpickle=False, write_model_card=False)
+    options = MergeOptions(device="cpu", copy_tokenizer=True, quiet=True, lazy_unpickle=False, write_model_card=False)
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text())), str(out), options)
     return out
 
@@ -210,6 +233,25 @@ def _mergekit(recipe: Path, out: Path) -> Path:
 def _ours(recipe: Path, out: Path) -> Path:
     assert explorer_main(["merge", str(recipe), "--out", str(out)]) == 0
     return out
+
+
+def _tokenizer(folder: Path) -> tuple[list[str], dict]:
+    """(tokens, special tokens) of the tokenizer saved in ``folder``.
+
+    Token ids are not compared: mergekit's union orders the added tokens by its set of models, which
+    changes from run to run; ``_by_token`` lines the embedding rows up by token instead.
+    """
+    tok = AutoTokenizer.from_pretrained(folder)
+    return sorted(tok.get_vocab()), tok.special_tokens_map
+
+
+def _by_token(folder: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint in ``folder`` with the rows of its token-indexed tensors in sorted-token order."""
+    tensors, vocab = state(folder), AutoTokenizer.from_pretrained(folder).get_vocab()
+    rows = torch.tensor([vocab[token] for token in sorted(vocab)])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = tensors[name][rows]
+    return tensors
 
 
 def _config(folder: Path) -> dict:
@@ -227,7 +269,7 @@ def test_recipe_matches_mergekit(name, models, tmp_path, monkeypatch, one_thread
         shape_seeded_bernoulli(monkeypatch)
     recipe = _recipe(name, models, tmp_path)
     theirs, ours = _mergekit(recipe, tmp_path / "mergekit"), _ours(recipe, tmp_path / "ours")
-    expected, actual = state(theirs), state(ours)
+    expected, actual = _by_token(theirs), _by_token(ours)
     assert sorted(actual) == sorted(expected)
     for tensor, value in expected.items():
         assert actual[tensor].dtype == value.dtype, tensor
@@ -236,6 +278,7 @@ def test_recipe_matches_mergekit(name, models, tmp_path, monkeypatch, one_thread
         else:
             assert_expected(actual[tensor], value)
     assert _config(ours) == _config(theirs)
+    assert _tokenizer(ours) == _tokenizer(theirs)
 
 
 def test_passthrough_stacks_and_renumbers_layers(models, tmp_path, one_thread):
