@@ -17,7 +17,8 @@ model path, its files' mtimes and sizes, the settings and the text: one float32 
 key of every trainable parameter (tied weights are stored under each of their names).
 
 ``fisher_extras`` is the setup a Fisher merge needs before its first tensor: it estimates (or finds
-cached) each model's Fisher and returns what the executor passes to the method per tensor. This
+cached) each model's Fisher and returns what the executor passes to the method per tensor.
+``fisher_inputs`` does the same with one text per model (e.g. each expert's own task data). This
 module loads models (transformers) and writes a cache, so it belongs with the input side: the
 executor may import it, the methods never do (``explorer.methods.fisher_merge`` only receives the
 tensors).
@@ -245,20 +246,50 @@ def fisher_extras(
 
     spec: a ``MethodSpec`` (only ``needs_fisher`` is read); params: its resolved params (the
     ``fisher_*`` setup params give the ``FisherSettings``); models: the opened (and aligned) models,
-    in recipe order, as the merge reads them. Estimates each model's Fisher unless cached
-    (``fisher_file`` on the model's path; minutes for a real model), with progress(fraction over all
-    models, message). Raises ValueError as ``fisher_file`` does.
+    in recipe order, as the merge reads them. Estimates each model's Fisher on the default text
+    unless cached (``fisher_inputs``). Raises ValueError as ``fisher_file`` does.
     """
     if not spec.needs_fisher:
         return None
-    settings = FisherSettings.from_params(params, seed=seed)
+    return fisher_inputs(models, FisherSettings.from_params(params, seed=seed), None, cache_dir, progress)
+
+
+def fisher_inputs(
+    models: Sequence[Checkpoint],
+    settings: FisherSettings,
+    texts: Optional[Sequence[Optional[str]]] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+    progress: Optional[Progress] = None,
+) -> FisherInputs:
+    """Each model's Fisher (estimated, or found in the cache) as the per-tensor inputs of a Fisher merge.
+
+    Args:
+        models: the opened (and aligned) models, in recipe order, as the merge reads them
+            (``MergeSession.model_ckpts``).
+        settings: how every Fisher is estimated.
+        texts: the text each model's Fisher is estimated on, one per model (``None`` in the list:
+            the default text). Matena & Raffel estimate each model's Fisher on its own task's
+            data: pass, e.g., that task's training prompts and answers joined into one string.
+            ``None``: the default text for every model.
+        cache_dir: folder of cached estimates (default ~/.cache/merge_explorer/fisher).
+        progress: progress(fraction over all models, message) per batch.
+
+    Returns:
+        ``FisherInputs``: pass it as ``extras`` to ``explorer.executor.merge_stream``.
+
+    Raises:
+        ValueError: ``texts`` does not hold one entry per model, or as ``fisher_file`` does.
+    """
+    texts = [None] * len(models) if texts is None else list(texts)
+    if len(texts) != len(models):
+        raise ValueError(f"Fisher texts: {len(texts)} given for {len(models)} models; give one per model")
     files = []
-    for i, model in enumerate(models):
+    for i, (model, text) in enumerate(zip(models, texts, strict=True)):
         step = None
         if progress:
 
             def step(f: float, m: str, i: int = i, path: Path = Path(model.path)) -> None:
                 progress((i + f) / len(models), f"Fisher of {path.name}: {m}")
 
-        files.append(fisher_file(model.path, settings, cache_dir, step))
+        files.append(fisher_file(model.path, settings, cache_dir, step, text=text))
     return FisherInputs(models, files)
