@@ -21,7 +21,7 @@ from explorer import registry
 from explorer.choices import OutOfRange, Space, parse_choice
 from explorer.fisher import fisher_extras
 from explorer.io.inputs import MergeInputs, TensorSource, open_inputs
-from explorer.io.writer import check_output_dir, write_checkpoint
+from explorer.io.writer import chat_template_files, check_output_dir, write_checkpoint
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.recipe_layout import TensorPlace, layer_count
@@ -226,11 +226,14 @@ def merge_to_folder(
     """Stream the merge of ``recipe`` into a new checkpoint folder ``out_dir``; returns its path.
 
     All inputs are checked, and a Fisher merge's Fisher estimated (or found in ``fisher_cache``),
-    before anything is written; the folder appears only when complete.
+    before anything is written; the folder appears only when complete. It holds the config (its layer
+    count fixed when slices change it) and the reference's tokenizer, with the recipe's chat template.
     """
     merge_plan = plan(recipe)
     out = check_output_dir(out_dir, merge_plan.sources(), overwrite)
     extras = setup_extras(merge_plan, recipe, progress, fisher_cache)
+    inputs = ([merge_plan.base] if merge_plan.base else []) + merge_plan.models
+    files = chat_template_files(recipe.chat_template, merge_plan.reference, inputs)
     stream = merge_stream(merge_plan, recipe, progress, extras=extras)
     updates = output_config(recipe, merge_plan)
-    return write_checkpoint(out, stream, merge_plan.reference, recipe, overwrite, config_updates=updates)
+    return write_checkpoint(out, stream, merge_plan.reference, recipe, overwrite, files=files, config_updates=updates)

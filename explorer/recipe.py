@@ -47,6 +47,7 @@ KEYS = (
     "out_dtype",
     "tokenizer_source",
     "tokenizer",
+    "chat_template",
     "seed",
     "out_of_range",
 )
@@ -54,8 +55,8 @@ KEYS = (
 UNSUPPORTED = {
     "modules": "per-module merges (multimodal models) are not supported; merge the language model with "
     "'models' or 'slices'",
-    "chat_template": "setting a chat template is not supported; remove the key: the output keeps the tokenizer "
-    "files of the base model (else the first model), edit chat_template in its tokenizer_config.json",
+    "chat_template: NAME": "named templates (chatml, llama3, mistral, alpaca, exaone) are files that come with "
+    "mergekit; give the template's Jinja text, or auto",
     "tokenizer.tokens": "per-token embedding sources are not supported; remove 'tokens' (with source: union the "
     "embeddings of added tokens are aligned by token)",
     "tokenizer.pad_to_multiple_of": "padding the vocabulary is not supported; remove the key",
@@ -122,6 +123,8 @@ class MergeRecipe(BaseModel):
     # Vocabulary of the output when the inputs' differ (mergekit's key): "base" = the base model's
     # (else the first model's) tokenizer; "union" = it plus every other model's extra tokens.
     tokenizer_source: TokenizerSource = TokenizerSource.base
+    # The output tokenizer's chat template: Jinja text, or "auto" (the template most inputs carry).
+    chat_template: Optional[str] = None
     # A merged value outside the output dtype's range (float16: |x| > 65504): "refuse" the merge, or
     # "clamp" it to the largest finite value.
     out_of_range: OutOfRange = OutOfRange.refuse
@@ -134,6 +137,14 @@ class MergeRecipe(BaseModel):
             return None
         kind = {"out_dtype": DType}.get(info.field_name) or cls.model_fields[info.field_name].annotation
         return parse_choice(kind, value, info.field_name)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: Optional[str]) -> Optional[str]:
+        """Accept "auto" or Jinja text; refuse a template name (mergekit ships those files, we do not)."""
+        if value is not None and value != "auto" and ("{" not in value or len(value) < 20):
+            raise ValueError(f"chat_template: {value!r}: {UNSUPPORTED['chat_template: NAME']}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from explorer.executor import merge_stream
 from explorer.io.checkpoint import TIED_NAMES, resolved_ref
 from explorer.io.finite import read_float
 from explorer.io.inputs import open_inputs, task_vectors
-from explorer.io.writer import check_output_dir, write_checkpoint
+from explorer.io.writer import chat_template_files, check_output_dir, write_checkpoint
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 
@@ -46,6 +46,11 @@ class MergeSession:
                 progress((i + 1) / len(inputs), f"loaded {ckpt.name}")
         self.base = self.tensors[0] if self.base_ckpt else None
         self.models = self.tensors[1:] if self.base_ckpt else self.tensors
+
+    @property
+    def tensors_from(self) -> list:
+        """The opened inputs, base first: the checkpoints ``tensors`` were read from."""
+        return ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts
 
     @property
     def model_paths(self) -> list[Path]:
@@ -133,5 +138,6 @@ class MergeSession:
         """Write ``state_dict`` (from ``merge(recipe)``) as a checkpoint folder with ``recipe`` in its card."""
         inputs = [s for c in ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts for s in c.sources]
         out = check_output_dir(out_dir, inputs, overwrite)
+        files = chat_template_files(recipe.chat_template, self.reference, self.tensors_from)
         ordered = ((n, state_dict[n]) for n in self.names)
-        return write_checkpoint(out, ordered, self.reference, recipe, overwrite)
+        return write_checkpoint(out, ordered, self.reference, recipe, overwrite, files=files)

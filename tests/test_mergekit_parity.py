@@ -30,6 +30,7 @@ from tests.tiny import save_tiny_llama
 from tests.tiny_formats import llama_with_tokenizer, save_tokenizer, state
 
 LAYERS = 4
+TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"  # every input's
 
 RECIPES = {
     "linear": """
@@ -47,6 +48,7 @@ models:
 merge_method: linear
 parameters: {normalize: true}
 dtype: float32
+chat_template: "{% for m in messages %}{{ m['content'] }}\\n{% endfor %}"
 """,
     "task_arithmetic": """
 base_model: $base
@@ -161,6 +163,7 @@ models:
 merge_method: model_stock
 base_model: $base
 dtype: float32
+chat_template: auto
 """,
     "della": """
 models:
@@ -204,14 +207,16 @@ out_dtype: bfloat16
 def models(tmp_path_factory) -> dict[str, str]:
     """A 4-layer tiny Llama base and experts (base + noise) with its tokenizer, by recipe placeholder.
 
-    a, b, c share the base's 64 tokens; ``tool`` adds ``<tool>`` and ``think`` adds ``<think>`` and
+    a, b, c share the base's 64 tokens and chat template; ``tool`` adds ``<tool>`` and ``think`` adds ``<think>`` and
     ``<tool>`` (embedding rows grown to fit), for ``tokenizer: {source: union}``.
     """
     root = tmp_path_factory.mktemp("parity")
     base = save_tiny_llama(root / "base", num_hidden_layers=LAYERS)
     experts = [save_tiny_llama(root / f"expert{i}", seed=i + 1, base=base) for i in range(3)]
     for folder in (base, *experts):
-        save_tokenizer(folder)
+        tokenizer = save_tokenizer(folder)
+        tokenizer.chat_template = TEMPLATE
+        tokenizer.save_pretrained(folder)
     tool = llama_with_tokenizer(root / "tool", seed=4, base=base, added=("<tool>",))
     think = llama_with_tokenizer(root / "think", seed=5, base=base, added=("<think>", "<tool>"))
     experts = {k: str(e) for k, e in zip("abc", experts, strict=True)}
@@ -235,14 +240,14 @@ def _ours(recipe: Path, out: Path) -> Path:
     return out
 
 
-def _tokenizer(folder: Path) -> tuple[list[str], dict]:
-    """(tokens, special tokens) of the tokenizer saved in ``folder``.
+def _tokenizer(folder: Path) -> tuple[list[str], dict, str | None]:
+    """(tokens, special tokens, chat template) of the tokenizer saved in ``folder``.
 
     Token ids are not compared: mergekit's union orders the added tokens by its set of models, which
     changes from run to run; ``_by_token`` lines the embedding rows up by token instead.
     """
     tok = AutoTokenizer.from_pretrained(folder)
-    return sorted(tok.get_vocab()), tok.special_tokens_map
+    return sorted(tok.get_vocab()), tok.special_tokens_map, tok.chat_template
 
 
 def _by_token(folder: Path) -> dict[str, torch.Tensor]:
@@ -352,3 +357,12 @@ def test_in_memory_session_merges_gradients_as_the_command_line(name, models, tm
     session = MergeSession(recipe.base_model, recipe.input_models())
     merged, streamed = session.merge(recipe), state(_ours(recipe_path, tmp_path / "ours"))
     assert merged.keys() == streamed.keys() and all(torch.equal(merged[n], streamed[n]) for n in merged)
+
+
+def test_chat_template_without_a_tokenizer_is_refused_before_writing(tmp_path, capsys):
+    base = save_tiny_llama(tmp_path / "bare")  # no tokenizer files
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels: [{{model: {base}}}]\nchat_template: auto\n")
+    assert explorer_main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 2
+    assert "no tokenizer to carry a chat template" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -174,7 +174,7 @@ SLICE = {"sources": [{"model": "a", "layer_range": [0, 2]}]}
     "data, message",
     [
         ({**LINEAR, "modules": {}}, "modules: per-module merges"),
-        ({**LINEAR, "chat_template": "chatml"}, "chat_template: setting a chat template is not supported"),
+        ({**LINEAR, "chat_template": "chatml"}, "chat_template: 'chatml': named templates"),
         ({**LINEAR, "tokenizer": {"source": "union", "tokens": {}}}, "tokenizer.tokens: per-token embedding"),
         ({**LINEAR, "tokenizer_source": "/m/other"}, "a tokenizer taken from one named model is not supported"),
         ({**LINEAR, "slices": [SLICE]}, "give either 'models' or 'slices', not both"),

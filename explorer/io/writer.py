@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import uuid
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -31,6 +32,7 @@ from explorer.io.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
 
 SHARD_BYTES = 2 * 1024**3
+CHAT_TEMPLATE = "chat_template.jinja"  # transformers reads it before tokenizer_config.json's chat_template
 MANIFEST = "merge_manifest.json"  # written last into every output folder: the files this tool wrote there
 
 
@@ -203,6 +205,38 @@ def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def chat_template_files(template: Optional[str], reference: Checkpoint, inputs: Sequence[Checkpoint]) -> dict[str, str]:
+    """The ``chat_template.jinja`` a recipe's ``chat_template`` adds to the output: {file name: text}, {} for none.
+
+    As mergekit 0.1.5's ``_set_chat_template``: ``auto`` takes the template most ``inputs`` carry
+    (stripped; the first of equally common ones in input order; none when no input has one); any other
+    value is the Jinja text itself. Raises CheckpointError when ``reference`` (whose tokenizer files
+    the output gets) has no tokenizer to carry a template.
+    """
+    if not template:
+        return {}
+    if not reference.has_tokenizer():
+        raise CheckpointError(
+            f"chat_template: {reference.path} has no tokenizer files, so the output has no tokenizer to carry a chat "
+            "template; remove chat_template or add the tokenizer files to that model"
+        )
+    if template == "auto":
+        found = [t for t in map(_chat_template_of, inputs) if t]
+        if not found:
+            return {}
+        template = Counter(found).most_common(1)[0][0]
+    return {CHAT_TEMPLATE: template}
+
+
+def _chat_template_of(checkpoint: Checkpoint) -> Optional[str]:
+    """The (default) chat template of ``checkpoint``'s tokenizer, stripped; None when it has none."""
+    tokenizer = checkpoint.tokenizer()
+    template = tokenizer.chat_template if tokenizer is not None else None
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template.strip() if template else None
 
 
 def model_card(recipe: MergeRecipe) -> str:
