@@ -88,6 +88,7 @@ ALLOWED = {
     # The recipe compares its inputs' names (the base listed among the models, as mergekit writes it);
     # formats.refs only looks at names and the file system, no model library (see the test below).
     ("explorer.recipe", "explorer.io.formats.refs"),
+    ("explorer.recipe_keys", "explorer.io.formats.refs"),  # a slice's base_model compared with the top-level one
 }
 
 

@@ -9,7 +9,8 @@ import torch
 from pydantic import ValidationError
 
 from explorer.cli import main as cli_main
-from explorer.recipe import UNSUPPORTED, MergeRecipe
+from explorer.recipe import MergeRecipe
+from explorer.recipe_keys import UNSUPPORTED
 from explorer.recipe_layout import TensorPlace
 
 MERGEKIT_DARE_TIES = """
