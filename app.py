@@ -122,6 +122,7 @@ def build_demo(
                     label="or upload a .yaml file", file_types=[".yaml", ".yml"], elem_id="recipe-file"
                 )
                 import_btn = gr.Button("Merge this recipe", elem_id="import-btn")
+                recipe_curves = gr.Plot(label="Values per layer", visible=False, elem_id="recipe-curves")
             history = gr.Dataframe(
                 pd.DataFrame(columns=["#", "merge", "recipe"]),
                 elem_id="history",
@@ -239,7 +240,7 @@ def build_demo(
         import_btn.click(
             ui.import_recipe,
             [bench, values, recipe_in, recipe_file, loaded],
-            [bench, method, loaded, *merged_outputs[1:]],
+            [bench, method, loaded, *merged_outputs[1:], recipe_curves],
             **HEAVY,
         )
         for event in (

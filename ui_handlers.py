@@ -22,6 +22,7 @@ from explorer import registry
 from explorer.background import BackgroundJob
 from explorer.inspect import plots
 from explorer.inspect.compare import merge_comparison, merge_comparison_figure
+from explorer.inspect.recipe_curves import recipe_curves, recipe_curves_figure
 from explorer.recipe import MergeRecipe
 from explorer.recipe_values import is_scalar
 from explorer.workbench import Workbench
@@ -208,23 +209,32 @@ def live_merge(
 
 
 def import_recipe(bench: Workbench, values: dict, text: str, file: Optional[str], loaded: dict, progress=gr.Progress()):
-    """Merge a pasted or uploaded mergekit YAML recipe (loading its models when they are not loaded)."""
+    """Merge a pasted or uploaded mergekit YAML recipe (loading its models when they are not loaded).
+
+    Returns the merge's outputs, then the per-layer curves of the values the recipe varies (hidden when
+    none vary).
+    """
+    hidden = gr.update(value=None, visible=False)
     try:
         recipe = MergeRecipe.from_yaml(Path(file).read_text() if file else text or "")
         message = bench.merge_recipe(recipe, _progress(progress))
     except Exception as e:
-        return bench, gr.update(), gr.update(), *_merged(bench, readable(e))[1:]
+        return bench, gr.update(), gr.update(), *_merged(bench, readable(e))[1:], hidden
     labels = _labels(bench)
     values.update({k: v for k, v in recipe.parameters.items() if is_scalar(v)})
     for label, entry in zip(labels, recipe.models, strict=not recipe.slices):  # slices: no per-model controls
         values.update({f"{k}{KEY_SEP}{label}": v for k, v in entry.parameters.items() if is_scalar(v)})
+    curves = hidden
     if recipe.varying() or recipe.slices:
         message += (
             f"\n\nMerged as written, with values per layer or tensor ({', '.join(recipe.varying()) or 'slices'}); "
-            "the controls show one value each, so Merge from the controls does not repeat them."
+            "the curves below show them, the controls one value each, so Merge from the controls does not repeat them."
         )
+    if recipe.varying():
+        figure = recipe_curves_figure(recipe_curves(recipe, bench.require_session().names))
+        curves = gr.update(value=figure, visible=True)
     state = {"labels": labels, "version": loaded["version"] + 1}
-    return bench, recipe.merge_method, state, *_merged(bench, message)[1:]
+    return bench, recipe.merge_method, state, *_merged(bench, message)[1:], curves
 
 
 def cancel(bench: Workbench) -> str:

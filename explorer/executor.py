@@ -1,7 +1,10 @@
 """Run a MergeRecipe: tensor by tensor from disk (bounded memory) or from an in-memory session.
 
-Both paths call ``merge_tensor`` for each tensor name, so the CLI, the app and a notebook produce the
-same bytes for the same recipe. Compute is float32; the output is cast to ``recipe.dtype``.
+Both paths call ``merge_tensor`` for each output tensor of ``recipe.layout`` (the ``models`` form: each
+tensor name; ``slices``: layers taken from their sources and renumbered) with ``recipe.params_at`` its
+place (gradients and filters evaluated there), so the CLI, the app and a notebook produce the same
+bytes for the same recipe. Compute is float32; the output is cast to ``recipe.torch_dtype``
+(``out_dtype``, else ``dtype``).
 
 Imports go one way: the executor uses the methods (through ``registry``) and the input/output side
 (``inputs``, ``finite``, ``checkpoint``, ``writer``, and ``fisher``, which loads models to estimate
@@ -84,15 +87,14 @@ def read_place(
     """
     if order is None:
         return (source.read_base(place.name) if place.base else None), source.read_models(place.name)
-    indices = [order[m] for m, _ in place.inputs]
     base = source.base[place.base] if place.base and source.base is not None else None
-    first = source.models[indices[0]][place.inputs[0][1]]
-    stacked = torch.empty(
-        (len(indices), *first.shape), dtype=first.dtype if not first.is_floating_point() else torch.float32
-    )
+    tensors = (source.models[order[model]][name] for model, name in place.inputs)
+    first = next(tensors)
+    dtype = torch.float32 if first.is_floating_point() else first.dtype
+    stacked = torch.empty((len(place.inputs), *first.shape), dtype=dtype)
     stacked[0].copy_(first)
-    for k, (i, (_, name)) in enumerate(zip(indices[1:], place.inputs[1:], strict=True), start=1):
-        stacked[k].copy_(source.models[i][name])
+    for k, tensor in enumerate(tensors, start=1):
+        stacked[k].copy_(tensor)
     return base, stacked
 
 

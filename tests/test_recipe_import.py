@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 import ui_handlers as ui
+from explorer.inspect.recipe_curves import recipe_curves, recipe_curves_figure
+from explorer.recipe import MergeRecipe
 from explorer.workbench import Workbench
 from tests.tiny import tiny_family
 
@@ -22,7 +24,7 @@ def bench(tmp_path) -> Workbench:
 def _import(bench: Workbench, text: str) -> tuple[dict, str]:
     values = {}
     out = ui.import_recipe(bench, values, text, None, {"version": 0}, progress=_no_progress)
-    return values, out[3]  # bench, method, state, then the merge status
+    return values, out[3], out[-1]  # bench, method, state, the merge status, ..., the curves
 
 
 def test_gradient_recipe_merges_as_written_and_says_so(bench):
@@ -37,12 +39,15 @@ models:
     parameters: {{weight: 3.0, density: 0.7}}
 parameters: {{lambda: 0.9}}
 """
-    values, message = _import(bench, text)
+    values, message, curves = _import(bench, text)
     assert message.startswith("Merged 2 model(s) with ties"), message
     assert "expert0.weight" in message and "expert0.density" in message and "Merged as written" in message
     assert values["lambda"] == 0.9 and values["weight · expert1"] == 3.0
     assert "weight · expert0" not in values  # a gradient is not a slider value
-    assert bench.recipe.varying()
+    assert bench.recipe.varying() and curves["visible"]
+    names = {trace.name for trace in curves["value"].data}
+    assert "weight · expert0 · input_layernorm.weight +8" in names  # one curve for all 9 tensors of a layer
+    assert {"density · expert0 · mlp.down_proj.weight +2", "density · expert0 · input_layernorm.weight +5"} <= names
 
 
 def test_layer_stacking_recipe_is_refused_with_what_to_do(bench):
@@ -53,6 +58,29 @@ slices:
   - sources: [{{model: {root / "expert0"}, layer_range: [0, 2]}}]
   - sources: [{{model: {root / "expert1"}, layer_range: [1, 2]}}]
 """
-    _, message = _import(bench, text)
+    _, message, curves = _import(bench, text)
+    assert curves["visible"] is False
     assert "python -m explorer merge RECIPE.yaml --out DIR" in message
     assert bench.merged is None
+
+
+def test_curves_follow_the_gradient_and_split_by_filter():
+    recipe = MergeRecipe.from_yaml(
+        """
+merge_method: ties
+base_model: /m/b
+models:
+  - model: /m/a
+    parameters: {weight: [0, 0.3, 0.7, 1]}
+parameters:
+  lambda: [{filter: mlp, value: [0.5, 1]}, {value: 0.9}]
+"""
+    )
+    names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{m}.weight" for i in range(4) for m in ("mlp", "attn")]
+    table = recipe_curves(recipe, names)
+    weight = table[table["param"] == "weight"]
+    assert weight["tensors"].unique().tolist() == ["mlp.weight, attn.weight"] and weight["model"].eq("/m/a").all()
+    assert weight["value"].tolist() == pytest.approx([0.0, 0.3, 0.7, 1.0])
+    lam = table[table["param"] == "lambda"].groupby("tensors")["value"].apply(list).to_dict()
+    assert lam["attn.weight"] == [0.9] * 4 and lam["mlp.weight"] == pytest.approx([0.5, 2 / 3, 5 / 6, 1.0])
+    assert len(recipe_curves_figure(table).data) == 3

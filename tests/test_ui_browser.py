@@ -258,6 +258,11 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     page.locator("#import-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("#4 ties")
     expect(page.locator("#ctl-density-zoo-expert-add input[type=number]")).to_have_value("0.2")
+    recipe["models"][0]["parameters"]["density"] = [0.2, 0.8]  # a gradient: merged as written, drawn per layer
+    page.locator("#recipe-in .cm-content").fill(yaml.safe_dump(recipe))
+    page.locator("#import-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("Merged as written")
+    expect(page.locator("#recipe-curves")).to_be_visible()
     _tab(page, "Export")
     page.screenshot(path=str(shots / "export.png"), full_page=True)
 
