@@ -27,6 +27,7 @@ from explorer.io.formats.trainer import STATE_FILE, checkpoint_state
 from explorer.io.writer import is_merge_output
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
+from explorer.recipe_values import is_scalar
 from explorer.session import MergeSession
 
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -58,7 +59,8 @@ class HistoryEntry:
 
 
 def _short(values: list) -> str:
-    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    """Values for a label: numbers as %g, a gradient or filtered list as ``per-layer``."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) if is_scalar(v) else "per-layer" for v in values)
 
 
 @dataclass

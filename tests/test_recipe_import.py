@@ -45,6 +45,7 @@ parameters: {{lambda: 0.9}}
     assert values["lambda"] == 0.9 and values["weight · expert1"] == 3.0
     assert "weight · expert0" not in values  # a gradient is not a slider value
     assert bench.recipe.varying() and curves["visible"]
+    assert bench.history[-1].label == "#1 ties (weight=per-layer,3, lambda=0.9, density=per-layer,0.7)"
     names = {trace.name for trace in curves["value"].data}
     assert "weight · expert0 · input_layernorm.weight +8" in names  # one curve for all 9 tensors of a layer
     assert {"density · expert0 · mlp.down_proj.weight +2", "density · expert0 · input_layernorm.weight +5"} <= names
