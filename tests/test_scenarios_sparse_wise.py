@@ -89,9 +89,9 @@ def test_sparse_soup_keeps_sparsity_the_naive_average_loses_it(bed, sparse_run):
     inputs = sparsity(shared, "sparse FT")
     assert inputs[0] == inputs[1] == sparsity(shared, "pruned base")[0]
     assert sparsity(shared, "sparse soup") == sparsity(shared, "linear average") == [inputs[0]]
-    assert sparsity(shared, "base")[0] < 0.01
+    assert sparsity(shared, "base")[0] < 1.0
     inputs = sparsity(differing, "sparse FT")
-    assert min(inputs) >= sparse_soup.REPRUNE - 1e-3
+    assert min(inputs) >= 100 * sparse_soup.REPRUNE - 0.1
     assert sparsity(differing, "sparse soup")[0] > max(inputs)
     assert sparsity(differing, "linear average")[0] < min(inputs)
     assert shared.settings["mask agreement (Jaccard)"] == "1.000"
