@@ -132,11 +132,15 @@ def note(scores: pd.DataFrame, task: str) -> str:
     parts = []
     for label, a in zip(labels[1:-1], acc[1:-1], strict=True):
         gap = a - base_acc
-        word = "within one stderr of" if abs(gap) <= base_err else ("above" if gap > 0 else "below")
+        word = (
+            "within one stderr of"
+            if abs(gap) <= base_err
+            else f"{'above' if gap > 0 else 'below'} by more than the stderr of"
+        )
         parts.append(f"{label} {a:.2f} ({word} it)")
     best = max(range(1, len(acc) - 1), key=lambda i: acc[i])
     summary = (
-        f"The best average, {labels[best]}, beats it ({acc[best]:.2f} vs {base_acc:.2f})"
+        f"The best average is {labels[best]} ({acc[best]:.2f} vs {base_acc:.2f})"
         if acc[best] > base_acc
         else "No average beats the last checkpoint"
     )
