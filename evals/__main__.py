@@ -112,10 +112,6 @@ def _greedy_soup(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _scenarios(argv: list[str]) -> int:
     from evals.scenarios import SCENARIOS as NAMES
 
@@ -162,3 +158,7 @@ def _scenarios(argv: list[str]) -> int:
         out.write_text("\n".join(sections))  # after every scenario: a long run shows what is done
         print(sections[-1], flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
