@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from evals.scenarios.report import ScenarioTable, score_models
+from evals.scenarios.report import ScenarioTable, folder_loader, score_models
 from explorer.cli import main as explorer_cli
 from explorer.io.formats.trainer import trainer_checkpoints
 from explorer.recipe import MergeRecipe
-from explorer.zoo.testbed import Testbed, load_model
+from explorer.zoo.testbed import Testbed
 from explorer.zoo.trainer_run import RUN_INFO, train_run
 
 TASK = "add"
@@ -47,8 +47,8 @@ def run(bed: Testbed, work: Path, limit: int | None, log: Callable[[str], None])
     for label, args, chosen in average_settings(checkpoints):
         rows[label] = (average_run(run_dir, merges / label_slug(label), args, log), chosen)
     rows[f"MWA (p={MWA_P:g}, eval loss)"] = (mwa_merge(checkpoints, merges / "mwa", log), checkpoints.step.tolist())
-    models = {label: _loader(folder) for label, (folder, _) in rows.items()}
-    models["testbed expert (reference)"] = _loader(bed.experts[TASK])
+    models = {label: folder_loader(folder) for label, (folder, _) in rows.items()}
+    models["testbed expert (reference)"] = folder_loader(bed.experts[TASK])
     task = bed.lm_eval_tasks[TASK]
     log(f"checkpoints: scoring {len(models)} models on {task}")
     scores = score_models(models, [task], bed.task_dir, limit)
@@ -155,7 +155,3 @@ def _cli(argv: list[str]) -> None:
     status = explorer_cli(argv)
     if status != 0:
         raise RuntimeError(f"python -m explorer {' '.join(argv)} failed with status {status}")
-
-
-def _loader(folder: Path) -> Callable:
-    return lambda: load_model(folder)

@@ -16,13 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-from transformers import AutoTokenizer
 
-from evals.scenarios.report import ScenarioTable, score_models
-from explorer.recipe import MergeRecipe
+from evals.scenarios.report import ScenarioTable, folder_loader, score_models, session_loader
 from explorer.session import MergeSession
 from explorer.zoo.clients import client_examples, train_clients
-from explorer.zoo.testbed import Testbed, load_model
+from explorer.zoo.testbed import Testbed
 
 TASK = "add"
 SHARES = (0.6, 0.3, 0.1)  # the clients' shares of the task's training examples
@@ -37,12 +35,13 @@ def run(bed: Testbed, work: Path, limit: int | None, log: Callable[[str], None])
         "uniform average": session.recipe("linear", {"normalize": True}, [{"weight": 1.0}] * len(clients)),
         "FedAvg (n_k weights)": session.recipe("fedavg", {}, [{"examples": float(n)} for n in examples]),
     }
-    models = {"base": _loader(bed.base)}
+    models = {"base": folder_loader(bed.base)}
     models |= {
-        f"client {k} ({n} examples)": _loader(c) for k, (c, n) in enumerate(zip(clients, examples, strict=True), 1)
+        f"client {k} ({n} examples)": folder_loader(c)
+        for k, (c, n) in enumerate(zip(clients, examples, strict=True), 1)
     }
-    models |= {label: _merged(session, recipe, bed.base) for label, recipe in merges.items()}
-    models["centralized expert"] = _loader(bed.experts[TASK])
+    models |= {label: session_loader(session, lambda r=recipe: session.merge(r)) for label, recipe in merges.items()}
+    models["centralized expert"] = folder_loader(bed.experts[TASK])
     task = bed.lm_eval_tasks[TASK]
     log(f"fedavg: scoring {len(models)} models on {task}")
     scores = score_models(models, [task], bed.task_dir, limit)
@@ -79,17 +78,6 @@ def note(scores: pd.DataFrame, task: str) -> str:
         f"On {task} {verdict}; the best client, {best}, scores {acc[best]:.2f} and the centralized expert "
         f"{acc['centralized expert']:.2f}."
     )
-
-
-def _merged(session: MergeSession, recipe: MergeRecipe, tokenizer_folder: Path) -> Callable:
-    def load():
-        return session.build_model(session.merge(recipe)), AutoTokenizer.from_pretrained(tokenizer_folder)
-
-    return load
-
-
-def _loader(folder: Path) -> Callable:
-    return lambda: load_model(folder)
 
 
 def _fmt(weights: list[float]) -> str:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from evals.scenarios.report import ScenarioTable, to_markdown
-from evals.scenarios.task_vectors import KEPT, inputs_loaders, pairs_of, score_pair, session_loader
+from evals.scenarios.report import ScenarioTable, session_loader, to_markdown
+from evals.scenarios.task_vectors import KEPT, inputs_loaders, pairs_of, score_pair
 from explorer.executor import merge_stream
 from explorer.fisher import FisherInputs, FisherSettings, fisher_inputs
 from explorer.session import MergeSession

@@ -20,13 +20,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
-from evals.scenarios.report import Loader, ScenarioTable, score_models
+from evals.scenarios.report import Loader, ScenarioTable, folder_loader, score_models, session_loader
 from explorer.adapter_merge import merge_adapters
 from explorer.session import MergeSession
 from explorer.zoo.lora_experts import LoraSettings, load_folded, lora_info, train_lora_expert
-from explorer.zoo.testbed import Testbed, load_model
+from explorer.zoo.testbed import Testbed
 
 SETTINGS = LoraSettings()
 DENSITY = 0.5  # TIES: share of each task vector's entries kept (per tensor)
@@ -65,7 +63,7 @@ def run(bed: Testbed, work: Path, limit: int | None, log: Callable[[str], None])
     """
     tasks = list(bed.experts)[:2]
     adapters = [_trained(bed, task, adapter_dir(work, task), log) for task in tasks]
-    models: dict[str, Loader] = {"base": lambda: load_model(bed.base)}
+    models: dict[str, Loader] = {"base": folder_loader(bed.base)}
     ranks = {"base": "-"}
     for task, adapter in zip(tasks, adapters, strict=True):
         models[f"LoRA expert {task} (folded)"] = lambda a=adapter: load_folded(bed.base, a)
@@ -76,7 +74,8 @@ def run(bed: Testbed, work: Path, limit: int | None, log: Callable[[str], None])
         ranks[label] = str(2 * SETTINGS.r if rank is None else SETTINGS.r)
     session = folded_session(bed, adapters)
     for label, (method, parameters, per_model) in FOLDED_MERGES.items():
-        models[label] = lambda m=method, p=parameters, pm=per_model: _session_model(session, m, p, pm)
+        recipe = session.recipe(method, parameters, [per_model] * len(session.model_ckpts))
+        models[label] = session_loader(session, lambda r=recipe: session.merge(r))
         ranks[label] = "full"
     log(f"lora: scoring {len(models)} models on {', '.join(tasks)}")
     lm_tasks = [bed.lm_eval_tasks[t] for t in tasks]
@@ -118,12 +117,6 @@ def folded_session(bed: Testbed, adapters: list[Path]) -> MergeSession:
     """A merge session over the base and the adapters folded into it, named ``BASE+ADAPTER``."""
     base = bed.base.resolve()
     return MergeSession(base, [f"{base}+{adapter.resolve()}" for adapter in adapters])
-
-
-def _session_model(session: MergeSession, method: str, parameters: dict, per_model: dict):
-    """The in-memory merge of the session's folded experts and the base's tokenizer."""
-    recipe = session.recipe(method, parameters, [per_model] * len(session.model_ckpts))
-    return session.build_model(session.merge(recipe)), AutoTokenizer.from_pretrained(session.reference.path)
 
 
 def _title(tasks: list[str]) -> str:

@@ -8,13 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from evals.lm_eval_runner import TaskDirs, task_scores
+from explorer.session import MergeSession
+from explorer.zoo.testbed import load_model
 
 Loader = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+
+
+def folder_loader(folder: str | Path) -> Loader:
+    """A loader of the checkpoint in ``folder`` (float32, with its tokenizer)."""
+    return lambda: load_model(folder)
+
+
+def session_loader(session: MergeSession, merge: Callable[[], dict]) -> Loader:
+    """A loader that builds ``merge()``'s tensors into a model in memory, with the session's reference tokenizer."""
+    return lambda: (session.build_model(merge()), AutoTokenizer.from_pretrained(session.reference.path))
 
 
 @dataclass

@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 from transformers import AutoTokenizer
 
-from evals.scenarios.report import Loader, ScenarioTable, score_models
+from evals.scenarios.report import Loader, ScenarioTable, folder_loader, score_models
 from explorer.prune import PRUNE_REPORT, prune_to_folder
 from explorer.session import MergeSession
 from explorer.zoo.sparse_finetune import build_sparse_expert, decoder_matrix, matrix_sparsity, prune_base
-from explorer.zoo.testbed import Testbed, load_model
+from explorer.zoo.testbed import Testbed
 
 SPARSITY = 0.3  # share of each decoder matrix pruned from the base (at 0.5, rev reached only 0.05 in 60 steps)
 REPRUNE = 0.35  # share pruned from each sparse fine-tune in the second round (masks then differ)
@@ -55,7 +55,7 @@ def run(bed: Testbed, work: Path, limit: int | None, log: Callable[[str], None])
         log(f"sparse fine-tune: {sparse[-1]}")
     repruned = [reprune(folder, folder.with_name(f"{folder.name}-pruned-{REPRUNE}"), REPRUNE) for folder in sparse]
 
-    shared = {"base (dense)": lambda: load_model(bed.base), f"pruned base ({SPARSITY:.0%})": lambda: load_model(pruned)}
+    shared = {"base (dense)": folder_loader(bed.base), f"pruned base ({SPARSITY:.0%})": folder_loader(pruned)}
     shared_scores, shared_jaccard, same = soup_scores(shared, sparse, tasks, lm_tasks, bed, limit, log)
     differing_scores, differing_jaccard, _ = soup_scores({}, repruned, tasks, lm_tasks, bed, limit, log)
     settings = {

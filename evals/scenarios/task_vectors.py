@@ -23,12 +23,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
-from transformers import AutoTokenizer
 
 from evals.merge_sweep import MergeSpec, retained_gain
-from evals.scenarios.report import Loader, ScenarioTable, score_models, to_markdown
+from evals.scenarios.report import Loader, ScenarioTable, folder_loader, score_models, session_loader, to_markdown
 from explorer.session import MergeSession
-from explorer.zoo.testbed import Testbed, load_model
+from explorer.zoo.testbed import Testbed
 
 # testbed name -> pairs of expert tasks; other testbeds: their first two experts
 PAIRS = {"smollm2": (("say", "add"), ("say", "rev")), "tiny": (("add", "reverse"),)}
@@ -100,19 +99,7 @@ def pair_table(
 
 def inputs_loaders(bed: Testbed, pair: Sequence[str]) -> dict[str, Loader]:
     """``{"base": loader, "expert-TASK": loader, ...}``: the merge's inputs, loaded from their folders."""
-    loaders = {"base": lambda: load_model(bed.base)}
-    for task in pair:
-        loaders[f"expert-{task}"] = lambda task=task: load_model(bed.experts[task])
-    return loaders
-
-
-def session_loader(session: MergeSession, merge: Callable[[], dict]) -> Loader:
-    """A loader that builds ``merge()``'s tensors into a model in memory, with the base's tokenizer."""
-
-    def load():
-        return session.build_model(merge()), AutoTokenizer.from_pretrained(session.reference.path)
-
-    return load
+    return {"base": folder_loader(bed.base), **{f"expert-{t}": folder_loader(bed.experts[t]) for t in pair}}
 
 
 def score_pair(
