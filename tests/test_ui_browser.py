@@ -263,6 +263,8 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     page.locator("#import-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("Merged as written")
     expect(page.locator("#recipe-curves")).to_be_visible()
+    expect(page.locator("#recipe-curves .scatterlayer .trace")).not_to_have_count(0)  # a curve is drawn
+    page.locator("#recipe-curves").screenshot(path=str(shots / "recipe_curves.png"))
     _tab(page, "Export")
     page.screenshot(path=str(shots / "export.png"), full_page=True)
 
