@@ -25,6 +25,7 @@ from explorer.io.formats.bin import BinCheckpoint, is_bin_dir
 from explorer.io.formats.gguf_file import GgufCheckpoint, is_gguf
 from explorer.io.formats.hf_cache import hub_snapshot, is_repo_dir, snapshot_of
 from explorer.io.formats.lora import LoraCheckpoint, adapter_base
+from explorer.io.formats.quantized import dequantized
 from explorer.io.formats.refs import is_adapter_dir, resolved_ref, split_adapter_ref
 from explorer.io.formats.safetensors_dir import (
     INDEX_FILE,
@@ -80,8 +81,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _open_checked(path: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
-    """``open_checkpoint`` inside a chain of ``adapters`` (resolved folders) whose bases are being opened."""
-    checkpoint = _open(path, adapters)
+    """``open_checkpoint`` inside a chain of ``adapters`` (resolved folders) whose bases are being opened.
+
+    A quantized checkpoint reads as its dequantized float weights, or is refused (``formats.quantized``).
+    """
+    checkpoint = dequantized(_open(path, adapters))
     check_tokenizer_files(checkpoint.assets_dir)
     return checkpoint
 

@@ -185,7 +185,8 @@ def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_
 
 
 def _write_config(tmp: Path, config: dict, dtype: Optional[torch.dtype]) -> None:
-    config = dict(config)
+    # The output is plain float tensors: a quantization_config (of an input read dequantized) never carries over.
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
     if dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         config.update({k: str(dtype).removeprefix("torch.") for k in keys})
