@@ -172,7 +172,9 @@ def plan(recipe: MergeRecipe) -> MergeInputs:
     naming the model, tensor (or slice) and fix.
     """
     recipe.resolved_params()
-    inputs = open_inputs(recipe.base_model, recipe.model_paths(), recipe.tokenizer_source)
+    inputs = open_inputs(
+        recipe.base_model, recipe.model_paths(), recipe.tokenizer_source, config_source=recipe.config_source
+    )
     recipe.layout(inputs.names)
     return inputs
 

@@ -91,6 +91,11 @@ class MergeRecipe(BaseModel):
     # Vocabulary of the output when the inputs' differ (mergekit's key): "base" = the base model's
     # (else the first model's) tokenizer; "union" = it plus every other model's extra tokens.
     tokenizer_source: TokenizerSource = TokenizerSource.base
+    # Whose config.json the output keeps when the inputs' configs differ in a field that changes the
+    # computation (rope, context length, norm eps, ...; explorer.io.config_compat): "base" (the base
+    # model's, else the first model's), a model as listed in the recipe, or its 0-based index among the
+    # merged models. Not set: such a difference refuses the merge.
+    config_source: Optional[str | int] = None
     # The output tokenizer's chat template: Jinja text, or "auto" (the template most inputs carry).
     chat_template: Optional[str] = None
     # A merged value outside the output dtype's range (float16: |x| > 65504): "refuse" the merge, or
@@ -139,7 +144,23 @@ class MergeRecipe(BaseModel):
                     f"{where}{spec.name} takes {spec.min_models}..{spec.max_models or 'any'} models (besides the base); got {count}"
                 )
         self._check_settings(spec)
+        self._check_config_source()
         return self
+
+    def _check_config_source(self) -> None:
+        """ValueError unless ``config_source`` is base, a model of the recipe, or an index among the merged models."""
+        source, models = self.config_source, self.input_models()
+        if source is None or source == "base":
+            return
+        if isinstance(source, int):
+            if not 0 <= source < len(models):
+                raise ValueError(f"config_source: {source} is not the index of a merged model (0..{len(models) - 1})")
+            return
+        refs = [resolved_ref(m) for m in models + ([self.base_model] if self.base_model else [])]
+        if resolved_ref(source) not in refs:
+            raise ValueError(
+                f"config_source: {source!r} is not a model of this recipe; give base, one of {models} or its index"
+            )
 
     def _input_counts(self) -> list[tuple[str, int]]:
         """(where, number of merged models) of the whole recipe, or of each slice."""

@@ -25,6 +25,7 @@ KEYS = (
     "out_dtype",
     "tokenizer_source",
     "tokenizer",
+    "config_source",
     "chat_template",
     "seed",
     "out_of_range",

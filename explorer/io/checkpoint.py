@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
+from explorer.io.config_compat import config_differences
 from explorer.io.formats.base import (
     TIED_NAMES,
     Checkpoint,
@@ -202,12 +203,13 @@ def discover(root: str | Path, max_depth: int = 3) -> list[Path]:
     return sorted(found)
 
 
-def check_compatible(base: Optional[Checkpoint], models: Iterable[Checkpoint]) -> list[str]:
+def check_compatible(base: Optional[Checkpoint], models: Iterable[Checkpoint], keep_config: bool = False) -> list[str]:
     """Raise CheckpointError on the first incompatibility between ``base`` and ``models``.
 
-    Checks, in order: architecture, depth (num_hidden_layers), tensor names (ignoring a tied lm_head),
-    and every tensor's shape and kind of dtype (floating or not). Returns the tensor names to merge, in
-    the reference model's order.
+    Checks, in order: architecture, depth (num_hidden_layers), config fields that change the
+    computation (``check_config``; allowed with ``keep_config``), tensor names (ignoring a tied
+    lm_head), and every tensor's shape and kind of dtype (floating or not). Returns the tensor names to
+    merge, in the reference model's order.
     """
     models = list(models)
     reference = base or models[0]
@@ -215,7 +217,7 @@ def check_compatible(base: Optional[Checkpoint], models: Iterable[Checkpoint]) -
     for other in models:
         if other is reference:
             continue
-        check_config(reference, other)
+        check_config(reference, other, keep_config)
         _check_names(reference, other, names)
         for name in names:
             _check_tensor(reference, other, name)
@@ -241,8 +243,13 @@ def _check_tensor(reference: Checkpoint, other: Checkpoint, name: str) -> None:
         )
 
 
-def check_config(reference: Checkpoint, other: Checkpoint) -> None:
-    """CheckpointError unless ``other`` has ``reference``'s architecture and depth (num_hidden_layers)."""
+def check_config(reference: Checkpoint, other: Checkpoint, keep_config: bool = False) -> None:
+    """CheckpointError unless ``other`` has ``reference``'s architecture, depth and computation.
+
+    Architecture and depth (num_hidden_layers) must agree; so must every config field that changes the
+    computation (``explorer.io.config_compat``: rope, context length, norm eps, activation, ...) unless
+    ``keep_config`` (the recipe's ``config_source`` says which model's config the output keeps).
+    """
     if reference.architecture != other.architecture:
         raise CheckpointError(
             f"{other.path}: architecture {other.architecture} differs from {reference.path} ({reference.architecture}); "
@@ -252,6 +259,14 @@ def check_config(reference: Checkpoint, other: Checkpoint) -> None:
     if depth_ref != depth:
         raise CheckpointError(
             f"{other.path}: {depth} layers but {reference.path} has {depth_ref}; models of different depth cannot be merged"
+        )
+    maths = [d for d in config_differences(reference.config, other.config) if d.changes_maths]
+    if maths and not keep_config:
+        more = f" (and {len(maths) - 1} more: {', '.join(d.field for d in maths[1:])})" if len(maths) > 1 else ""
+        raise CheckpointError(
+            f"{other.path}: config field {maths[0].describe(str(reference.path), str(other.path))}{more}; "
+            "these fields change what the model computes, so the merge is refused: make the configs agree, or set "
+            "config_source in the recipe (base, or one of the models) to say whose config.json the output keeps"
         )
 
 

@@ -28,7 +28,9 @@ from explorer.io.checkpoint import (
     check_compatible,
     check_config,
     open_checkpoint,
+    resolved_ref,
 )
+from explorer.io.config_compat import ConfigChoice, config_differences, vocab_size_of
 from explorer.io.finite import read_stacked
 from explorer.io.vocab import align_embeddings
 
@@ -127,29 +129,69 @@ def open_inputs(
     models: Sequence[str | Path],
     tokenizer_source: TokenizerSource | str = TokenizerSource.base,
     labels: Optional[Sequence[str]] = None,
+    config_source: Optional[str | int] = None,
 ) -> MergeInputs:
     """Open, check and align the inputs of a merge; raises CheckpointError naming model, tensor and fix.
 
-    Order: open every input (format errors), architecture and depth, vocabulary and tying alignment
-    (``explorer.io.vocab``), then tensor names and shapes. labels: expert names for Inspect (optional).
+    Order: open every input (format errors), architecture, depth and the config fields that change
+    the computation (``check_config``), vocabulary and tying alignment (``explorer.io.vocab``), then
+    tensor names and shapes. labels: expert names for Inspect (optional). config_source (the recipe's
+    key): None refuses configs that differ in a field that changes the computation; ``"base"`` keeps
+    the reference's config (the base, else the first model), a model (as given in ``models``, or its
+    0-based index there) that model's: the reference's ``config`` then becomes that model's (vocabulary
+    alignment kept) and its ``config_choice`` (a ``ConfigChoice``) lists every differing field for the
+    model card.
     """
     if not models:
         raise CheckpointError("no models to merge; give at least one model")
     base_ckpt = open_checkpoint(base) if base else None
     model_ckpts = [open_checkpoint(m) for m in models]
     reference = base_ckpt or model_ckpts[0]
+    chosen = _config_index(config_source, base, models)
     for other in model_ckpts:
-        check_config(reference, other)
+        check_config(reference, other, chosen is not None)
+    differences = tuple((str(o.path), d) for o in model_ckpts for d in config_differences(reference.config, o.config))
     base_ckpt, model_ckpts = align_embeddings(base_ckpt, model_ckpts, tokenizer_source)
-    return MergeInputs(
-        base_ckpt, model_ckpts, check_compatible(base_ckpt, model_ckpts), list(labels) if labels is not None else None
-    )
+    names = check_compatible(base_ckpt, model_ckpts, chosen is not None)
+    reference = base_ckpt or model_ckpts[0]
+    if chosen is not None:
+        keep = reference if chosen < 0 else model_ckpts[chosen]
+        reference.config = dict(keep.config)
+        reference.config_choice = ConfigChoice(str(config_source), str(keep.path), differences)
+    return MergeInputs(base_ckpt, model_ckpts, names, list(labels) if labels is not None else None)
+
+
+def _config_index(
+    config_source: Optional[str | int], base: Optional[str | Path], models: Sequence[str | Path]
+) -> Optional[int]:
+    """None (no config_source), -1 (the reference: ``base``, or the base model), or the index of the chosen model.
+
+    CheckpointError for a model that is not among the inputs, or an index out of range.
+    """
+    if config_source is None:
+        return None
+    if isinstance(config_source, int):
+        if not 0 <= config_source < len(models):
+            raise CheckpointError(f"config_source: {config_source} is not a model index (0..{len(models) - 1})")
+        return config_source
+    if config_source == "base":
+        return -1
+    wanted = resolved_ref(str(config_source))
+    if base and resolved_ref(str(base)) == wanted:
+        return -1
+    refs = [resolved_ref(str(m)) for m in models]
+    if wanted not in refs:
+        raise CheckpointError(
+            f"config_source: {config_source!r} is not one of the inputs; give base, a model as listed ({', '.join(map(str, models))}) or its index"
+        )
+    return refs.index(wanted)
 
 
 def compatibility_report(
     paths: Sequence[str | Path],
     base: Optional[str | Path] = None,
     tokenizer_source: TokenizerSource | str = TokenizerSource.base,
+    config_source: Optional[str | int] = None,
 ) -> pd.DataFrame:
     """One row per input (base first) with what it is and whether it merges with the reference.
 
@@ -157,8 +199,10 @@ def compatibility_report(
     (most common tensor dtype as read), tied (bool), status and message. status is ``ok``, ``aligned``
     (vocabulary or tying differ from the reference and are aligned when merging), ``incompatible`` or
     ``unreadable`` (it does not open, or its config or tensors cannot be described); message is the
-    error text, or a note on what gets aligned. The reference is the first input (base first) that is
-    not unreadable; an error in one input never stops the report.
+    error text, or a note on what gets aligned, followed by every config field that differs from the
+    reference's (``explorer.io.config_compat``; those that change the computation make it
+    ``incompatible`` unless ``config_source`` is given, as ``open_inputs``). The reference is the first
+    input (base first) that is not unreadable; an error in one input never stops the report.
     """
     entries = ([(base, "base")] if base else []) + [(p, "model") for p in paths]
     described = [(role, *_describe(path)) for path, role in entries]
@@ -167,7 +211,7 @@ def compatibility_report(
     for role, ckpt, row in described:
         if ckpt is not None:
             row["status"], row["message"] = (
-                ("ok", "reference") if ckpt is reference else _against(reference, ckpt, tokenizer_source)
+                ("ok", "reference") if ckpt is reference else _against(reference, ckpt, tokenizer_source, config_source)
             )
         rows.append({"role": role, **row})
     return pd.DataFrame(rows, columns=REPORT_COLUMNS)
@@ -183,7 +227,7 @@ def _describe(path: str | Path) -> tuple[Optional[Checkpoint], dict]:
             "format": ckpt.format,
             "architecture": ckpt.architecture,
             "layers": ckpt.num_layers,
-            "vocab": ckpt.config.get("vocab_size"),
+            "vocab": vocab_size_of(ckpt.config),
             "dtype": dtypes.most_common(1)[0][0],
             "tied": ckpt.tied_embeddings,
         }
@@ -191,16 +235,25 @@ def _describe(path: str | Path) -> tuple[Optional[Checkpoint], dict]:
         return None, {"path": str(path), "status": "unreadable", "message": str(e)}
 
 
-def _against(reference: Checkpoint, other: Checkpoint, tokenizer_source: TokenizerSource | str) -> tuple[str, str]:
-    """(status, message) of merging ``other`` with ``reference``."""
+def _against(
+    reference: Checkpoint,
+    other: Checkpoint,
+    tokenizer_source: TokenizerSource | str,
+    config_source: Optional[str | int] = None,
+) -> tuple[str, str]:
+    """(status, message) of merging ``other`` with ``reference``; the message ends with the differing config fields."""
+    differences = config_differences(reference.config, other.config)
+    fields = (
+        ["config differs: " + "; ".join(d.describe("reference", "this") for d in differences)] if differences else []
+    )
     try:
-        check_config(reference, other)
+        check_config(reference, other, config_source is not None)
         ref_view, (view,) = align_embeddings(reference, [other], tokenizer_source)
-        check_compatible(ref_view, [view])
+        check_compatible(ref_view, [view], config_source is not None)
     except CheckpointError as e:
-        return "incompatible", str(e)
+        return "incompatible", "; ".join([str(e), *fields])
     if view is other:
-        return "ok", ""
+        return "ok", "; ".join(fields)
     alignment = view.alignment
     notes = []
     if alignment.layout is not None:
@@ -211,4 +264,4 @@ def _against(reference: Checkpoint, other: Checkpoint, tokenizer_source: Tokeniz
         notes.append(
             "tied and untied embeddings: output untied, a tied model's input embedding serves as its output embedding"
         )
-    return "aligned", "; ".join(notes)
+    return "aligned", "; ".join(notes + fields)

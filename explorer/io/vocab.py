@@ -15,6 +15,10 @@ have it. Rows past the end of a tokenizer (padding to a multiple of 8 or 64) bel
 reference's padding rows are kept, other models' are dropped. Models with the same number of rows
 and identical tokenizers (or no tokenizers at all) are left as they are.
 
+The vocabulary size is set where the config holds it: a composite model's (vision-language, ...)
+language sub-config (text_config, ...; ``explorer.io.config_compat``); a config where transformers
+would not read it is refused before anything is written.
+
 Tying: a tied model's output embedding is its input embedding. The output is untied (has its own
 output embedding) when any input is untied; a tied input then contributes its input embedding there.
 """
@@ -30,6 +34,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from explorer.choices import TokenizerSource, parse_choice
+from explorer.io.config_compat import vocab_size_of, with_untied, with_vocab_size
 from explorer.io.finite import check_finite
 from explorer.io.formats.base import (
     TOKENIZER_FILES,
@@ -137,9 +142,9 @@ class EmbeddingView(Checkpoint):
             files[names.output] = inner.files[names.input]
         config = dict(inner.config)
         if alignment.untie:
-            config["tie_word_embeddings"] = False
+            config = with_untied(config)
         if alignment.layout is not None:
-            config["vocab_size"] = alignment.layout.rows
+            config = with_vocab_size(config, alignment.layout.rows)
         super().__init__(inner.path, config, files)
         self.inner, self.alignment, self.index = inner, alignment, index
         self.format = inner.format
@@ -223,6 +228,9 @@ def align_embeddings(
         return base, list(models)
     alignment = Alignment(members, base is not None, names, tied, untie, layout)
     views = [EmbeddingView(alignment, i) for i in range(len(members))]
+    if layout is not None:
+        for view in views:
+            _check_vocab_size(view, layout.rows)
     return (views[0], views[1:]) if base else (None, views)
 
 
@@ -292,3 +300,22 @@ def _same_tokenizer_files(members: list[Checkpoint]) -> bool:
 
     first = fingerprint(dirs[0])
     return all(fingerprint(d) == first for d in dirs[1:])
+
+
+def _check_vocab_size(view: EmbeddingView, rows: int) -> None:
+    """CheckpointError unless transformers reads ``rows`` as the vocabulary size of ``view``'s config.
+
+    A composite model (vision-language, ...) holds it in its language sub-config
+    (``config_compat.with_vocab_size``); a layout where neither that nor the top level is read would
+    write a checkpoint transformers refuses to load, so it is refused before anything is written.
+    """
+    try:
+        declared = view.hf_config.get_text_config(decoder=True).vocab_size
+    except (CheckpointError, AttributeError, ValueError):
+        declared = vocab_size_of(view.config)
+    if declared != rows:
+        raise CheckpointError(
+            f"{view.path}: the vocabularies are aligned to {rows} rows, but its config.json keeps the vocabulary size "
+            f"where transformers does not read it (it reads {declared}); merge models with the same vocabulary, or put "
+            "vocab_size in the language model's sub-config (text_config) of every model's config.json"
+        )

@@ -28,6 +28,7 @@ from explorer.io.checkpoint import (
     CheckpointError,
     open_checkpoint,
 )
+from explorer.io.config_compat import ConfigChoice
 from explorer.io.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
 
@@ -115,7 +116,7 @@ def write_checkpoint(
         source.save_assets(tmp)
         if recipe is not None:
             (tmp / "merge_recipe.yaml").write_text(recipe.to_yaml())
-            (tmp / "README.md").write_text(model_card(recipe))
+            (tmp / "README.md").write_text(model_card(recipe, getattr(source, "config_choice", None)))
         for name, text in (files or {}).items():
             (tmp / name).write_text(text() if callable(text) else text)
     return out
@@ -240,8 +241,12 @@ def _chat_template_of(checkpoint: Checkpoint) -> Optional[str]:
     return template.strip() if template else None
 
 
-def model_card(recipe: MergeRecipe) -> str:
-    """README.md for the merged model: mergekit-style front matter and the recipe that reproduces it."""
+def model_card(recipe: MergeRecipe, config_choice: Optional[ConfigChoice] = None) -> str:
+    """README.md for the merged model: mergekit-style front matter and the recipe that reproduces it.
+
+    ``config_choice`` (set by ``open_inputs`` when the recipe has ``config_source``): a section saying
+    whose config.json the output has and every config field the inputs differ in.
+    """
     sources = ([recipe.base_model] if recipe.base_model else []) + [e.model for e in recipe.models]
     lines = ["---", "library_name: transformers", "tags:", "- merge", "- merge-explorer", "base_model:"]
     lines += [f"- {s}" for s in sources]
@@ -257,4 +262,18 @@ def model_card(recipe: MergeRecipe) -> str:
         "```",
         "",
     ]
+    if config_choice is not None:
+        lines += [
+            "## Config",
+            "",
+            f"config.json is {config_choice.path}'s (config_source: {config_choice.source}). "
+            + ("The inputs' configs differ in:" if config_choice.differences else "The inputs' configs agree."),
+            "",
+        ]
+        lines += [
+            f"- `{d.field}`: {path} has {d.other!r}, the reference has {d.reference!r}"
+            + ("" if d.changes_maths else " (does not change the computation)")
+            for path, d in config_choice.differences
+        ]
+        lines += ["", ""]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ import torch
 from peft.utils.other import get_pattern_key
 from typing_extensions import override
 
+from explorer.io.config_compat import with_vocab_size
 from explorer.io.formats.base import (
     TIED_NAMES,
     Checkpoint,
@@ -194,7 +195,7 @@ class LoraCheckpoint(Checkpoint):
             self.config["tie_word_embeddings"] = False
         embed = embedding_names(base).input
         if embed in self._whole:  # a resized embedding (tokens added during fine-tuning)
-            self.config["vocab_size"] = self.shape(embed)[0]
+            self.config = with_vocab_size(self.config, self.shape(embed)[0])  # in text_config for composite models
         self._check_fits_base()
 
     def _check_fits_base(self) -> None:
