@@ -35,6 +35,7 @@ from explorer.io.formats.safetensors_dir import (
     is_safetensors_dir,
 )
 from explorer.io.formats.trainer import is_run_dir, trainer_checkpoints
+from explorer.io.keymap import with_loaded_names
 
 __all__ = [
     "Checkpoint",
@@ -88,7 +89,7 @@ def _open_checked(path: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
     """
     checkpoint = dequantized(_open(path, adapters))
     check_tokenizer_files(checkpoint.assets_dir)
-    return checkpoint
+    return with_loaded_names(checkpoint)  # the names transformers loads the tensors under (explorer.io.keymap)
 
 
 def _open(text: str | Path, adapters: tuple[Path, ...]) -> Checkpoint:
@@ -271,16 +272,17 @@ def check_config(reference: Checkpoint, other: Checkpoint, keep_config: bool = F
 
 
 def _check_names(reference: Checkpoint, other: Checkpoint, names: list[str]) -> None:
+    """CheckpointError naming the differing tensors of both sides unless ``other`` has exactly ``names``.
+
+    Names are compared as transformers loads them (``explorer.io.keymap``: prefix added or removed,
+    the class's conversion mapping, ignored buffers left out), so what differs here differs for it too.
+    """
     have = set(other.names())
     missing = [n for n in names if n not in have]
-    if missing:
-        raise CheckpointError(
-            f"{other.path}: missing tensor {missing[0]!r} (and {len(missing) - 1} more) that {reference.path} has; "
-            "both must come from the same architecture and base"
-        )
     extra = sorted(have - set(names) - set(TIED_NAMES))
-    if extra:
+    lacks = f"missing tensor {missing[0]!r} (and {len(missing) - 1} more) that {reference.path} has" if missing else ""
+    has = f"tensor {extra[0]!r} (and {len(extra) - 1} more) is not in {reference.path}" if extra else ""
+    if missing or extra:
         raise CheckpointError(
-            f"{other.path}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not in {reference.path}; "
-            "both must come from the same architecture and base"
+            f"{other.path}: {'; '.join(p for p in (lacks, has) if p)}; both must come from the same architecture and base"
         )

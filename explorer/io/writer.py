@@ -30,6 +30,7 @@ from explorer.io.checkpoint import (
 )
 from explorer.io.config_compat import ConfigChoice
 from explorer.io.formats.safetensors_io import ShardWriter
+from explorer.io.keymap import ignored_tensors
 from explorer.recipe import MergeRecipe
 
 SHARD_BYTES = 2 * 1024**3
@@ -116,7 +117,8 @@ def write_checkpoint(
         source.save_assets(tmp)
         if recipe is not None:
             (tmp / "merge_recipe.yaml").write_text(recipe.to_yaml())
-            (tmp / "README.md").write_text(model_card(recipe, getattr(source, "config_choice", None)))
+            card = model_card(recipe, getattr(source, "config_choice", None)) + _files_section(tmp, source)
+            (tmp / "README.md").write_text(card)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text() if callable(text) else text)
     return out
@@ -183,6 +185,31 @@ def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return dtype
+
+
+def _files_section(tmp: Path, source: Checkpoint) -> str:
+    """Model card lines: the files copied beside the weights, and the stored tensors left out (transformers ignores them)."""
+    written = {SINGLE_FILE, INDEX_FILE, "config.json", "merge_recipe.yaml"}
+    copied = sorted(p.name for p in tmp.iterdir() if p.name not in written and not p.name.endswith(".safetensors"))
+    ignored = ignored_tensors(source)
+    lines = []
+    if copied:
+        lines += [
+            "## Files beside the weights",
+            "",
+            f"From {source.path} (tokenizer, processor, generation config):",
+            "",
+        ]
+        lines += [f"- `{name}`" for name in copied] + [""]
+    if ignored:
+        lines += [
+            "## Tensors left out",
+            "",
+            f"{source.path} stores tensors transformers ignores on load (not merged, not written):",
+            "",
+        ]
+        lines += [f"- `{name}`" for name in ignored] + [""]
+    return "\n".join(lines)
 
 
 def _write_config(tmp: Path, config: dict, dtype: Optional[torch.dtype]) -> None:

@@ -41,7 +41,11 @@ TOKENIZER_FILES = (
 )
 # Small JSON tokenizer files that are parsed outside the tokenizer loader too (checked when a model is opened).
 TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-ASSET_FILES = TOKENIZER_FILES + ("generation_config.json",)
+# Not copied beside a merge's weights: weights and their indexes, the config (written), files a merge writes
+# itself or that describe another model (card, recipe, manifest, prune report, Trainer state, adapter config).
+NOT_COPIED = ("config.json", "README.md", "merge_recipe.yaml", "merge_manifest.json", "prune_report.json")
+NOT_COPIED += ("trainer_state.json", "adapter_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
 
 # safetensors dtype names <-> torch dtypes (the names ``Checkpoint.dtype`` reports for every format).
 DTYPES: dict[str, torch.dtype] = {
@@ -275,12 +279,28 @@ class Checkpoint:
         return load_tokenizer(self.assets_dir)
 
     def save_assets(self, dst: Path) -> None:
-        """Copy this model's tokenizer and generation config files into ``dst`` (a new output folder)."""
-        if self.assets_dir is None:
-            return
-        for name in ASSET_FILES:
-            if (self.assets_dir / name).is_file():
-                shutil.copyfile(self.assets_dir / name, dst / name)
+        """Copy this model's side files (``side_files``: tokenizer, generation and processor configs, ...) into ``dst``."""
+        for file in side_files(self.assets_dir):
+            shutil.copyfile(file, dst / file.name)
+
+
+def side_files(folder: Optional[Path]) -> list[Path]:
+    """Every file beside a model's weights that a copy of the model needs, sorted by name.
+
+    All plain, visible files directly in ``folder`` (tokenizer files of any format, generation_config.json,
+    preprocessor_config.json, processor_config.json, chat templates, ...) except weights and their indexes
+    (``WEIGHT_SUFFIXES``) and ``NOT_COPIED``. [] when ``folder`` is None.
+    """
+    if folder is None:
+        return []
+    return [
+        f
+        for f in sorted(folder.iterdir())
+        if f.is_file()
+        and not f.name.startswith(".")
+        and f.name not in NOT_COPIED
+        and not f.name.endswith(WEIGHT_SUFFIXES)
+    ]
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from explorer.io.formats.bin import PickleFile
 from explorer.io.formats.hf_cache import hub_snapshot
 from explorer.io.formats.refs import ADAPTER_CONFIG
 from explorer.io.formats.safetensors_io import SafetensorsFile
+from explorer.io.keymap import name_mapper
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
@@ -186,7 +187,10 @@ class LoraCheckpoint(Checkpoint):
     def __init__(self, path: Path, base: Checkpoint):
         self.base, self.adapter_config = base, read_adapter_config(path)
         self._adapter = open_adapter(path)
-        self._lora, self._whole = index_adapter(path, self._adapter)
+        lora, whole = index_adapter(path, self._adapter)
+        loaded = name_mapper(base)  # the base's names as transformers loads them (the base is opened under them)
+        self._lora = {loaded(target): entry for target, entry in lora.items()}
+        self._whole = {loaded(name): key for name, key in whole.items()}
         check_ranks(path, self._adapter, self._lora, self.adapter_config)
         config = dict(base.config)
         files = dict(base.files) | {name: self._adapter.path for name in self._whole if name not in base.files}
