@@ -1,21 +1,29 @@
 """``python -m evals MODEL_DIR [MODEL_DIR ...] --task-dir OUT/tasks`` and ``python -m evals greedy-soup ...``.
 
-The first loads each checkpoint folder, scores it with lm-eval on local tasks and prints one table
-(rows: models, labelled by folder name; columns: tasks, acc). ``greedy-soup MODEL ... --task-dir DIR
+The first loads each checkpoint folder, scores it with lm-eval on local (or lm-eval's built-in) tasks
+and prints one table: rows are the models, labelled by the shortest distinguishing end of their paths;
+columns are every metric of every task, with its standard error. ``greedy-soup MODEL ... --task-dir DIR
 --task TASK --out DIR`` builds a greedy soup of the models (``evals.greedy_soup``): ranks them by
 their own score, adds each to the soup when the soup's score does not drop, prints every step and
 which models were kept, and writes the final soup. ``scenarios (--tiny ZOO | --smollm2 SET) --work DIR``
 runs the method-family scenarios (``evals.scenarios``) and writes their tables to ``DIR/scenarios.md``.
+``sweep`` and ``search`` run a grid or a search over a merge method's parameters as a resumable
+Optuna study (``evals.study``; ``--backend ray`` runs the trials on Ray) and print its table.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 GREEDY_SOUP = "greedy-soup"
 SCENARIOS = "scenarios"
+SWEEP = "sweep"
+SEARCH = "search"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return _greedy_soup(argv[1:])
     if argv[:1] == [SCENARIOS]:
         return _scenarios(argv[1:])
+    if argv[:1] in ([SWEEP], [SEARCH]):
+        return _study(argv[0], argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m evals",
         description="Score checkpoint folders with lm-eval on local tasks and print one table.",
@@ -41,19 +51,35 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.lm_eval_runner import compare, list_tasks
+    from evals.labels import distinct_labels
+    from evals.lm_eval_runner import list_tasks, metrics_table, task_metrics
 
+    try:
+        labels = distinct_labels(args.models)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tasks = args.tasks.split(",") if args.tasks else list_tasks(args.task_dir)
-    models = {
-        path.name: (
-            AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(path),
+    tables = []
+    for label, path in zip(labels, args.models, strict=True):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        metrics = task_metrics(
+            model, AutoTokenizer.from_pretrained(path), tasks, args.task_dir, args.limit, args.batch_size
         )
-        for path in args.models
-    }
-    table = compare(models, tasks, args.task_dir, args.limit, args.batch_size)
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        tables.append(metrics_table(label, metrics))
+    print(_wide(pd.concat(tables)).to_string())
     return 0
+
+
+def _wide(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows: models (in given order); columns: ``task metric``; cells: ``value ± stderr`` (``value`` without one)."""
+    cells = [
+        f"{v:.4f}" + ("" if math.isnan(e) else f" ± {e:.4f}")
+        for v, e in zip(table["value"], table["stderr"], strict=True)
+    ]
+    table = table.assign(cell=cells, column=table["task"] + " " + table["metric"])
+    wide = table.pivot(index="model", columns="column", values="cell")
+    return wide.reindex(index=table["model"].unique(), columns=table["column"].unique())
 
 
 def _greedy_soup(argv: list[str]) -> int:
@@ -157,6 +183,99 @@ def _scenarios(argv: list[str]) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(sections))  # after every scenario: a long run shows what is done
         print(sections[-1], flush=True)
+    return 0
+
+
+def _study(kind: str, argv: list[str]) -> int:
+    """``sweep`` (a grid) or ``search`` (TPE / CMA-ES) of a merge method's parameters (``evals.study``)."""
+    grid = kind == SWEEP
+    parser = argparse.ArgumentParser(
+        prog=f"python -m evals {kind}",
+        description=(
+            "Grid over one or two parameters of a merge method"
+            if grid
+            else "Search every parameter of a merge method (TPE or CMA-ES) with a trial budget"
+        )
+        + ": each point merged in memory and scored with lm-eval; an Optuna study in STORAGE/merge_studies.db "
+        "(the same command resumes it), scores cached by recipe hash + task + limit.",
+    )
+    parser.add_argument("models", nargs="+", type=Path, help="expert checkpoint folders, in order (weight[0], ...)")
+    parser.add_argument("--base", type=Path, help="base checkpoint (methods over task vectors need one)")
+    parser.add_argument("--method", required=True, help="merge method (python -m explorer methods)")
+    if grid:
+        parser.add_argument(
+            "--grid",
+            action="append",
+            required=True,
+            metavar="NAME=V1,V2,...",
+            help="a parameter and its values (once or twice): lambda=0.5,1,1.5; density[0]=...; mix=0,0.5,1",
+        )
+    else:
+        parser.add_argument("--trials", type=int, required=True, help="the study's trial budget")
+        parser.add_argument("--sampler", choices=["tpe", "cmaes"], default="tpe")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="fix a parameter")
+    parser.add_argument("--held-in", required=True, help="comma-separated tasks; their mean score is maximized")
+    parser.add_argument("--held-out", default="", help="comma-separated tasks scored and recorded, not optimized")
+    parser.add_argument("--task-dir", type=Path, required=True, help="folder of lm-eval task YAMLs")
+    parser.add_argument("--storage", type=Path, required=True, help="folder of merge_studies.db (e.g. the models')")
+    parser.add_argument("--study", help="study name (default: derived from the settings)")
+    parser.add_argument("--limit", type=int, help="examples per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="the recipes' and the sampler's seed")
+    parser.add_argument("--backend", choices=["local", "ray"], default="local")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: a local Ray instance of --workers CPUs)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray actors, each holding the inputs")
+    parser.add_argument("--out", type=Path, help="write the table to this .csv or .json file")
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    from evals import study
+    from explorer.io.checkpoint import CheckpointError
+    from explorer.session import MergeSession
+
+    def pairs(items: list[str]) -> dict:
+        found = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                parser.error(f"{item!r}: write NAME=VALUE")
+            found[name.strip()] = value
+        return found
+
+    fixed = {k: yaml.safe_load(v) for k, v in pairs(args.set).items()}
+    common = dict(
+        held_in=[t for t in args.held_in.split(",") if t],
+        task_dir=args.task_dir,
+        storage_dir=args.storage,
+        study_name=args.study,
+        held_out=[t for t in args.held_out.split(",") if t],
+        fixed=fixed,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        progress=lambda f, m: print(f"  [{f:4.0%}] {m}", flush=True),
+    )
+    try:
+        session = MergeSession(args.base, args.models)
+        if grid:
+            values = {k: [yaml.safe_load(x) for x in v.split(",")] for k, v in pairs(args.grid).items()}
+            result = study.run_grid(session, args.method, values, **common)
+        else:
+            result = study.run_search(session, args.method, args.trials, sampler=args.sampler, **common)
+    except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    table = study.study_table(args.storage, result.study_name)
+    print(f"study {result.study_name!r} in {args.storage / study.DB_NAME}:")
+    print(table.drop(columns=["recipe", "recipe_hash"]).to_string(index=False))
+    if (table["state"] == "COMPLETE").any():
+        print("best recipe:\n" + study.best_recipe(args.storage, result.study_name).to_yaml())
+    if args.out:
+        print(f"wrote {study.export_table(table, args.out)}")
     return 0
 
 

@@ -14,21 +14,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import difflib
+import functools
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 import yaml
+from datasets.exceptions import DatasetNotFoundError
+from huggingface_hub.errors import OfflineModeIsEnabled
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TaskDirs = str | Path | Sequence[str | Path]  # one task folder or several
-METRIC = "acc,none"  # lm-eval's result key for the acc metric without a filter
-STDERR = "acc_stderr,none"  # and for its standard error
 STDERR_ITERS = 100  # > 0 makes lm-eval report stderr; acc's mean has a closed form, nothing is resampled
 MAX_SEARCH_DEPTH = 3  # task_dirs() looks this many folders deep
 
@@ -82,19 +84,40 @@ def task_dirs(models_dir: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def _task_manager(task_dir: TaskDirs) -> TaskManager:
-    """A TaskManager that knows only the tasks in ``task_dir`` (not lm-eval's built-in ones)."""
-    dirs = _as_dirs(task_dir)
+def _local_manager(dirs: tuple[Path, ...]) -> TaskManager:
+    """A TaskManager that knows only the tasks in ``dirs`` (not lm-eval's built-in ones)."""
+    return TaskManager(include_path=[str(d) for d in dirs], include_defaults=False)
+
+
+@functools.cache
+def _full_manager(dirs: tuple[Path, ...]) -> TaskManager:
+    """A TaskManager over ``dirs`` and lm-eval's built-in tasks (indexing them takes ~10 s: built once per process)."""
+    return TaskManager(include_path=[str(d) for d in dirs] or None, include_defaults=True)
+
+
+def _task_manager(task_dir: TaskDirs, tasks: Sequence[str] = ()) -> TaskManager:
+    """A TaskManager that knows ``tasks``: the local folders' tasks, plus lm-eval's built-in ones when needed.
+
+    Raises:
+        FileNotFoundError: a task folder does not exist.
+        KeyError: a task is neither in ``task_dir`` nor built into lm-eval (the message suggests the closest name).
+    """
+    dirs = tuple(_as_dirs(task_dir))
     for d in dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"task folder {d} does not exist")
-    return TaskManager(include_path=[str(d) for d in dirs], include_defaults=False)
+    manager = _local_manager(dirs)
+    if all(t in manager.all_tasks for t in tasks):
+        return manager
+    manager = _full_manager(dirs)
+    _check_names(tasks, manager.all_tasks, task_dir)
+    return manager
 
 
 def list_tasks(task_dir: TaskDirs) -> list[str]:
     """Names of the lm-eval tasks defined in ``task_dir`` (one folder or several), sorted."""
-    dirs = [d for d in _as_dirs(task_dir) if d.is_dir()]
-    return sorted(_task_manager(dirs).all_subtasks) if dirs else []
+    dirs = tuple(d for d in _as_dirs(task_dir) if d.is_dir())
+    return sorted(_local_manager(dirs).all_subtasks) if dirs else []
 
 
 def _check_names(tasks: Sequence[str], known: Sequence[str], task_dir: TaskDirs) -> None:
@@ -104,8 +127,8 @@ def _check_names(tasks: Sequence[str], known: Sequence[str], task_dir: TaskDirs)
     for task in tasks:
         if task not in known:
             close = difflib.get_close_matches(task, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known) or 'none'}"
-            raise KeyError(f"task {task!r} is not defined in {task_dir}; {hint}")
+            hint = f"did you mean {close[0]!r}?" if close else "no task of a close name exists"
+            raise KeyError(f"task {task!r} is neither defined in {task_dir} nor built into lm-eval; {hint}")
 
 
 def _task_spec(manager: TaskManager, task: str) -> str | dict:
@@ -130,11 +153,107 @@ def _task_spec(manager: TaskManager, task: str) -> str | dict:
 
 
 class Score(NamedTuple):
-    """One task's lm-eval result: ``acc`` in [0, 1], its standard error, and the examples scored."""
+    """One metric of one task as lm-eval reports it.
 
-    acc: float
+    Attributes:
+        value: the metric (acc and exact_match in [0, 1]; perplexities >= 1; bits_per_byte >= 0).
+        stderr: lm-eval's standard error of ``value``; NaN where lm-eval reports none (e.g. perplexities).
+        n: examples scored.
+        higher_is_better: lm-eval's direction of the metric (False for perplexities and bits_per_byte).
+    """
+
+    value: float
     stderr: float
     n: int
+    higher_is_better: bool = True
+
+
+class TaskDataMissing(FileNotFoundError):
+    """A task's dataset is neither a local file nor in the Hugging Face datasets cache (never downloaded here)."""
+
+
+def _as_float(value) -> float:
+    """lm-eval's number, or NaN for its ``"N/A"`` (no standard error computed)."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _metrics(entry: dict, higher: dict, n: int) -> dict[str, Score]:
+    """Every ``metric,filter`` lm-eval reported in one task's (or group's) result entry, in its order.
+
+    Labels are the metric name, with the filter in parentheses unless it is lm-eval's ``none``:
+    ``acc``, ``acc_norm``, ``exact_match (strict-match)``, ``word_perplexity``.
+    """
+    scores = {}
+    for key, value in entry.items():
+        metric, _, filter_name = key.partition(",")
+        if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            continue
+        label = metric if filter_name == "none" else f"{metric} ({filter_name})"
+        stderr = _as_float(entry.get(f"{metric}_stderr,{filter_name}"))
+        scores[label] = Score(float(value), stderr, n, bool(higher.get(metric, True)))
+    return scores
+
+
+def _evaluate(lm: HFLM, manager: TaskManager, tasks: Sequence[str], limit: int | None) -> dict:
+    """lm-eval's ``simple_evaluate`` results; TaskDataMissing at once when a dataset would need the network."""
+    try:
+        return simple_evaluate(
+            model=lm,
+            tasks=[_task_spec(manager, t) for t in tasks],
+            task_manager=manager,
+            limit=limit,
+            bootstrap_iters=STDERR_ITERS,
+            log_samples=False,
+        )
+    except (ConnectionError, DatasetNotFoundError, OfflineModeIsEnabled) as e:
+        raise TaskDataMissing(
+            f"the data of task(s) {', '.join(tasks)} is not on this machine ({e}); nothing is downloaded here: "
+            "run the same evaluation once on a machine with network (or datasets.load_dataset) and copy "
+            "~/.cache/huggingface/datasets here, or pick a task defined in a local folder"
+        ) from e
+
+
+def task_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str],
+    task_dir: TaskDirs,
+    limit: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, dict[str, Score]]:
+    """Score an in-memory model with lm-eval: every metric every task reports, with its standard error.
+
+    Args:
+        model: a causal LM, left on its device (not saved, not reloaded).
+        tokenizer: its tokenizer.
+        tasks: lm-eval task or group names: defined in ``task_dir`` (e.g. ``["zoo_add"]``) or built into
+            lm-eval (their data must be on this machine).
+        task_dir: folder (or folders) of task YAML files.
+        limit: evaluate only the first ``limit`` examples of each task; ``None`` for all.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        ``{task: {metric: Score}}`` for every task lm-eval reports (a group's subtasks too), in its order;
+        metrics are labelled as in ``_metrics`` (``acc``, ``exact_match (strict-match)``, ...). For the
+        zoo's loglikelihood tasks ``acc`` is the share of examples whose target is exactly the model's
+        greedy continuation, with stderr ``sqrt(acc (1 - acc) / (n - 1))``.
+
+    Raises:
+        FileNotFoundError: a task folder does not exist.
+        KeyError: a task is unknown (the message suggests the closest name).
+        TaskDataMissing: a task's data is not on this machine (raised before the model runs).
+    """
+    manager = _task_manager(task_dir, tasks)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = _evaluate(lm, manager, tasks, limit)
+    counts = {t: int(c["effective"]) for t, c in results.get("n-samples", {}).items()}
+    tables = {**results["results"], **results.get("groups", {})}
+    higher = results.get("higher_is_better", {})
+    scores = {}
+    for task, entry in tables.items():
+        n = counts.get(task) or sum(counts.get(sub, 0) for sub in results.get("group_subtasks", {}).get(task, []))
+        scores[task] = _metrics(entry, higher.get(task, {}), n)
+    return {t: m for t, m in scores.items() if m}
 
 
 def task_scores(
@@ -145,45 +264,12 @@ def task_scores(
     limit: int | None = None,
     batch_size: int = 32,
 ) -> dict[str, Score]:
-    """Score an in-memory model on local lm-eval tasks: acc, its standard error and the example count.
+    """``{task: Score}`` of each task in ``tasks``: its primary metric (the first it reports; ``acc`` for the zoo's).
 
-    Args:
-        model: a causal LM, left on its device (not saved, not reloaded).
-        tokenizer: its tokenizer.
-        tasks: task names defined in ``task_dir``, e.g. ``["zoo_add", "zoo_upper"]``.
-        task_dir: folder (or folders) of task YAML files.
-        limit: evaluate only the first ``limit`` examples of each task; ``None`` for all.
-        batch_size: sequences per forward pass.
-
-    Returns:
-        ``{task: Score}``. acc is lm-eval's mean of per-example accuracies (for the zoo's
-        loglikelihood tasks: the share of examples whose target is exactly the model's greedy
-        continuation); stderr is lm-eval's closed-form standard error of that mean,
-        ``sqrt(acc (1 - acc) / (n - 1))``.
-
-    Raises:
-        FileNotFoundError: a task folder does not exist.
-        KeyError: a task is not defined there (the message suggests the closest name).
+    Arguments and errors as in ``task_metrics``.
     """
-    manager = _task_manager(task_dir)
-    _check_names(tasks, manager.all_subtasks, task_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(
-        model=lm,
-        tasks=[_task_spec(manager, t) for t in tasks],
-        task_manager=manager,
-        limit=limit,
-        bootstrap_iters=STDERR_ITERS,
-        log_samples=False,
-    )
-    return {
-        t: Score(
-            float(results["results"][t][METRIC]),
-            float(results["results"][t][STDERR]),
-            int(results["n-samples"][t]["effective"]),
-        )
-        for t in tasks
-    }
+    metrics = task_metrics(model, tokenizer, tasks, task_dir, limit, batch_size)
+    return {t: next(iter(metrics[t].values())) for t in tasks}
 
 
 def evaluate_model(
@@ -194,8 +280,18 @@ def evaluate_model(
     limit: int | None = None,
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """``{task: acc}`` of an in-memory model: ``task_scores`` without the standard errors."""
-    return {t: s.acc for t, s in task_scores(model, tokenizer, tasks, task_dir, limit, batch_size).items()}
+    """``{task: value}`` of each task's primary metric: ``task_scores`` without the standard errors."""
+    return {t: s.value for t, s in task_scores(model, tokenizer, tasks, task_dir, limit, batch_size).items()}
+
+
+def metrics_table(model_label: str, metrics: dict[str, dict[str, Score]]) -> pd.DataFrame:
+    """``task_metrics``' result as rows: model, task, metric, value, stderr, n, higher_is_better."""
+    rows = [
+        {"model": model_label, "task": task, "metric": metric, **score._asdict()}
+        for task, by_metric in metrics.items()
+        for metric, score in by_metric.items()
+    ]
+    return pd.DataFrame(rows, columns=["model", "task", "metric", *Score._fields])
 
 
 def compare(
@@ -209,14 +305,14 @@ def compare(
 
     Args:
         models: ``{label: (model, tokenizer)}``, e.g. ``{"base": ..., "merge": ...}``.
-        tasks: task names, as in ``evaluate_model``.
+        tasks: task names, as in ``task_metrics``.
         task_dir: folder (or folders) of task YAML files.
         limit: examples per task; ``None`` for all.
         batch_size: sequences per forward pass.
 
     Returns:
-        One row per model in ``models`` order: a ``model`` column with the label, then one ``acc``
-        column per task.
+        One row per model in ``models`` order: a ``model`` column with the label, then one column per
+        task holding its primary metric (``task_scores``).
     """
     rows = [
         {"model": label, **evaluate_model(model, tok, tasks, task_dir, limit, batch_size)}

@@ -74,7 +74,7 @@ def score_models(
         del model
         row = {"model": label}
         for task, score in scores.items():
-            row[task] = score.acc
+            row[task] = score.value
             row[f"{task} stderr"] = score.stderr
         row["n"] = max(s.n for s in scores.values())
         rows.append(row)
