@@ -320,3 +320,35 @@ def test_names_are_left_as_stored_for_a_class_transformers_lacks(tmp_path):
     (base / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
     ckpt = open_checkpoint(base)
     assert sorted(ckpt.names()) == sorted(state(base))
+
+
+# A LoRA on a tied base's output embedding, saved with save_embedding_layers=False ------------------------
+
+
+@pytest.mark.parametrize("model", ["llama", "gemma3"])
+def test_lora_on_the_tied_output_embedding_folds_like_peft(gemma3, tmp_path, model):
+    """The base stores one tensor for lm_head and the input embedding; PEFT adds the delta to it, still tied."""
+    from peft import LoraConfig, get_peft_model
+
+    if model == "llama":
+        base, cls = save_tiny_llama(tmp_path / "base", tie_word_embeddings=True), AutoModelForCausalLM
+    else:
+        base, cls = gemma3["base-v4"], Gemma3ForConditionalGeneration
+    torch.manual_seed(4)
+    config = LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=r".*(layers\.0\.self_attn\.q_proj|lm_head)"
+    )
+    peft = get_peft_model(cls.from_pretrained(base), config)
+    peft.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    assert any(
+        k.startswith("base_model.model.lm_head.lora_A")
+        for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    )
+    expected = peft.merge_and_unload().state_dict()
+    folded = open_checkpoint(f"{base}+{tmp_path / 'adapter'}")
+    assert folded.tied_embeddings and "lm_head.weight" not in folded.names()
+    for name in folded.names():
+        assert_expected(folded[name], expected[name].float())
+    out = merge_to_folder(linear([f"{base}+{tmp_path / 'adapter'}", base]), tmp_path / "out")
+    merged = loads_cleanly(out, cls)
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight

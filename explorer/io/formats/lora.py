@@ -191,6 +191,7 @@ class LoraCheckpoint(Checkpoint):
         loaded = name_mapper(base)  # the base's names as transformers loads them (the base is opened under them)
         self._lora = {loaded(target): entry for target, entry in lora.items()}
         self._whole = {loaded(name): key for name, key in whole.items()}
+        self._fold_tied_output(path, base)
         check_ranks(path, self._adapter, self._lora, self.adapter_config)
         config = dict(base.config)
         files = dict(base.files) | {name: self._adapter.path for name in self._whole if name not in base.files}
@@ -201,6 +202,22 @@ class LoraCheckpoint(Checkpoint):
         if embed in self._whole:  # a resized embedding (tokens added during fine-tuning)
             self.config = with_vocab_size(self.config, self.shape(embed)[0])  # in text_config for composite models
         self._check_fits_base()
+
+    def _fold_tied_output(self, path: Path, base: Checkpoint) -> None:
+        """A LoRA on a tied base's output embedding (saved with save_embedding_layers=False) adapts the input one.
+
+        The base stores one tensor for both; PEFT's merge_and_unload adds the delta to it and the model
+        stays tied, so the delta is folded into the input embedding here.
+        """
+        names = embedding_names(base)
+        if names.output not in self._lora or names.output in base.files or not base.tied_embeddings:
+            return
+        if names.input in self._lora:
+            raise CheckpointError(
+                f"{path}: adapts both {names.input!r} and {names.output!r}, one tensor in tied base {base.path}; "
+                "merge it with PEFT (merge_and_unload(), then save_pretrained) and use that folder"
+            )
+        self._lora[names.input] = self._lora.pop(names.output)
 
     def _check_fits_base(self) -> None:
         for target, entry in self._lora.items():
