@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
@@ -170,16 +171,24 @@ def test_tpe_search_over_every_parameter(search_table: pd.DataFrame, session, be
     assert len(search(session, bed, storage).trials) == 3, "the budget is the study's: a re-run adds nothing"
 
 
+def test_cma_es_search(session, bed, tmp_path: Path):
+    study = run_search(session, "linear", 2, HELD_IN, bed.task_dir, tmp_path, "cma", sampler="cmaes", limit=5)
+    assert isinstance(study.sampler, optuna.samplers.CmaEsSampler)
+    table = study_table(tmp_path, "cma")
+    assert list(table["state"]) == ["COMPLETE"] * 2 and list(table["zoo_add_n"]) == [5, 5]
+    assert {"params_weight[0]", "params_weight[1]", "params_normalize"} <= set(table)
+
+
 @pytest.mark.slow
 def test_search_on_local_ray_matches_the_local_search(search_table, session, bed, tmp_path: Path):
     import ray
 
-    study = search(session, bed, tmp_path, backend="ray", workers=2)  # a fresh database: nothing cached
-    table = study_table(tmp_path, study.study_name)
     try:
+        study = search(session, bed, tmp_path, backend="ray", workers=2)  # a fresh database: nothing cached
         assert ray.cluster_resources().get("CPU") == 2
     finally:
         ray.shutdown()
+    table = study_table(tmp_path, study.study_name)
     assert list(table["state"]) == ["COMPLETE"] * 3 and not table["cached"].any()
     columns = [c for c in search_table if c.startswith("params_")] + ["held_in_mean", *TASKS]
     key = [c for c in columns if c.startswith("params_")]
