@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pandas as pd
 import torch
@@ -212,13 +212,14 @@ class Workbench:
 
     # Evaluation -----------------------------------------------------------------------------------
 
-    def eval_models(
+    def eval_loaders(
         self, include_inputs: bool, merges: Optional[list[int]] = None, progress: Optional[Progress] = None
-    ) -> dict[str, Loaded]:
-        """{label: (model, tokenizer)} built in memory from the loaded tensors.
+    ) -> dict[str, Callable[[], Loaded]]:
+        """{label: loader} of the models to evaluate; a loader builds its model in memory on first call, then reuses it.
 
         Base and experts when ``include_inputs``, then history entries ``merges`` (default: the current
-        merge). Every input format that loads also evaluates (GGUF, LoRA, ``BASE+ADAPTER``).
+        merge). Every input format that loads also evaluates (GGUF, LoRA, ``BASE+ADAPTER``). Only the
+        models asked for stay in memory.
         """
         session = self.require_session()
         self.require_merge()
@@ -234,14 +235,33 @@ class Workbench:
         wanted = [(self.label(c.path), lambda t=t: t) for c, t in inputs] if include_inputs else []
         numbers = merges or [self.history[-1].number]
         wanted += [(self.history[n - 1].label, lambda n=n: self.merged_tensors(n, progress)) for n in numbers]
-        self._loaded = {
-            label: model for label, model in self._loaded.items() if label in dict(wanted)
-        }  # hold only what is asked for
-        for label, tensors in wanted:
-            if label not in self._loaded:
-                self.check_cancel()
-                self._loaded[label] = (session.build_model(tensors()), tokenizer)
-        return {label: self._loaded[label] for label, _ in wanted}
+        self._loaded = {label: model for label, model in self._loaded.items() if label in dict(wanted)}
+
+        def loader(label: str, tensors: Callable[[], dict[str, torch.Tensor]]) -> Callable[[], Loaded]:
+            def load() -> Loaded:
+                if label not in self._loaded:
+                    self.check_cancel()
+                    self._loaded[label] = (session.build_model(tensors()), tokenizer)
+                return self._loaded[label]
+
+            return load
+
+        return {label: loader(label, tensors) for label, tensors in wanted}
+
+    def eval_models(
+        self, include_inputs: bool, merges: Optional[list[int]] = None, progress: Optional[Progress] = None
+    ) -> dict[str, Loaded]:
+        """{label: (model, tokenizer)}: every ``eval_loaders`` model built now."""
+        return {label: load() for label, load in self.eval_loaders(include_inputs, merges, progress).items()}
+
+    def expert_labels(self) -> list[str]:
+        """Labels of the loaded experts, in load order (as ``eval_loaders`` names them)."""
+        return [self.label(c.path) for c in self.require_session().model_ckpts]
+
+    def base_label(self) -> Optional[str]:
+        """Label of the loaded base, or None."""
+        session = self.require_session()
+        return self.label(session.base_ckpt.path) if session.base_ckpt else None
 
     def record_scores(self, table: pd.DataFrame) -> None:
         """Store the merge rows of an evaluation table (columns: model, then tasks) in the history."""
