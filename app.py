@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 
 import ui_handlers as ui
+import ui_sweep
 from explorer import registry
 from explorer.background import BackgroundJob
 from explorer.inspect import plots
@@ -158,16 +159,74 @@ def build_demo(
                     gr.DownloadButton("Download CSV", elem_id=f"csv-{key}", size="sm", visible=False),
                 ]
         with gr.Tab("Evaluate", id="evaluate"):
-            tasks = gr.CheckboxGroup([], label="lm-eval tasks", elem_id="tasks")
+            tasks = gr.CheckboxGroup(
+                [],
+                label="lm-eval tasks: the experts' own (held-in) and the held-out suite (heldout_*)",
+                elem_id="tasks",
+            )
+            typed_tasks = gr.Textbox(
+                label="Other lm-eval tasks (comma-separated names; their data must be on this machine)",
+                elem_id="typed-tasks",
+            )
             merges = gr.CheckboxGroup([], label="Merges to evaluate (default: the current one)", elem_id="eval-merges")
             with gr.Row():
                 limit = gr.Number(50, label="Examples per task (0 = all)", precision=0, elem_id="limit")
                 include = gr.Checkbox(True, label="Also evaluate base and experts", elem_id="include")
+                ensemble = gr.Checkbox(
+                    True, label="Also the output ensemble of the experts (averaged predictions)", elem_id="ensemble"
+                )
                 eval_btn = gr.Button("Run", variant="primary", elem_id="eval-btn")
                 eval_cancel = gr.Button("Cancel", variant="stop", elem_id="eval-cancel")
             eval_status = gr.Markdown(elem_id="eval-status")
-            table = gr.Dataframe(elem_id="eval-table", interactive=False)
+            table = gr.Dataframe(elem_id="eval-table", interactive=False, label="Every metric lm-eval reports")
+            normalized = gr.Dataframe(
+                elem_id="eval-normalized",
+                interactive=False,
+                label="Normalized: value / best expert's, and the share of the owning expert's gain over the base kept",
+            )
             chart = gr.Plot(elem_id="eval-chart")
+            with gr.Accordion("Greedy soup of the loaded experts (scored on the tasks ticked above)", open=False):
+                soup_btn = gr.Button("Make the greedy soup", elem_id="soup-btn")
+                soup_status = gr.Markdown(elem_id="soup-status")
+                soup_steps = gr.Dataframe(elem_id="soup-steps", interactive=False, label="Steps: kept or left out")
+                soup_recipe = gr.Code(language="yaml", label="The soup's recipe", elem_id="soup-recipe")
+        with gr.Tab("Sweep", id="sweep"):
+            gr.Markdown(
+                "Grid or search over the Merge tab's method; each point is merged in memory and scored with lm-eval. "
+                "Studies are kept in the models folder (`.merge-studies`): running the same settings again resumes."
+            )
+            with gr.Row():
+                sweep_kind = gr.Radio(
+                    [ui_sweep.GRID, ui_sweep.SEARCH], value=ui_sweep.GRID, label="Kind", elem_id="sweep-kind"
+                )
+                sweep_limit = gr.Number(20, label="Examples per task (0 = all)", precision=0, elem_id="sweep-limit")
+            with gr.Row():
+                first_param = gr.Dropdown([], label="Parameter", elem_id="sweep-param1")
+                first_values = gr.Textbox("0.5, 1.0, 1.5", label="Values", elem_id="sweep-values1")
+                second_param = gr.Dropdown([], label="Second parameter (optional)", elem_id="sweep-param2")
+                second_values = gr.Textbox("0.2, 0.5, 0.8", label="Values", elem_id="sweep-values2")
+            with gr.Row():
+                trials = gr.Number(10, label="Search: trials", precision=0, elem_id="sweep-trials")
+                sampler = gr.Dropdown(["tpe", "cmaes"], value="tpe", label="Search: sampler", elem_id="sweep-sampler")
+            held_in = gr.CheckboxGroup([], label="Held-in tasks (their mean is maximized)", elem_id="sweep-held-in")
+            held_out = gr.CheckboxGroup([], label="Held-out tasks (recorded beside it)", elem_id="sweep-held-out")
+            with gr.Row():
+                sweep_btn = gr.Button("Run", variant="primary", elem_id="sweep-btn")
+                sweep_cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
+                best_btn = gr.Button("Load the best recipe into the Merge tab", elem_id="sweep-best")
+            sweep_status = gr.Markdown(elem_id="sweep-status")
+            sweep_plot = gr.Plot(elem_id="sweep-plot")
+            sweep_table = gr.Dataframe(elem_id="sweep-table", interactive=False, label="Trials")
+            with gr.Row():
+                sweep_csv = gr.DownloadButton("Download CSV", elem_id="sweep-csv", size="sm")
+                sweep_json = gr.DownloadButton("Download JSON", elem_id="sweep-json", size="sm")
+            study_name = gr.State("")
+        with gr.Tab("Playground", id="playground"):
+            prompt = gr.Textbox("add 12+34=", label="Prompt", elem_id="prompt")
+            new_tokens = gr.Number(12, label="New tokens", precision=0, elem_id="new-tokens")
+            play_btn = gr.Button("Generate with base, experts and the current merge", elem_id="play-btn")
+            play_status = gr.Markdown(elem_id="play-status")
+            generations = gr.Dataframe(elem_id="generations", interactive=False, wrap=True)
         with gr.Tab("Export", id="export"):
             out_folder = gr.Textbox(
                 "merges/merge-1",
@@ -201,7 +260,7 @@ def build_demo(
                     getattr(widget, "release", widget.change)(ui.live_merge, [live, *settings], merged_outputs, **HEAVY)
 
         merged_outputs = [bench, merge_status, recipe_preview, history, shown, merges, other]
-        scan_args = ([bench, folder], [bench, catalog, base, experts, models_status, tasks])
+        scan_args = ([bench, folder], [bench, catalog, base, experts, models_status, tasks, held_in, held_out])
         demo.load(ui.scan, *scan_args)
         if demo_build:
             timer = gr.Timer(2.0)
@@ -221,6 +280,7 @@ def build_demo(
             other,
             eval_status,
             table,
+            normalized,
             chart,
             export_status,
             recipe_view,
@@ -252,9 +312,45 @@ def build_demo(
         ):  # shown changes with each new merge
             event(ui.inspect, [bench, density, threshold, shown, other], inspect_outputs)
         evaluation = eval_btn.click(
-            ui.evaluate, [bench, tasks, merges, limit, include], [eval_status, table, chart, history], **HEAVY
+            ui.evaluate,
+            [bench, tasks, typed_tasks, merges, limit, include, ensemble],
+            [eval_status, table, normalized, chart, history],
+            **HEAVY,
         )
         eval_cancel.click(ui.cancel, [bench], [eval_status], cancels=[evaluation], queue=False)
+        soup_btn.click(
+            ui.greedy_soup, [bench, tasks, typed_tasks, limit], [soup_status, soup_steps, soup_recipe], **HEAVY
+        )
+        for event in (method.change, loaded.change, demo.load):
+            event(ui_sweep.parameters, [method, loaded], [first_param, second_param], show_progress="hidden")
+        sweep_btn.click(
+            ui_sweep.run,
+            [
+                bench,
+                values,
+                method,
+                sweep_kind,
+                first_param,
+                first_values,
+                second_param,
+                second_values,
+                trials,
+                sampler,
+                held_in,
+                held_out,
+                sweep_limit,
+            ],
+            [sweep_status, sweep_table, sweep_plot, sweep_csv, sweep_json, study_name],
+            **HEAVY,
+        )
+        sweep_cancel.click(ui.cancel, [bench], [sweep_status], queue=False)
+        best_btn.click(ui_sweep.best_recipe, [bench, study_name], [sweep_status, recipe_in]).success(
+            ui.import_recipe,
+            [bench, values, recipe_in, recipe_file, loaded],
+            [bench, method, loaded, *merged_outputs[1:], recipe_curves],
+            **HEAVY,
+        )
+        play_btn.click(ui.playground, [bench, prompt, new_tokens], [play_status, generations], **HEAVY)
         for event in (out_folder.change, demo.load):
             event(ui.describe_target, [bench, out_folder], [target], show_progress="hidden")
         save_btn.click(

@@ -14,10 +14,12 @@ from typing import Optional
 
 import gradio as gr
 import pandas as pd
-import plotly.express as px
 from pydantic import ValidationError
 
 import evals
+from evals.ensemble import OutputEnsemble
+from evals.greedy_soup import session_greedy_soup
+from evals.heldout import COPY, NEXT_WORD, heldout_task_dir
 from explorer import registry
 from explorer.background import BackgroundJob
 from explorer.inspect import plots
@@ -69,7 +71,10 @@ def scan(bench: Workbench, folder: str):
         message = f"Found {len(labels)} checkpoint(s) in {folder}."
     else:
         message = f"No checkpoints in {folder}: a checkpoint is a folder with config.json and weights (safetensors, .bin), a .gguf file or a LoRA adapter."
-    tasks = gr.update(choices=evals.list_tasks(evals.task_dirs(bench.models_dir)), value=[])
+    found = evals.list_tasks(task_folders(bench))
+    local = evals.list_tasks(evals.task_dirs(bench.models_dir))
+    held_in = gr.update(choices=found, value=local[:3])
+    held_out = gr.update(choices=found, value=[t for t in (NEXT_WORD, COPY) if t in found])  # higher is better
     expert_choices = [lab for lab in labels if lab != base]
     return (
         bench,
@@ -77,14 +82,16 @@ def scan(bench: Workbench, folder: str):
         gr.update(choices=[""] + labels, value=base),
         gr.update(choices=expert_choices, value=experts),
         message,
-        tasks,
+        gr.update(choices=found, value=[]),
+        held_in,
+        held_out,
     )
 
 
 def build_tick(job: BackgroundJob, bench: Workbench, folder: str, known: int):
     """Poll the demo build: its status line, a rescan when checkpoints appeared, the timer off when done."""
     found = len(bench.checkpoints())
-    rescan = scan(bench, folder) if found != known else (bench, *(gr.update(),) * 5)
+    rescan = scan(bench, folder) if found != known else (bench, *(gr.update(),) * 7)
     return job.status(), found, gr.Timer(active=not job.done), *rescan
 
 
@@ -108,7 +115,7 @@ def load(
     """Open base and experts; clears every output of the previous models and shows the recipe."""
     root = bench.models_dir
     no_merges = [gr.update(choices=[], value=None), gr.update(choices=[], value=[]), gr.update(choices=[], value=None)]
-    cleared = ["", "", None, *no_merges, "", None, None, "", ""]
+    cleared = ["", "", None, *no_merges, "", None, None, None, "", ""]
     cleared += inspect_placeholder("Press Refresh, or merge, to inspect the task vectors of the loaded experts.")
     try:
         message = bench.load(str(root / base) if base else None, [str(root / e) for e in experts], _progress(progress))
@@ -300,40 +307,136 @@ def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[st
 # Evaluate -------------------------------------------------------------------------------------------
 
 
+ENSEMBLE = "ensemble (experts)"  # the output ensemble's label in the Evaluate tab
+
+
+def task_folders(bench: Workbench) -> list[Path]:
+    """Task folders the Evaluate tab offers: those under the models folder, then the held-out suite."""
+    return [*evals.task_dirs(bench.models_dir), heldout_task_dir()]
+
+
+def _tasks(chosen: list[str], typed: str) -> list[str]:
+    """The ticked tasks, then the comma-separated names typed (any lm-eval task), each once."""
+    names = [*chosen, *(t.strip() for t in (typed or "").split(",") if t.strip())]
+    if not names:
+        raise ValueError("choose at least one lm-eval task above, or type a task name")
+    return list(dict.fromkeys(names))
+
+
+def _ensemble_loader(loaders: dict, experts: list[str]):
+    """A loader of the output ensemble of ``experts`` (built from their own loaders)."""
+
+    def load():
+        members = [loaders[e]() for e in experts]
+        return OutputEnsemble([m for m, _ in members]).eval(), members[0][1]
+
+    return load
+
+
 def evaluate(
-    bench: Workbench, tasks: list[str], merges: list[str], limit: float, include_inputs: bool, progress=gr.Progress()
+    bench: Workbench,
+    tasks: list[str],
+    typed: str,
+    merges: list[str],
+    limit: float,
+    include_inputs: bool,
+    ensemble: bool,
+    progress=gr.Progress(),
 ):
-    """lm-eval on the chosen merges (and base and experts): a table, a bar chart, the history's scores."""
+    """lm-eval on the chosen merges (and base, experts, their output ensemble), shown as each result arrives.
+
+    Yields (status, scores table, normalized table, chart, history) after every (model, task).
+    """
     try:
-        if not tasks:
-            raise ValueError("choose at least one lm-eval task above")
+        names = _tasks(tasks, typed)
         if limit is None or limit < 0:
             raise ValueError(f"examples per task must be 0 (all) or a positive number, got {limit}")
         numbers = [e.number for e in bench.history if e.label in (merges or [])]
-        progress(0.05, desc="building models in memory")
-        models = bench.eval_models(include_inputs, numbers, _progress(progress))
-        rows = []
-        for i, (label, model) in enumerate(models.items()):
-            bench.check_cancel()
-            progress(0.1 + 0.9 * i / len(models), desc=f"lm-eval on {label}")
-            rows.append(
-                evals.compare({label: model}, tasks, evals.task_dirs(bench.models_dir), limit=int(limit) or None)
+        loaders = bench.eval_loaders(include_inputs or ensemble, numbers, _progress(progress))
+        experts = bench.expert_labels()
+        if ensemble:
+            loaders[ENSEMBLE] = _ensemble_loader(loaders, experts)
+            if not include_inputs:
+                loaders = {k: v for k, v in loaders.items() if k not in [*experts, bench.base_label()]}
+        stream = evals.score_stream(
+            loaders, names, task_folders(bench), int(limit) or None, should_stop=lambda: bench.cancel_requested
+        )
+        rows, total = [], len(loaders) * len(names)
+        yield f"Scoring {len(loaders)} model(s) on {', '.join(names)}…", None, None, None, gr.update()
+        for rows_done, row in enumerate(stream, start=1):
+            rows.append(row)
+            table = pd.concat(rows, ignore_index=True)
+            progress(rows_done / total, desc=f"{rows_done}/{total} scored")
+            message = f"{rows_done}/{total} scored (limit {int(limit) or 'none'})."
+            yield (
+                message,
+                evals.wide_scores(table),
+                _normalized(bench, table),
+                evals.comparison_chart(table),
+                gr.update(),
             )
     except Exception as e:
-        return readable(e), None, None, gr.update()
-    table = pd.concat(rows, ignore_index=True)
-    bench.record_scores(table)
-    long = table.melt(id_vars="model", var_name="task", value_name="acc")
-    chart = px.bar(
-        long, x="task", y="acc", color="model", barmode="group", range_y=[0, 1], title="lm-eval accuracy (exact match)"
-    )
-    chart.update_yaxes(title="accuracy (share of examples)")
-    return (
-        f"Evaluated {len(models)} model(s) on {', '.join(tasks)} (limit {int(limit) or 'none'}).",
-        table,
-        chart,
-        bench.history_table(),
-    )
+        yield readable(e), gr.update(), gr.update(), gr.update(), gr.update()
+        return
+    if rows:
+        bench.record_scores(evals.wide_scores(evals.primary(table)))
+    done = "Cancelled" if bench.cancel_requested else "Done"
+    yield f"{done}: {message}", gr.update(), gr.update(), gr.update(), bench.history_table()
+
+
+def _normalized(bench: Workbench, table: pd.DataFrame) -> pd.DataFrame:
+    return evals.normalized_scores(table, bench.base_label(), bench.expert_labels()).round(3)
+
+
+def greedy_soup(bench: Workbench, tasks: list[str], typed: str, limit: float, progress=gr.Progress()):
+    """Greedy soup (Wortsman et al.) of the loaded experts on the chosen tasks: (status, steps table, soup recipe)."""
+    try:
+        session = bench.require_session()
+        names = _tasks(tasks, typed)
+        lines: list[str] = []
+
+        def log(line: str) -> None:
+            lines.append(line)
+            progress(len(lines) / (2 * len(session.model_ckpts) - 1), desc=line[:80])
+
+        individual, soup = session_greedy_soup(session, names, task_folders(bench), int(limit) or None, log=log)
+    except Exception as e:
+        return readable(e), gr.update(), gr.update()
+    labels = [bench.label(c.path) for c in session.model_ckpts]
+    steps = pd.DataFrame(
+        [{"step": "own score", "model": labels[i], "score": v, "kept": ""} for i, v in individual.items()]
+        + [
+            {"step": "soup", "model": labels[i], "score": v, "kept": "kept" if k else "left out"}
+            for i, v, k in soup.history
+        ]
+    ).round(4)
+    weights = [{"weight": 1.0 if i in soup.ingredients else 0.0} for i in range(len(labels))]
+    recipe = session.recipe("linear", {"normalize": True}, weights)
+    kept = ", ".join(labels[i] for i in soup.ingredients)
+    return f"Greedy soup of {len(soup.ingredients)}: **{kept}**; score {soup.score:.4f}.", steps, recipe.to_yaml()
+
+
+def playground(bench: Workbench, prompt: str, max_new_tokens: float, progress=gr.Progress()):
+    """Greedy continuations of ``prompt`` from base, experts and the current merge, side by side."""
+    try:
+        if not (prompt or "").strip():
+            raise ValueError("type a prompt first")
+        loaders = bench.eval_loaders(True)
+        rows = []
+        for i, (label, load) in enumerate(loaders.items()):
+            progress(i / len(loaders), desc=f"generating with {label}")
+            model, tokenizer = load()
+            ids = tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=int(max_new_tokens), do_sample=False)
+            rows.append(
+                {
+                    "model": label,
+                    "continuation": tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True),
+                }
+            )
+    except Exception as e:
+        return readable(e), gr.update()
+    return f"Greedy continuations of {len(rows)} model(s).", pd.DataFrame(rows)
 
 
 # Export ---------------------------------------------------------------------------------------------

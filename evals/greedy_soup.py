@@ -4,8 +4,8 @@ Wortsman et al., Model soups (arXiv:2203.05482), Algorithm 1, with ``explorer.gr
 algorithm: the candidates are ranked by their own held-out score; the best starts the soup and each
 next one joins when the soup's score (a uniform ``linear`` average of the ingredients) does not drop.
 Every soup is merged in memory (``explorer.session.MergeSession``: all candidates are loaded once, so
-they must fit in RAM together) and scored with ``evaluate_model`` without being saved; the score is
-the mean acc over the given tasks. Use tasks (or a ``limit``) held out from what you report later:
+they must fit in RAM together) and scored with ``task_scores`` without being saved; the score is
+the mean primary metric over the given tasks. Use tasks (or a ``limit``) held out from what you report later:
 the selection fits the examples it is scored on. The final soup is written with the streaming merge
 (``explorer.executor.merge_to_folder``: checked output folder, atomic write) from a recipe that names
 only the kept ingredients, so ``python -m explorer merge`` replays it from its ``merge_recipe.yaml``.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from evals.lm_eval_runner import TaskDirs, evaluate_model
+from evals.lm_eval_runner import TaskDirs, task_scores
 from explorer.executor import merge_to_folder
 from explorer.greedy_soup import GreedySoup, greedy_soup
 from explorer.io.writer import check_output_dir
@@ -64,40 +64,69 @@ def greedy_soup_models(
     Raises:
         CheckpointError: an unreadable or incompatible model, or a refused output folder.
         ValueError: no models, no tasks, a model without a tokenizer, or a NaN score.
-        KeyError / FileNotFoundError: unknown task or missing task folder (``evaluate_model``).
+        KeyError / FileNotFoundError: unknown task or missing task folder (``task_scores``).
     """
-    if not tasks:
-        raise ValueError("greedy soup needs at least one task to score the soups on")
     names = [str(m) for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"a model is given twice: {names}; give each candidate once")
     session = MergeSession(None, names)
     out_path = check_output_dir(out, session.model_paths, overwrite) if out is not None else None
-    tokenizer = session.reference.tokenizer()
-    if tokenizer is None:
-        raise ValueError(f"{session.reference.path}: no tokenizer files; the soups cannot be scored without one")
-
-    def recipe(ingredients: Sequence[str]) -> MergeRecipe:
-        return MergeRecipe(
-            merge_method="linear",
-            models=[{"model": m, "parameters": {"weight": 1.0}} for m in names if m in ingredients],
-            parameters={"normalize": True},
-        )
-
-    def score(ingredients: list[str]) -> float:
-        weights = [{"weight": 1.0 if m in ingredients else 0.0} for m in names]
-        model = session.build_model(session.merge(session.recipe("linear", {"normalize": True}, weights)))
-        scores = evaluate_model(model, tokenizer, tasks, task_dir, limit, batch_size)
-        mean = sum(scores.values()) / len(scores)
-        log(
-            f"{' + '.join(Path(m).name for m in ingredients)}: {mean:.4f} "
-            + " ".join(f"{t}={v:.3f}" for t, v in scores.items())
-        )
-        return mean
-
-    individual = {m: score([m]) for m in names}
-    soup = greedy_soup(names, score=score, soup=list, individual_scores=[individual[m] for m in names])
-    result = SoupResult(individual, soup, recipe(soup.ingredients))
+    individual, soup = session_greedy_soup(session, tasks, task_dir, limit, batch_size, log)
+    individual, soup.ingredients = {names[i]: v for i, v in individual.items()}, [names[i] for i in soup.ingredients]
+    soup.history = [(names[i], value, kept) for i, value, kept in soup.history]
+    recipe = MergeRecipe(
+        merge_method="linear",
+        models=[{"model": m, "parameters": {"weight": 1.0}} for m in names if m in soup.ingredients],
+        parameters={"normalize": True},
+    )
+    result = SoupResult(individual, soup, recipe)
     if out_path is not None:
         result.out = merge_to_folder(result.recipe, out_path, overwrite=overwrite)
     return result
+
+
+def session_greedy_soup(
+    session: MergeSession,
+    tasks: Sequence[str],
+    task_dir: TaskDirs,
+    limit: Optional[int] = None,
+    batch_size: int = 32,
+    log: Callable[[str], None] = lambda _message: None,
+) -> tuple[dict[int, float], GreedySoup[int]]:
+    """Greedy soup of the session's models (its base is not a candidate), each soup merged and scored in memory.
+
+    Args:
+        session: loaded inputs; the candidates are ``session.model_ckpts``, named by index.
+        tasks: lm-eval tasks (higher-is-better primary metrics); the score is their mean.
+        task_dir: folder (or folders) of task YAML files.
+        limit: examples per task; ``None`` for all.
+        batch_size: sequences per forward pass.
+        log: called with one line per evaluation.
+
+    Returns:
+        ({candidate index: its own score}, the soup over candidate indices).
+
+    Raises:
+        ValueError: no tasks, a lower-is-better task (e.g. a perplexity), no tokenizer, or a NaN score.
+    """
+    if not tasks:
+        raise ValueError("greedy soup needs at least one task to score the soups on")
+    tokenizer = session.reference.tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"{session.reference.path}: no tokenizer files; the soups cannot be scored without one")
+    n = len(session.model_ckpts)
+
+    def score(ingredients: list[int]) -> float:
+        weights = [{"weight": 1.0 if i in ingredients else 0.0} for i in range(n)]
+        model = session.build_model(session.merge(session.recipe("linear", {"normalize": True}, weights)))
+        scores = task_scores(model, tokenizer, tasks, task_dir, limit, batch_size)
+        lower = [t for t, s in scores.items() if not s.higher_is_better]
+        if lower:
+            raise ValueError(f"greedy soup maximizes its score; {', '.join(lower)} is lower-is-better: leave it out")
+        mean = sum(s.value for s in scores.values()) / len(scores)
+        names = " + ".join(session.model_ckpts[i].name for i in ingredients)
+        log(f"{names}: {mean:.4f} " + " ".join(f"{t}={s.value:.3f}" for t, s in scores.items()))
+        return mean
+
+    individual = {i: score([i]) for i in range(n)}
+    return individual, greedy_soup(list(range(n)), score=score, soup=list, individual_scores=list(individual.values()))

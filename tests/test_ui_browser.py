@@ -216,10 +216,10 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     page.locator("#eval-merges label", has_text="#1 ties").click()
     page.locator("#limit input").fill("20")
     page.locator("#eval-btn").click()
-    expect(page.locator("#eval-status")).to_contain_text("Evaluated 5 model(s)", timeout=TIMEOUT)
+    expect(page.locator("#eval-status")).to_contain_text("Done: 12/12 scored", timeout=TIMEOUT)
     page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
-    cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()]
-    assert cells[:3] == ["model", "zoo_add", "zoo_reverse"], cells
+    cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()][1:]  # the label
+    assert cells[:3] == ["model", "zoo_add acc", "zoo_reverse acc"], cells
     rows = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
     assert [r.split(" (")[0] for r in rows] == [
         "zoo/base",
@@ -227,8 +227,13 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
         "zoo/expert-reverse",
         "#1 ties",
         "#2 ties",
+        "ensemble",
     ], rows
     assert rows["zoo/expert-add"][0] > 0.5 and rows["zoo/expert-reverse"][1] > 0.5, rows
+    normalized = page.locator("#eval-normalized").inner_text()
+    assert "vs best expert" in normalized and "gain kept" in normalized and "ensemble (experts)" in normalized
+    bars = page.locator("#eval-chart .js-plotly-plot").evaluate("e => e.data.filter(t => t.error_y).length")
+    assert bars == 12  # one bar with its stderr per (model, task)
 
     page.locator("#limit input").fill("0")  # cancel a long evaluation: the app answers at once and stays usable
     page.locator("#eval-btn").click()
@@ -361,3 +366,54 @@ def test_two_browser_tabs_keep_their_own_state(page, browser, served):
     assert [m["model"].rsplit("/", 1)[1] for m in theirs["models"]] == ["expert-add", "expert-upper"]
     expect(other.locator("#history")).not_to_contain_text("ties")
     other.close()
+
+
+def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):
+    _load(page)
+    _tab(page, "Merge")
+    _choose(page, "method", "linear")
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("linear")
+
+    _tab(page, "Sweep")  # a 3-point grid of the weight between the two experts, held-in and held-out
+    _choose(page, "sweep-param1", "mix")
+    page.locator("#sweep-values1 textarea, #sweep-values1 input").first.fill("0.5, 0.8, 1.0")
+    page.locator("#sweep-btn").click()
+    expect(page.locator("#sweep-status")).to_contain_text("3 finished trial(s)", timeout=TIMEOUT)
+    page.screenshot(path=str(shots / "sweep.png"), full_page=True)
+    traces = page.locator("#sweep-plot .js-plotly-plot").evaluate("e => e._fullData.map(t => [t.name, t._length])")
+    assert sorted(traces) == [["held_in_mean", 3], ["held_out_mean", 3]], traces
+    table = page.locator("#sweep-table").inner_text()
+    assert "params_mix" in table and "heldout_next_word" in table
+    page.locator("#sweep-btn").click()  # the same settings again: resumed from the database, nothing recomputed
+    expect(page.locator("#sweep-status")).to_contain_text("3 finished trial(s)")
+    page.locator("#sweep-best").click()
+    expect(page.locator("#merge-status")).to_contain_text("#2 linear")
+    _tab(page, "Merge")
+    recipe = _recipe(page)
+    assert _per_model(recipe, "expert-add")["weight"] + _per_model(recipe, "expert-reverse")["weight"] == 1.0
+
+    _tab(page, "Sweep")  # a search, cancelled after its first trial: what finished is kept
+    page.get_by_text("Search (every parameter)").click()
+    page.locator("#sweep-trials input").fill("40")
+    page.locator("#sweep-btn").click()
+    page.wait_for_timeout(3000)
+    page.locator("#sweep-cancel").click()
+    expect(page.locator("#sweep-status")).to_contain_text("(cancelled)", timeout=TIMEOUT)
+    assert page.locator("#sweep-csv").is_visible()
+
+    _tab(page, "Evaluate")  # greedy soup on the tasks ticked
+    page.locator("#tasks label", has_text="zoo_add").click()
+    page.locator("#limit input").fill("20")
+    page.get_by_text("Greedy soup of the loaded experts").click()
+    page.locator("#soup-btn").click()
+    expect(page.locator("#soup-status")).to_contain_text("Greedy soup of 1: zoo/expert-add", timeout=TIMEOUT)
+    steps = page.locator("#soup-steps").inner_text()
+    assert "kept" in steps and "left out" in steps, steps
+
+    _tab(page, "Playground")
+    page.locator("#play-btn").click()
+    expect(page.locator("#play-status")).to_contain_text("Greedy continuations of 4 model(s)", timeout=TIMEOUT)
+    text = page.locator("#generations").inner_text()
+    assert "46" in text and "zoo/base" in text, text  # the add expert answers add 12+34=
+    page.screenshot(path=str(shots / "playground.png"), full_page=True)
