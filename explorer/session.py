@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from explorer import registry
 from explorer.executor import merge_stream
@@ -120,9 +121,14 @@ class MergeSession:
         return dict(merge_stream(self, recipe, progress))
 
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
-        """A transformers model in memory (eval mode) holding ``state_dict``; no save and reload."""
+        """A transformers model in memory (eval mode) holding ``state_dict``; no save and reload.
+
+        The model is built without initializing its weights (transformers' ``no_init_weights``: 0.03 s
+        instead of 5 s for SmolLM2-135M), since every weight is then loaded; ValueError when one is missing.
+        """
         config = self.reference.hf_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
         missing = [k for k in missing if k not in TIED_NAMES]
         if missing or unexpected:
