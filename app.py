@@ -92,6 +92,12 @@ def build_demo(
             experts = gr.CheckboxGroup([], label="Experts to merge", elem_id="experts")
             load_btn = gr.Button("Load", variant="primary", elem_id="load")
             models_status = gr.Markdown(elem_id="models-status")
+            compat = gr.Dataframe(
+                elem_id="compat",
+                interactive=False,
+                wrap=True,
+                label="Compatibility: each input against the reference, with every config field that differs",
+            )
         with gr.Tab("Merge", id="merge"):
             with gr.Row():
                 method = gr.Dropdown(methods, value="ties", label="Method", elem_id="method")
@@ -289,7 +295,7 @@ def build_demo(
         load_btn.click(
             ui.load,
             [bench, base, experts, loaded, values, method, dtype, seed],
-            [bench, loaded, models_status, *cleared],
+            [bench, loaded, models_status, compat, *cleared],
             **HEAVY,
         )
         settings = [bench, values, method, dtype, seed]

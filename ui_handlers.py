@@ -25,6 +25,7 @@ from explorer.background import BackgroundJob
 from explorer.inspect import plots
 from explorer.inspect.compare import merge_comparison, merge_comparison_figure
 from explorer.inspect.recipe_curves import recipe_curves, recipe_curves_figure
+from explorer.io.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
 from explorer.recipe_values import is_scalar
 from explorer.workbench import Workbench
@@ -126,7 +127,8 @@ def load(
     except Exception as e:
         message, labels = readable(e), []
     cleared[1] = current_recipe(bench, values, method, dtype, seed)[0]
-    return bench, {"labels": labels, "version": loaded["version"] + 1}, message, *cleared
+    report = compatibility_report([root / e for e in experts], root / base if base else None) if experts else None
+    return bench, {"labels": labels, "version": loaded["version"] + 1}, message, report, *cleared
 
 
 # Merge ----------------------------------------------------------------------------------------------

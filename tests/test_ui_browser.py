@@ -348,6 +348,8 @@ def test_once_broken_cases(page, served, tmp_path, shots):
     page.locator("#experts label", has_text="other/gpt2-tiny").click()  # two architectures: refused on Load
     page.locator("#load").click()
     expect(page.locator("#models-status")).to_contain_text("architecture GPT2LMHeadModel differs")
+    report = page.locator("#compat").inner_text()  # the compatibility report says which input and why
+    assert "incompatible" in report and "other/gpt2-tiny" in report and "GPT2LMHeadModel" in report, report
 
 
 def test_two_browser_tabs_keep_their_own_state(page, browser, served):
