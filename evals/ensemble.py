@@ -50,15 +50,20 @@ class OutputEnsemble(PreTrainedModel, GenerationMixin):
             "log_weights", torch.tensor([math.log(w / sum(weights)) if w else -math.inf for w in weights])
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> CausalLMOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, **_
+    ) -> CausalLMOutput:
         """``(B, T)`` token ids -> logits ``(B, T, V)`` = log of the weighted mean of the members' probabilities.
 
-        The logits are normalized log-probabilities (``logsumexp`` over V is 0). Members run without a
-        key/value cache, so generation recomputes the whole prefix each step (fine for short answers).
+        The logits are normalized log-probabilities (``logsumexp`` over V is 0). ``logits_to_keep`` > 0
+        keeps only the last positions (``generate`` asks for 1: the vocabulary projection of the prefix is
+        skipped). Members run without a key/value cache, so generation recomputes the prefix each step.
         """
         log_probs = torch.stack(
             [
-                m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float().log_softmax(-1)
+                m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep)
+                .logits.float()
+                .log_softmax(-1)
                 for m in self.members
             ]
         )
@@ -66,10 +71,10 @@ class OutputEnsemble(PreTrainedModel, GenerationMixin):
         return CausalLMOutput(logits=torch.logsumexp(log_probs + weights, dim=0))
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_
-    ) -> dict[str, torch.Tensor | None]:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, **_
+    ) -> dict:
         """The whole sequence every step: the ensemble keeps no cache (``generate`` calls this)."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": logits_to_keep}
 
     def get_output_embeddings(self) -> nn.Module:
         """The first member's output layer (all members share its vocabulary)."""
