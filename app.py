@@ -15,6 +15,7 @@ os.environ.setdefault(
 
 import argparse
 import re
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,7 @@ import pandas as pd
 
 import ui_handlers as ui
 import ui_sweep
+from evals.lm_eval_runner import warm_task_index
 from explorer import registry
 from explorer.background import BackgroundJob
 from explorer.inspect import plots
@@ -136,7 +138,7 @@ def build_demo(
                 interactive=False,
                 label="Merges since Load",
             )
-        with gr.Tab("Inspect", id="inspect"):
+        with gr.Tab("Inspect", id="inspect") as inspect_tab:
             with gr.Row():
                 density = gr.Slider(
                     0.01,
@@ -311,11 +313,12 @@ def build_demo(
         )
         for event in (
             inspect_btn.click,
+            inspect_tab.select,
             density.release,
             threshold.submit,
-            shown.change,
+            shown.input,
             other.input,
-        ):  # shown changes with each new merge
+        ):  # refreshed when the tab is opened, not after every merge: its statistics would slow an evaluation
             event(ui.inspect, [bench, density, threshold, shown, other], inspect_outputs)
         evaluation = eval_btn.click(
             ui.evaluate,
@@ -388,6 +391,7 @@ def main() -> None:
         demo_build = BackgroundJob(
             "SmolLM2 demo experts", lambda progress: build_smollm2_experts(roots[0] / DEMO_DIR, progress)
         ).start()
+    threading.Thread(target=warm_task_index, daemon=True).start()  # typed lm-eval task names answer at once
     build_demo(roots, demo_build).launch(server_name=args.host, server_port=args.port)
 
 

@@ -117,7 +117,9 @@ def load(
     root = bench.models_dir
     no_merges = [gr.update(choices=[], value=None), gr.update(choices=[], value=[]), gr.update(choices=[], value=None)]
     cleared = ["", "", None, *no_merges, "", None, None, None, "", ""]
-    cleared += inspect_placeholder("Press Refresh, or merge, to inspect the task vectors of the loaded experts.")
+    cleared += inspect_placeholder(
+        "Press Refresh (or open this tab after a merge) to inspect the task vectors of the loaded experts."
+    )
     try:
         message = bench.load(str(root / base) if base else None, [str(root / e) for e in experts], _progress(progress))
         labels = _labels(bench)

@@ -90,13 +90,18 @@ def _local_manager(dirs: tuple[Path, ...]) -> TaskManager:
 
 
 @functools.cache
-def _full_manager(dirs: tuple[Path, ...]) -> TaskManager:
-    """A TaskManager over ``dirs`` and lm-eval's built-in tasks (indexing them takes ~10 s: built once per process)."""
-    return TaskManager(include_path=[str(d) for d in dirs] or None, include_defaults=True)
+def _builtin_manager() -> TaskManager:
+    """A TaskManager of lm-eval's built-in tasks (indexing ~15k of them takes 10-20 s: built once per process)."""
+    return TaskManager(include_defaults=True)
 
 
-def _task_manager(task_dir: TaskDirs, tasks: Sequence[str] = ()) -> TaskManager:
-    """A TaskManager that knows ``tasks``: the local folders' tasks, plus lm-eval's built-in ones when needed.
+def warm_task_index() -> None:
+    """Index lm-eval's built-in tasks now, so that naming one later answers at once (the app does it at start-up)."""
+    _builtin_manager()
+
+
+def _task_managers(task_dir: TaskDirs, tasks: Sequence[str]) -> list[tuple[TaskManager, list[str]]]:
+    """The TaskManager of each group of ``tasks``: those of the local folders, then lm-eval's built-in ones.
 
     Raises:
         FileNotFoundError: a task folder does not exist.
@@ -106,12 +111,14 @@ def _task_manager(task_dir: TaskDirs, tasks: Sequence[str] = ()) -> TaskManager:
     for d in dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"task folder {d} does not exist")
-    manager = _local_manager(dirs)
-    if all(t in manager.all_tasks for t in tasks):
-        return manager
-    manager = _full_manager(dirs)
-    _check_names(tasks, manager.all_tasks, task_dir)
-    return manager
+    local = _local_manager(dirs)
+    mine = [t for t in tasks if t in local.all_tasks]
+    if len(mine) == len(tasks):
+        _check_names(tasks, sorted(local.all_tasks), task_dir)  # none given: ValueError
+        return [(local, mine)]
+    builtin = _builtin_manager()
+    _check_names(tasks, [*local.all_tasks, *builtin.all_tasks], task_dir)
+    return [(m, names) for m, names in ((local, mine), (builtin, [t for t in tasks if t not in mine])) if names]
 
 
 def list_tasks(task_dir: TaskDirs) -> list[str]:
@@ -243,16 +250,17 @@ def task_metrics(
         KeyError: a task is unknown (the message suggests the closest name).
         TaskDataMissing: a task's data is not on this machine (raised before the model runs).
     """
-    manager = _task_manager(task_dir, tasks)
+    groups = _task_managers(task_dir, tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = _evaluate(lm, manager, tasks, limit)
-    counts = {t: int(c["effective"]) for t, c in results.get("n-samples", {}).items()}
-    tables = {**results["results"], **results.get("groups", {})}
-    higher = results.get("higher_is_better", {})
     scores = {}
-    for task, entry in tables.items():
-        n = counts.get(task) or sum(counts.get(sub, 0) for sub in results.get("group_subtasks", {}).get(task, []))
-        scores[task] = _metrics(entry, higher.get(task, {}), n)
+    for manager, names in groups:
+        results = _evaluate(lm, manager, names, limit)
+        counts = {t: int(c["effective"]) for t, c in results.get("n-samples", {}).items()}
+        tables = {**results["results"], **results.get("groups", {})}
+        higher = results.get("higher_is_better", {})
+        for task, entry in tables.items():
+            n = counts.get(task) or sum(counts.get(sub, 0) for sub in results.get("group_subtasks", {}).get(task, []))
+            scores[task] = _metrics(entry, higher.get(task, {}), n)
     return {t: m for t, m in scores.items() if m}
 
 
