@@ -24,7 +24,7 @@ import pandas as pd
 
 import ui_handlers as ui
 import ui_sweep
-from evals.lm_eval_runner import warm_task_index
+from evals.lm_eval_runner import warm_environment, warm_task_index
 from explorer import registry
 from explorer.background import BackgroundJob
 from explorer.inspect import plots
@@ -68,6 +68,7 @@ def build_demo(
     """
     roots = [Path(d) for d in ([models_dirs] if isinstance(models_dirs, (str, Path)) else models_dirs)]
     methods = [s.name for s in registry.all_methods()]
+    threading.Thread(target=warm_environment, daemon=True).start()  # the first evaluation then starts at once
     with gr.Blocks(title="Merge Explorer") as demo:
         bench = gr.State(Workbench(roots[0]))
         loaded = gr.State(
