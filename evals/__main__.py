@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             model, AutoTokenizer.from_pretrained(path), tasks, args.task_dir, args.limit, args.batch_size
         )
         tables.append(metrics_table(label, metrics))
-    print(_wide(pd.concat(tables)).to_string())
+    print(_wide(pd.concat(tables)).to_string(index=False))
     return 0
 
 
@@ -79,7 +79,8 @@ def _wide(table: pd.DataFrame) -> pd.DataFrame:
     ]
     table = table.assign(cell=cells, column=table["task"] + " " + table["metric"])
     wide = table.pivot(index="model", columns="column", values="cell")
-    return wide.reindex(index=table["model"].unique(), columns=table["column"].unique())
+    wide = wide.reindex(index=table["model"].unique(), columns=table["column"].unique())
+    return wide.rename_axis(columns=None).reset_index()
 
 
 def _greedy_soup(argv: list[str]) -> int:

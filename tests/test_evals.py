@@ -94,5 +94,5 @@ def test_command_prints_the_table(zoo_dir: Path, capsys: pytest.CaptureFixture[s
         ]
     )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["model", "zoo_add"]
+    assert lines[0].split() == ["model", "zoo_add", "acc"]  # every metric of the task, with its stderr
     assert [line.split()[0] for line in lines[1:]] == ["base", "expert-add"]

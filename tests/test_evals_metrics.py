@@ -121,7 +121,7 @@ def test_cli_keeps_both_same_named_checkpoints_and_prints_every_metric(zoo_dir: 
     code = evals_main([str(a), str(b), "--task-dir", str(zoo_dir / "tasks"), "--tasks", "zoo_upper", "--limit", "10"])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-2].startswith("a/checkpoint-100") and lines[-1].startswith("b/checkpoint-100"), lines
+    assert lines[-2].strip().startswith("a/checkpoint-100") and lines[-1].strip().startswith("b/checkpoint-100"), lines
     assert "zoo_upper acc" in lines[0] and " ± " in lines[-1]
     code = evals_main([str(a), "--task-dir", str(suite), "--tasks", f"{COPY},{NEXT_WORD}", "--limit", "5"])
     assert code == 0
