@@ -6,6 +6,7 @@ zoo's upper expert. Values are checked against lm-eval's own ``simple_evaluate``
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -129,3 +130,25 @@ def test_cli_keeps_both_same_named_checkpoints_and_prints_every_metric(zoo_dir: 
     assert f"{COPY} exact_match (remove_whitespace)" in header and f"{NEXT_WORD} acc_norm" in header
     assert evals_main([str(a), str(a), "--task-dir", str(zoo_dir / "tasks")]) == 2
     assert "same model" in capsys.readouterr().err
+
+
+def test_f1_and_mcc_of_a_two_choice_task_are_reported(upper, suite: Path, tmp_path: Path):
+    rows = [json.loads(line) for line in (suite / f"{NEXT_WORD}.jsonl").read_text().splitlines()]
+    pairs = []
+    for i, row in enumerate(rows):  # the right next word beside one distractor, first or second in turn
+        answer = row["choices"][row["gold"]]
+        other = next(c for c in row["choices"] if c != answer)
+        choices = [answer, other] if i % 2 else [other, answer]
+        pairs.append({"context": row["context"], "choices": choices, "gold": choices.index(answer)})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    config = yaml.safe_load((suite / f"{NEXT_WORD}.yaml").read_text())
+    config.update(task="pair_next_word", dataset_kwargs={"data_files": {"test": str(tmp_path / "pairs.jsonl")}})
+    config["metric_list"] = [
+        {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+        {"metric": "f1", "aggregation": "f1", "higher_is_better": True},
+        {"metric": "mcc", "aggregation": "matthews_corrcoef", "higher_is_better": True},
+    ]
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump(config))
+    metrics = task_metrics(*upper, ["pair_next_word"], tmp_path, limit=LIMIT)["pair_next_word"]
+    assert list(metrics) == ["acc", "f1", "mcc"]
+    assert 0.0 <= metrics["f1"].value <= 1.0 and -1.0 <= metrics["mcc"].value <= 1.0
