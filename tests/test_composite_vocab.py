@@ -19,19 +19,10 @@ from explorer.io.checkpoint import CheckpointError
 from explorer.io.config_compat import vocab_places, vocab_size_of, with_vocab_size
 from explorer.io.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
+from tests.tiny import TINY_DECODER
 from tests.tiny_formats import save_tokenizer
 
-TEXT = dict(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+TEXT = dict(model_type="llama", **TINY_DECODER)
 VISION = dict(
     model_type="clip_vision_model",
     hidden_size=16,

@@ -17,7 +17,7 @@ from explorer.io.checkpoint import CheckpointError
 from explorer.io.config_compat import changes_maths, config_differences
 from explorer.io.inputs import compatibility_report
 from explorer.recipe import MergeRecipe
-from tests.tiny import save_tiny_llama
+from tests.tiny import TINY_DECODER, save_tiny_llama
 
 # (family, field, the expert's value): each expert differs from its base in this one config.json field
 KINDS = [
@@ -34,16 +34,7 @@ IGNORED = {"dtype", "torch_dtype", "transformers_version"}  # set by the writer,
 def _save_mistral(path, seed=0, base=None):
     torch.manual_seed(seed)
     if base is None:
-        config = MistralConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            sliding_window=32,
-        )
+        config = MistralConfig(**TINY_DECODER, sliding_window=32)
         model = MistralForCausalLM(config)
     else:
         model = MistralForCausalLM.from_pretrained(base)

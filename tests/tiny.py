@@ -7,20 +7,21 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+# The sizes of every tiny decoder in the tests (Llama, Mistral, a composite model's text config).
+TINY_DECODER = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    settings = dict(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    settings.update(overrides)
-    return LlamaConfig(**settings)
+    return LlamaConfig(**{**TINY_DECODER, **overrides})
 
 
 def save_tiny_llama(path: Path, seed: int = 0, base: Path | None = None, scale: float = 0.02, **overrides) -> Path:

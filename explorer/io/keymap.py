@@ -39,7 +39,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 from typing_extensions import override
 
-from explorer.io.formats.base import Checkpoint, empty_model
+from explorer.io.formats.base import Checkpoint, CheckpointView, empty_model
 
 log = logging.getLogger(__name__)
 UNSHAPING = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
@@ -155,14 +155,13 @@ def ignored_tensors(checkpoint: Checkpoint) -> tuple[str, ...]:
     return ()
 
 
-class LoadedNames(Checkpoint):
+class LoadedNames(CheckpointView):
     """``inner`` under loaded names: ``kept`` maps its stored names to them; ``ignored`` stored names are left out."""
 
     def __init__(self, inner: Checkpoint, kept: dict[str, str], ignored: tuple[str, ...]):
-        self.inner, self.ignored = inner, ignored
+        self.ignored = ignored
         self._stored = {name: key for key, name in kept.items()}
-        super().__init__(inner.path, inner.config, {name: inner.files[key] for key, name in kept.items()})
-        self.format = inner.format
+        super().__init__(inner, inner.config, {name: inner.files[key] for key, name in kept.items()})
 
     def __getattr__(self, attr: str):
         if attr == "inner":
@@ -185,34 +184,3 @@ class LoadedNames(Checkpoint):
     @override
     def get(self, name: str) -> torch.Tensor:
         return self.inner.get(self._key(name))
-
-    @property
-    @override
-    def sources(self) -> list[Path]:
-        return self.inner.sources
-
-    @property
-    @override
-    def ref(self) -> str:
-        return self.inner.ref
-
-    @property
-    @override
-    def assets_dir(self) -> Optional[Path]:
-        return self.inner.assets_dir
-
-    @override
-    def has_tokenizer(self) -> bool:
-        return self.inner.has_tokenizer()
-
-    @override
-    def tokenizer(self):
-        return self.inner.tokenizer()
-
-    @override
-    def save_assets(self, dst: Path) -> None:
-        self.inner.save_assets(dst)
-
-    @override
-    def close(self) -> None:
-        self.inner.close()

@@ -40,6 +40,7 @@ from explorer.io.formats.base import (
     TOKENIZER_FILES,
     Checkpoint,
     CheckpointError,
+    CheckpointView,
     EmbeddingNames,
     embedding_names,
 )
@@ -132,7 +133,7 @@ class Alignment:
         return filled
 
 
-class EmbeddingView(Checkpoint):
+class EmbeddingView(CheckpointView):
     """Member ``index`` of an ``Alignment``: its tensors, with token-indexed ones in the shared layout."""
 
     def __init__(self, alignment: Alignment, index: int):
@@ -145,9 +146,8 @@ class EmbeddingView(Checkpoint):
             config = with_untied(config)
         if alignment.layout is not None:
             config = with_vocab_size(config, alignment.layout.rows)
-        super().__init__(inner.path, config, files)
-        self.inner, self.alignment, self.index = inner, alignment, index
-        self.format = inner.format
+        self.alignment, self.index = alignment, index
+        super().__init__(inner, config, files)
 
     def _aligned(self, name: str) -> bool:
         return self.alignment.layout is not None and name in self.alignment.names.vocab
@@ -173,21 +173,6 @@ class EmbeddingView(Checkpoint):
     def place_rows(self, name: str, tensor: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         return self.alignment.place(self.index, tensor, fill)[0] if self._aligned(name) else tensor
 
-    @property
-    def sources(self) -> list[Path]:
-        return self.inner.sources
-
-    @property
-    def ref(self) -> str:
-        return self.inner.ref
-
-    @property
-    def assets_dir(self) -> Optional[Path]:
-        return self.inner.assets_dir
-
-    def has_tokenizer(self) -> bool:
-        return self.inner.has_tokenizer()
-
     def tokenizer(self) -> Optional[PreTrainedTokenizerBase]:
         layout = self.alignment.layout
         return layout.tokenizer if layout is not None and layout.tokenizer is not None else self.inner.tokenizer()
@@ -200,9 +185,6 @@ class EmbeddingView(Checkpoint):
             for name in TOKENIZER_FILES:
                 (dst / name).unlink(missing_ok=True)
             layout.tokenizer.save_pretrained(dst)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def align_embeddings(

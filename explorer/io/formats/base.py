@@ -284,6 +284,63 @@ class Checkpoint:
             shutil.copyfile(file, dst / file.name)
 
 
+class CheckpointView(Checkpoint):
+    """Another checkpoint (``inner``) seen differently: other names, shapes, values or config, the same files.
+
+    Its sources, reference, side files, tokenizer and handles are ``inner``'s; a subclass overrides what
+    it changes (``shape``, ``dtype``, ``get``, ...). Used for dequantized FP8 (``formats.quantized``),
+    names as transformers loads them (``io.keymap``) and aligned vocabularies (``io.vocab``).
+    """
+
+    def __init__(self, inner: Checkpoint, config: dict, files: dict[str, Path]):
+        super().__init__(inner.path, config, files)
+        self.inner = inner
+        self.format = inner.format
+
+    @property
+    def sources(self) -> list[Path]:
+        """``inner``'s source files."""
+        return self.inner.sources
+
+    @property
+    def ref(self) -> str:
+        """``inner``'s reference in a recipe."""
+        return self.inner.ref
+
+    @property
+    def assets_dir(self) -> Optional[Path]:
+        """``inner``'s folder of side files."""
+        return self.inner.assets_dir
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """``inner``'s shape of ``name``."""
+        return self.inner.shape(name)
+
+    def dtype(self, name: str) -> str:
+        """``inner``'s dtype name of ``name``."""
+        return self.inner.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """``inner``'s tensor ``name``."""
+        return self.inner.get(name)
+
+    def has_tokenizer(self) -> bool:
+        """Whether ``inner`` ships tokenizer files."""
+        return self.inner.has_tokenizer()
+
+    def tokenizer(self) -> Optional[PreTrainedTokenizerBase]:
+        """``inner``'s tokenizer."""
+        return self.inner.tokenizer()
+
+    def save_assets(self, dst: Path) -> None:
+        """``inner``'s side files, copied into ``dst``."""
+        self.inner.save_assets(dst)
+
+    def close(self) -> None:
+        """Close ``inner``'s open files."""
+        self.inner.close()
+
+
 def side_files(folder: Optional[Path]) -> list[Path]:
     """Every file beside a model's weights that a copy of the model needs, sorted by name.
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from typing_extensions import override
 
-from explorer.io.formats.base import Checkpoint, CheckpointError, is_float_dtype
+from explorer.io.formats.base import Checkpoint, CheckpointError, CheckpointView, is_float_dtype
 
 DEQUANTIZED = ("fp8",)  # quant_method values read here; any other is refused
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
@@ -109,7 +109,7 @@ def dequantize_fp8(codes: torch.Tensor, scale_inv: torch.Tensor, block: Optional
     return weight.mul_(scale)
 
 
-class Fp8Checkpoint(Checkpoint):
+class Fp8Checkpoint(CheckpointView):
     """``inner`` (a transformers finegrained-FP8 checkpoint) read as float weights; scales hidden, config plain.
 
     Each weight with a ``_scale_inv`` beside it must be float8 codes whose scale grid fits its shape
@@ -118,15 +118,15 @@ class Fp8Checkpoint(Checkpoint):
     """
 
     def __init__(self, inner: Checkpoint, qc: dict):
-        self.inner, self.block = inner, block_size(inner.path, qc)
+        self.block = block_size(inner.path, qc)
+        config = {k: v for k, v in inner.config.items() if k != "quantization_config"}
+        files = {n: f for n, f in inner.files.items() if not n.endswith(CONSUMED_SUFFIXES)}
+        super().__init__(inner, config, files)
+        self.format = f"{inner.format}, fp8 dequantized"
         names = inner.names()
         self._scales = {n.removesuffix(SCALE_SUFFIX): n for n in names if n.endswith(SCALE_SUFFIX)}
         for weight, scale in self._scales.items():
             self._check_pair(weight, scale)
-        config = {k: v for k, v in inner.config.items() if k != "quantization_config"}
-        files = {n: f for n, f in inner.files.items() if not n.endswith(CONSUMED_SUFFIXES)}
-        super().__init__(inner.path, config, files)
-        self.format = f"{inner.format}, fp8 dequantized"
 
     def _check_pair(self, weight: str, scale: str) -> None:
         inner = self.inner
@@ -150,21 +150,6 @@ class Fp8Checkpoint(Checkpoint):
                 f"fix weight_block_size in config.json's quantization_config, or {FIX}"
             )
 
-    @property
-    @override
-    def sources(self) -> list[Path]:
-        return self.inner.sources
-
-    @property
-    @override
-    def ref(self) -> str:
-        return self.inner.ref
-
-    @property
-    @override
-    def assets_dir(self) -> Optional[Path]:
-        return self.inner.assets_dir
-
     @override
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.files:
@@ -184,7 +169,3 @@ class Fp8Checkpoint(Checkpoint):
         if name not in self._scales:
             return self.inner.get(name)
         return dequantize_fp8(self.inner.get(name), self.inner.get(self._scales[name]), self.block)
-
-    @override
-    def close(self) -> None:
-        self.inner.close()
