@@ -8,6 +8,7 @@ trainer          Trainer run folders (checkpoint-STEP/ + trainer_state.json): st
 hf_cache         the hub cache layout (models--ORG--NAME/snapshots/<commit>, refs/main)
 refs             how a recipe names an input (path, repo id, BASE+ADAPTER); no model library imported
 safetensors_io   plain reads and streaming writes of .safetensors files (no memory map)
+quantized        a checkpoint with a quantization_config: block FP8 dequantized on read, other schemes refused
 
 ``explorer.io.checkpoint`` detects which one a path is and opens it.
 """
