@@ -152,7 +152,7 @@ def remembered(values: dict, p: registry.Param, key: str):
 
 
 def _labels(bench: Workbench) -> list[str]:
-    return [bench.label(p) for p in bench.session.model_paths] if bench.session else []
+    return bench.expert_labels() if bench.session else []
 
 
 def _settings(bench: Workbench, values: dict, method: str) -> tuple[dict, list[dict]]:
@@ -366,6 +366,7 @@ def evaluate(
             loaders, names, task_folders(bench), int(limit) or None, should_stop=lambda: bench.cancel_requested
         )
         rows, total = [], len(loaders) * len(names)
+        message = f"0/{total} scored."
         yield f"Scoring {len(loaders)} model(s) on {', '.join(names)}…", None, None, None, gr.update()
         for rows_done, row in enumerate(stream, start=1):
             rows.append(row)
@@ -406,7 +407,7 @@ def greedy_soup(bench: Workbench, tasks: list[str], typed: str, limit: float, pr
         individual, soup = session_greedy_soup(session, names, task_folders(bench), int(limit) or None, log=log)
     except Exception as e:
         return readable(e), gr.update(), gr.update()
-    labels = [bench.label(c.path) for c in session.model_ckpts]
+    labels = bench.expert_labels()
     steps = pd.DataFrame(
         [{"step": "own score", "model": labels[i], "score": v, "kept": ""} for i, v in individual.items()]
         + [

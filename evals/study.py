@@ -174,10 +174,7 @@ class RecipeScorer:
         recipe = MergeRecipe.from_yaml(recipe_yaml)
         model = self.session.build_model(self.session.merge(recipe))
         scores = task_scores(model, self.tokenizer, list(tasks), self.task_dir, limit, self.batch_size)
-        return {
-            t: (float(s[0]), float(s[1]), int(s[2]), bool(getattr(s, "higher_is_better", True)))
-            for t, s in scores.items()
-        }
+        return {t: (s.value, s.stderr, s.n, s.higher_is_better) for t, s in scores.items()}
 
 
 def _suggest(trial: optuna.Trial, name: str, dist: Any) -> Any:

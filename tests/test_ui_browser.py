@@ -404,9 +404,21 @@ def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):
     expect(page.locator("#sweep-status")).to_contain_text("(cancelled)", timeout=TIMEOUT)
     assert page.locator("#sweep-csv").is_visible()
 
-    _tab(page, "Evaluate")  # greedy soup on the tasks ticked
+    _tab(page, "Evaluate")  # the current merge alone, then a typed task name, then a greedy soup
     page.locator("#tasks label", has_text="zoo_add").click()
     page.locator("#limit input").fill("20")
+    page.locator("#include input").uncheck()
+    page.locator("#ensemble input").uncheck()
+    page.locator("#eval-btn").click()
+    expect(page.locator("#eval-status")).to_contain_text("Done: 1/1 scored", timeout=TIMEOUT)
+    cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()][1:]
+    assert cells[:2] == ["model", "zoo_add acc"] and cells[2].startswith("#2 linear"), cells
+    typed = page.locator("#typed-tasks textarea, #typed-tasks input").first
+    typed.fill("zoo_reverse, zoo_ad")
+    page.locator("#eval-btn").click()
+    expect(page.locator("#eval-status")).to_contain_text("did you mean 'zoo_add'", timeout=TIMEOUT)
+    expect(page.locator("#eval-status")).not_to_contain_text("Traceback")
+    typed.fill("")
     page.get_by_text("Greedy soup of the loaded experts").click()
     page.locator("#soup-btn").click()
     expect(page.locator("#soup-status")).to_contain_text("Greedy soup of 1: zoo/expert-add", timeout=TIMEOUT)
