@@ -29,6 +29,7 @@ from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.recipe_layout import TensorPlace, layer_count
 from explorer.registry import MethodSpec
+from explorer.stage_cache import CachedStages, StageCache
 
 __all__ = [
     "Extras",
@@ -36,7 +37,6 @@ __all__ = [
     "merge_stream",
     "merge_tensor",
     "merge_to_folder",
-    "method_inputs",
     "no_extras",
     "output_config",
     "plan",
@@ -56,22 +56,21 @@ def merge_tensor(
     models: torch.Tensor,
     seed: int,
     extra: Optional[dict] = None,
+    stages: Optional[CachedStages] = None,
 ) -> torch.Tensor:
     """Merge one tensor: ``models`` (N, *S) and ``base`` (*S) float32 -> merged (*S) float32.
 
     Delta-space methods see task vectors ``models - base`` and get ``base`` added back. ``models`` is
     overwritten (the task vectors are formed in place, and methods may thin them in place): pass a
-    tensor this call may consume.
+    tensor this call may consume. With ``stages`` (a ``spec.staged`` method in an in-memory session)
+    ``models`` is None: the method reads the task vectors, and its earlier results, from ``stages``.
     """
     generator = registry.tensor_generator(seed, name)
+    if stages is not None:
+        return registry.call(spec, None, base, generator, params, dict(extra or {}, stages=stages)).add_(base)
     if spec.space == Space.delta:
         return registry.call(spec, models.sub_(base), base, generator, params, extra).add_(base)
     return registry.call(spec, models, base, generator, params, extra)
-
-
-def method_inputs(source: TensorSource, name: str, spec: MethodSpec) -> torch.Tensor:
-    """What the method sees for ``name``: task vectors for delta-space methods, else the weights."""
-    return source.task_vectors(name) if spec.space == Space.delta else source.read_models(name)
 
 
 def read_place(
@@ -131,6 +130,7 @@ def merge_stream(
     progress: Optional[Progress] = None,
     fisher_cache: Optional[Path] = None,
     extras: Optional[Extras] = None,
+    cache: Optional[StageCache] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor in the output dtype) for every output tensor, one at a time.
 
@@ -141,7 +141,8 @@ def merge_stream(
     result to set them up ahead (errors before any output, one estimation per session); when None,
     ``setup_extras(source, recipe, progress, fisher_cache)`` runs here before the first tensor.
     Non-float tensors (int buffers) are taken from the first model. Peak memory is about (N + 2) x
-    the largest tensor.
+    the largest tensor. ``cache``: an in-memory session's ``StageCache``; a ``spec.staged`` method
+    then reuses each tensor's stages from the previous merges (recipes without slices).
     """
     spec = registry.get(recipe.merge_method)
     layout = recipe.layout(source.names)
@@ -152,14 +153,21 @@ def merge_stream(
     if spec.prepare:
         items = ((p.name, _method_view(spec, *read_place(source, p, order))) for p in layout)
         prepared = spec.prepare(recipe.resolved_params(), items)
+    staged = cache is not None and spec.staged and order is None
     for i, place in enumerate(layout):
-        base, models = read_place(source, place, order)
-        if not models.is_floating_point():
-            yield place.name, models[0]
-            continue
         extra = dict(prepared, **extras(place.name))
-        merged = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
-        del models
+        if staged and source.read_base(place.name).is_floating_point():
+            stages = cache.stages(place.name, lambda name=place.name: source.task_vectors(name))
+            base = source.read_base(place.name)
+            merged = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
+            cache.trim()
+        else:
+            base, models = read_place(source, place, order)
+            if not models.is_floating_point():
+                yield place.name, models[0]
+                continue
+            merged = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
+            del models
         yield place.name, cast_output(place.name, merged, recipe.torch_dtype, recipe.out_of_range)
         if progress:
             progress((i + 1) / len(layout), place.name)

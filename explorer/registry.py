@@ -128,6 +128,14 @@ class MethodSpec:
         raise KeyError(f"method {self.name!r} has no parameter {name!r}; it has {[p.name for p in self.params]}")
 
     @property
+    def staged(self) -> bool:
+        """True when ``fn`` takes ``stages`` (``explorer.methods.stages``).
+
+        An in-memory session then keeps the method's intermediate results between merges (``explorer.stage_cache``).
+        """
+        return "stages" in inspect.signature(self.fn).parameters
+
+    @property
     def per_model_params(self) -> tuple[Param, ...]:
         """The params that take one value per input model, in spec order."""
         return tuple(p for p in self.params if p.per_model)

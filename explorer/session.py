@@ -2,8 +2,10 @@
 
 The session reads every input tensor once (float32) and keeps it; ``merge`` runs the same
 ``merge_tensor`` as the streaming executor, so an exported session merge is byte-identical to
-``python -m explorer merge`` on the same recipe. Memory: (N + 1) x model size in float32, so this is
-for models that fit in RAM; the streaming executor has no such limit.
+``python -m explorer merge`` on the same recipe. Between merges it keeps each tensor's stages
+(``explorer.stage_cache``): a slider move recomputes only what depends on the moved parameter.
+Memory: (N + 1) x model size in float32, plus the stage cache within its budget, so this is for
+models that fit in RAM; the streaming executor has no such limit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from explorer.io.inputs import open_inputs, task_vectors
 from explorer.io.writer import chat_template_files, check_output_dir, write_checkpoint
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
+from explorer.stage_cache import StageCache
 
 
 class MergeSession:
@@ -47,6 +50,11 @@ class MergeSession:
                 progress((i + 1) / len(inputs), f"loaded {ckpt.name}")
         self.base = self.tensors[0] if self.base_ckpt else None
         self.models = self.tensors[1:] if self.base_ckpt else self.tensors
+        self.stage_cache = StageCache()
+
+    def clear_cache(self) -> None:
+        """Drop the stages kept between merges: the next merge runs from scratch (same result)."""
+        self.stage_cache.clear()
 
     @property
     def tensors_from(self) -> list:
@@ -118,7 +126,7 @@ class MergeSession:
             )
         if registry.get(recipe.merge_method).needs_base and self.base is None:
             raise ValueError(f"{recipe.merge_method} needs a base model; choose one in the Models tab")
-        return dict(merge_stream(self, recipe, progress))
+        return dict(merge_stream(self, recipe, progress, cache=self.stage_cache))
 
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
         """A transformers model in memory (eval mode) holding ``state_dict``; no save and reload.

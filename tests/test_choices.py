@@ -23,9 +23,10 @@ from explorer.choices import (
 from explorer.executor import cast_output
 from explorer.fisher import FisherSettings
 from explorer.methods.averaging import mwa_weights
+from explorer.methods.kernels import keep_all
 from explorer.methods.sparse_soup import sparse_soup
 from explorer.methods.sparsify import sparsify
-from explorer.methods.task_arithmetic import disjoint_sum_, generalized_task_arithmetic
+from explorer.methods.task_arithmetic import elect_, generalized_task_arithmetic
 from explorer.methods.trim_scope import model_bands
 from explorer.recipe import MergeRecipe
 from explorer.registry import MethodSpec, Param
@@ -127,9 +128,9 @@ def test_methods_refuse_unknown_settings_instead_of_taking_the_other_branch(sett
 def test_disjoint_sum_and_sparsify_refuse_unknown_settings():
     x, w = _deltas()
     with pytest.raises(ValueError, match="consensus must be 'sum' or 'count'"):
-        disjoint_sum_(x.clone(), w.tolist(), "none", "weighted", "weights")
+        elect_(x.clone(), [keep_all()] * len(w), w.tolist(), "none", "weighted", "weights")
     with pytest.raises(ValueError, match="divisor must be one of"):
-        disjoint_sum_(x.clone(), w.tolist(), "sum", "weighted", "count_")
+        elect_(x.clone(), [keep_all()] * len(w), w.tolist(), "sum", "weighted", "count_")
     with pytest.raises(ValueError, match="sparsify: rescale must be one of"):
         sparsify(x[0], 0.5, "magnitude", "l2")
 

@@ -33,13 +33,14 @@ from explorer.choices import (
     TrimScope,
     parse_choice,
 )
-from explorer.methods.selection import MERGE_CHUNK, chunks
-from explorer.methods.sparsify import sparsify
+from explorer.methods.kernels import keep_all, keep_none, magnitude_cut, ties_merge
+from explorer.methods.sparsify import magnitude_count, sparsify
+from explorer.methods.stages import Stages
 from explorer.methods.weighted_sum import weighted_sum
 
 
 def generalized_task_arithmetic(
-    x: torch.Tensor,
+    x: Optional[torch.Tensor],
     *,
     base: Optional[torch.Tensor],
     generator: Optional[torch.Generator],
@@ -56,12 +57,15 @@ def generalized_task_arithmetic(
     epsilon: Union[float, torch.Tensor] = 0.15,
     trim_scope: TrimScope | str = TrimScope.tensor,
     bands: Optional[torch.Tensor] = None,
+    stages: Optional[Stages] = None,
 ) -> torch.Tensor:
-    """Merge task vectors ``x`` (N, *S) float32 into one task vector (*S); ``x`` is overwritten.
+    """Merge task vectors ``x`` (N, *S) float32 into one task vector (*S); ``x`` may be overwritten.
 
-    The executor passes a fresh ``x`` per call (see ``explorer.registry``), so thinning and weighting
-    happen in place: peak memory is about N/4 + 1.5 tensors of size S beyond ``x`` (the trim's
-    ``topk_mask`` needs only S/4 bytes at a time).
+    The executor passes a fresh ``x`` per call (see ``explorer.registry``), so thinning happens in
+    place: peak memory is about 1.5 tensors of size S beyond ``x``. An in-memory session passes
+    ``stages`` instead (``x`` None): its cache of this tensor's task vectors, trims and election, so
+    a slider move recomputes only the stages downstream of the parameter that moved, with the same
+    operations (results equal bit for bit to a merge from scratch; ``explorer.stage_cache``).
 
     weight, density: (N,) per-model; density in [0, 1] is the fraction of each task vector kept
     (None keeps everything). gamma, epsilon: (N,) per-model or one float (see ``sparsify``).
@@ -85,69 +89,84 @@ def generalized_task_arithmetic(
         raise ValueError(
             "trim_scope='model' needs the whole-model pre-pass: pass bands=spec.prepare(params, items)['bands']"
         )
-    n = x.shape[0]
+    stages = stages or Stages(x)
+    n = stages.n
     density, gamma, epsilon = (per_model_floats(v, n) for v in (1.0 if density is None else density, gamma, epsilon))
-    deltas = x
-    if method != Sparsification.none and min(density) < 1:
-        for i in range(n):
-            band = None if bands is None else (float(bands[i, 0]), float(bands[i, 1]))
-            sparsify(deltas[i], density[i], method, rescale, generator, gamma[i], epsilon[i], band, inplace=True)
+    weights, divisor = weight.tolist(), divisor if normalize else None
+    if consensus != Consensus.none and method == Sparsification.magnitude and rescale == Rescale.none and bands is None:
+        # TIES: the trim is a threshold per task vector, applied inside the election pass
+        cuts = tuple(
+            stages.memo(f"cut{i}", density[i], lambda i=i: trim_cut(stages.task_vectors()[i], density[i]))
+            for i in range(n)
+        )
+        key = (cuts, tuple(weights), consensus, election, divisor)
+        mixed = stages.memo(
+            "elect", key, lambda: elect_(stages.task_vectors(), cuts, weights, consensus, election, divisor)
+        )
+        return torch.mul(mixed, lambda_)
+    drawn = generator is not None and method in (Sparsification.random, Sparsification.della_magprune)
+    seed = generator.initial_seed() if generator is not None else None
+    row_params = [
+        (method, rescale, seed, density[i], gamma[i], epsilon[i], None if bands is None else tuple(bands[i].tolist()))
+        for i in range(n)
+    ]
+    # a random thinning continues the generator's stream where the previous task vector left it
+    keys = [tuple(row_params[: i + 1]) if drawn else row_params[i] for i in range(n)]
+
+    def thin(i: int, row: torch.Tensor) -> None:
+        band = None if bands is None else (float(bands[i, 0]), float(bands[i, 1]))
+        sparsify(row, density[i], method, rescale, generator, gamma[i], epsilon[i], band, inplace=True)
+
+    deltas = (
+        stages.thinned(keys, thin, generator)
+        if method != Sparsification.none and min(density) < 1
+        else stages.task_vectors()
+    )
     if consensus == Consensus.none:
         total = float(weight.sum())
         return weighted_sum(weight, deltas, lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0))
-    mixed = disjoint_sum_(deltas, weight.tolist(), consensus, election, divisor if normalize else None)
-    return mixed.mul_(lambda_)
+    key = (tuple(keys), tuple(weights), consensus, election, divisor)
+    mixed = stages.memo("elect", key, lambda: elect_(deltas, [keep_all()] * n, weights, consensus, election, divisor))
+    return torch.mul(mixed, lambda_)
 
 
-def disjoint_sum_(
-    deltas: torch.Tensor, weights: list[float], consensus: Consensus, election: Election, divisor: Optional[Divisor]
+def trim_cut(delta: torch.Tensor, density: float) -> tuple[float, int]:
+    """The TIES trim of one task vector (*S) as ``kernels.magnitude_cut``'s (v, cut).
+
+    It keeps the top ``magnitude_count(density, numel)`` magnitudes: the set ``sparsify.magnitude_mask`` keeps.
+    """
+    k = magnitude_count(density, delta.numel())
+    if k >= delta.numel():
+        return keep_all()
+    return magnitude_cut(delta, k) if k > 0 else keep_none()
+
+
+def elect_(
+    deltas: torch.Tensor,
+    cuts: list[tuple[float, int]],
+    weights: list[float],
+    consensus: Consensus | str,
+    election: Election | str,
+    divisor: Optional[Divisor | str],
 ) -> torch.Tensor:
-    """TIES sign election and disjoint sum of (thinned) task vectors ``deltas`` (N, *S), overwritten.
+    """TIES sign election and disjoint sum of task vectors ``deltas`` (N, *S), trimmed by ``cuts``.
 
-    The elected sign per entry is that of sum_i v_i ("sum") or of sum_i sign(v_i) ("count"), with
-    v_i = w_i d_i ("weighted") or d_i ("unweighted"); zero votes elect +. Entry i agrees when v_i has
-    the elected sign (zeros never agree). Returns sum_i [agree_i] w_i d_i, divided, when ``divisor``
-    is "weights" or "count", by sum_i [agree_i] w_i or sum_i [agree_i] (a zero divisor counts as 1).
-    Works model by model with boolean masks: about N/4 + 1.5 tensors of size S beyond ``deltas``.
+    cuts: per model, the (v, cut) of ``kernels.magnitude_cut`` (``keep_all()`` for a vector used as
+    it is). The elected sign per entry is that of sum_i v_i ("sum") or of sum_i sign(v_i) ("count"),
+    with v_i = w_i d_i ("weighted") or d_i ("unweighted"); zero votes elect +. Entry i agrees when v_i
+    has the elected sign (zeros never agree). Returns sum_i [agree_i] w_i d_i, divided, when
+    ``divisor`` is "weights" or "count", by sum_i [agree_i] w_i or sum_i [agree_i] (a zero divisor
+    counts as 1): a new (*S) tensor; ``deltas`` is only read (``kernels.ties_merge``, one pass).
     Raises ValueError on another consensus (including "none"), election or divisor.
     """
     consensus = parse_choice(Consensus, consensus, "consensus")
     if consensus == Consensus.none:
-        raise ValueError("disjoint_sum_ elects signs: consensus must be 'sum' or 'count'")
+        raise ValueError("elect_ elects signs: consensus must be 'sum' or 'count'")
     election = parse_choice(Election, election, "election")
     divisor = None if divisor is None else parse_choice(Divisor, divisor, "divisor")
-    scale = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
-    if election == Election.weighted:
-        deltas.mul_(scale)
-    votes = deltas.sum(dim=0) if consensus == Consensus.sum else sum(d.sign() for d in deltas)
-    positive = votes >= 0
-    del votes
-    agree = torch.empty(deltas.shape, dtype=torch.bool)
-    for d, a in zip(deltas, agree, strict=True):
-        torch.where(positive, torch.gt(d, 0, out=a), d < 0, out=a)
-    del positive
-    if election == Election.unweighted:
-        deltas.mul_(scale)
-    mixed = torch.zeros_like(deltas[0])
-    for d, a in zip(deltas, agree, strict=True):
-        mixed.add_(d.masked_fill_(~a, 0))  # masked_fill_: multiplying by a bool tensor copies it to float
-    if divisor is None:
-        return mixed
-    total = deltas[0].zero_()  # the task vectors are spent: reuse their memory for the divisor
-    add_masks_(total, agree, weights if divisor == Divisor.weights else [1.0] * len(weights))
-    return mixed.div_(total.masked_fill_(total == 0, 1))
-
-
-def add_masks_(out: torch.Tensor, masks: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """out (*S) += sum_i weights[i] * masks[i] for bool ``masks`` (N, *S), chunk by chunk.
-
-    Adding a whole bool tensor to a float one would first copy it to float (S x 4 bytes).
-    """
-    flat, rows = out.view(-1), masks.view(len(weights), -1)
-    for a, b in chunks(flat.numel(), MERGE_CHUNK):
-        for w, row in zip(weights, rows, strict=True):
-            flat[a:b].add_(row[a:b], alpha=w)
-    return out
+    counts = None if divisor is None else (weights if divisor == Divisor.weights else [1.0] * len(weights))
+    weighted = election == Election.weighted
+    return ties_merge(deltas, cuts, weights, weighted, consensus == Consensus.count, counts)
 
 
 def per_model_floats(value: Union[float, torch.Tensor], n: int) -> list[float]:

@@ -1,0 +1,196 @@
+"""Compiled kernels of the task-vector merges: the exact magnitude threshold and the fused TIES pass.
+
+Both read their float32 input once per pass and allocate nothing of its size, compiled with numba
+(serial, GIL released) and run over ranges of the tensor on ``torch.get_num_threads()`` threads.
+
+* ``magnitude_cut`` finds the top-k entries of |x| exactly as a threshold, without a sort: a
+  radix select on the float32 bit patterns of |x| (for non-negative floats the bit pattern orders
+  like the value). One pass histograms the high 16 bits, a second the low 15 bits of the entries in
+  the bin that holds the k-th largest, which gives its exact value v; entries equal to v are taken in
+  flat-index order (the first ``k - #(|x| > v)`` of them), as ``selection.topk_mask`` always has.
+* ``ties_merge`` is TIES's trim, sign election and disjoint mean in one pass per output entry
+  (Yadav et al., arXiv:2306.01708; mergekit 0.1.5 ``generalized_task_arithmetic``), with the same
+  float32 operations in the same order as the step-by-step torch code in ``task_arithmetic``, so
+  results are equal bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numba
+import numpy as np
+import torch
+
+HIGH_BITS = 16  # bits 15..30 of |x|'s float32 pattern: the first histogram
+LOW_BITS = 15  # bits 0..14: the second
+RANGE = 1 << 22  # most entries per work item
+MIN_RANGE = 1 << 16  # fewest entries worth handing to another thread
+BLOCK = 2048  # entries per block of the fused TIES pass (its vote, sum and divisor stay in L1)
+_POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="merge-kernel")
+
+
+def _ranges(size: int) -> list[tuple[int, int]]:
+    """[a, b) ranges covering range(size): one per thread at least, at most RANGE entries each."""
+    parts = max(1, min(max(torch.get_num_threads(), -(-size // RANGE)), size // MIN_RANGE))
+    step = -(-size // parts) or 1
+    return [(a, min(a + step, size)) for a in range(0, size, step)]
+
+
+def _run(kernel: Callable, size: int, *args) -> list:
+    """kernel(*args, a, b) for every range of ``_ranges(size)``, on the pool; results in range order."""
+    ranges = _ranges(size)
+    if len(ranges) == 1:
+        return [kernel(*args, *ranges[0])]
+    return list(_POOL.map(lambda r: kernel(*args, *r), ranges))
+
+
+@numba.njit(nogil=True, cache=True)
+def _high_counts(bits, a, b):  # pragma: no cover - compiled
+    counts = np.zeros(1 << HIGH_BITS, np.int64)
+    for j in range(a, b):
+        counts[(bits[j] & 0x7FFFFFFF) >> LOW_BITS] += 1
+    return counts
+
+
+@numba.njit(nogil=True, cache=True)
+def _low_counts(bits, high, a, b):  # pragma: no cover - compiled
+    counts = np.zeros(1 << LOW_BITS, np.int64)
+    for j in range(a, b):
+        m = bits[j] & 0x7FFFFFFF
+        if m >> LOW_BITS == high:
+            counts[m & ((1 << LOW_BITS) - 1)] += 1
+    return counts
+
+
+@numba.njit(nogil=True, cache=True)
+def _nth_equal(bits, pattern, n):  # pragma: no cover - compiled
+    """Flat index just past the n-th (1-based) entry whose |x| pattern equals ``pattern``."""
+    seen = 0
+    for j in range(bits.size):
+        if bits[j] & 0x7FFFFFFF == pattern:
+            seen += 1
+            if seen == n:
+                return j + 1
+    return bits.size
+
+
+@numba.njit(nogil=True, cache=True)
+def _select(counts, k):  # pragma: no cover - compiled
+    """(bin, entries in higher bins) of the bin holding the k-th largest, counting bins from the top."""
+    above = 0
+    for b in range(counts.size - 1, -1, -1):
+        if above + counts[b] >= k:
+            return b, above
+        above += counts[b]
+    return 0, above
+
+
+def magnitude_cut(x: torch.Tensor, k: int) -> tuple[float, int]:
+    """(v, cut): the top-k entries of |x| are those with |x| > v and those with |x| == v before index cut.
+
+    x: any shape, float32 (read flat, contiguous); 1 <= k <= numel, else ValueError. v is the exact
+    k-th largest |x| (float32 value); cut is the flat index just past the last entry equal to v that
+    the top k takes (numel when it takes all of them). Two passes over x, no sort, no copy of x.
+    """
+    bits = x.detach().contiguous().view(torch.int32).reshape(-1).numpy()
+    if not 1 <= k <= bits.size:
+        raise ValueError(f"magnitude_cut: k={k} is outside [1, {bits.size}]")
+    high, above = _select(sum(_run(_high_counts, bits.size, bits)), k)
+    low_counts = sum(_run(_low_counts, bits.size, bits, high))
+    low, above_low = _select(low_counts, k - above)
+    pattern = (high << LOW_BITS) | low
+    take = k - above - above_low
+    cut = bits.size if take == low_counts[low] else int(_nth_equal(bits, pattern, take))
+    return float(np.array([pattern], np.int32).view(np.float32)[0]), cut
+
+
+def keep_all() -> tuple[float, int]:
+    """The (v, cut) of a task vector that is not trimmed: every |x| > -1."""
+    return -1.0, 0
+
+
+def keep_none() -> tuple[float, int]:
+    """The (v, cut) of a task vector trimmed to nothing: no |x| > inf."""
+    return float("inf"), 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _ties_range(d, lows, highs, cut, w, vote_w, divide_w, count_vote, divide, out, a, b):  # pragma: no cover
+    # Block by block, each loop over one model's entries with one threshold (entries before cut[i]
+    # are kept when |d| >= lows[i], the rest when |d| >= highs[i], the next float up: |d| > v), so
+    # LLVM vectorizes them. The float32 operations and their order are those of the torch steps:
+    # dropped entries are +0, the vote is u_0 + u_1 + ..., sum and divisor start at +0 and add +0
+    # where a model disagrees.
+    n = d.shape[0]
+    zero, one = np.float32(0.0), np.float32(1.0)
+    vote = np.empty(BLOCK, np.float32)
+    mixed = np.empty(BLOCK, np.float32)
+    total = np.empty(BLOCK, np.float32)
+    for s in range(a, b, BLOCK):
+        e = min(s + BLOCK, b)
+        vote[: e - s] = zero
+        for i in range(n):
+            for lo, hi, th in ((s, min(max(cut[i], s), e), lows[i]), (min(max(cut[i], s), e), e, highs[i])):
+                x, vw = d[i, lo:hi], vote_w[i]
+                u = vote[lo - s : hi - s]
+                if count_vote:
+                    for j in range(hi - lo):
+                        t = (x[j] if abs(x[j]) >= th else zero) * vw
+                        u[j] += one if t > 0 else (-one if t < 0 else zero)
+                elif i == 0:
+                    for j in range(hi - lo):
+                        u[j] = (x[j] if abs(x[j]) >= th else zero) * vw
+                else:
+                    for j in range(hi - lo):
+                        u[j] += (x[j] if abs(x[j]) >= th else zero) * vw
+        mixed[: e - s] = zero
+        total[: e - s] = zero
+        for i in range(n):
+            for lo, hi, th in ((s, min(max(cut[i], s), e), lows[i]), (min(max(cut[i], s), e), e, highs[i])):
+                x, vw, wi, dw = d[i, lo:hi], vote_w[i], w[i], divide_w[i]
+                v, m, c = vote[lo - s : hi - s], mixed[lo - s : hi - s], total[lo - s : hi - s]
+                for j in range(hi - lo):
+                    t = x[j] if abs(x[j]) >= th else zero
+                    u = t * vw
+                    agree = (u > 0) if v[j] >= 0 else (u < 0)
+                    m[j] += t * wi if agree else zero
+                    c[j] += dw if agree else zero
+        if divide:
+            for j in range(s, e):
+                out[j] = mixed[j - s] / (total[j - s] if total[j - s] != 0 else one)
+        else:
+            for j in range(s, e):
+                out[j] = mixed[j - s]
+
+
+def ties_merge(
+    deltas: torch.Tensor,
+    cuts: list[tuple[float, int]],
+    weights: list[float],
+    weighted_vote: bool,
+    count_vote: bool,
+    divisor: list[float] | None,
+) -> torch.Tensor:
+    """sum_i [agree_i] w_i t_i / sum_i [agree_i] c_i over trimmed task vectors, in one pass.
+
+    deltas: (N, *S) float32 task vectors, untouched. cuts: per model (v, cut) of ``magnitude_cut``
+    (``keep_all``/``keep_none`` for untrimmed / emptied vectors): t_i keeps the entries it selects, 0
+    elsewhere. weights: (N,) w_i. The elected sign is that of sum_i u_i (``count_vote`` False) or of
+    sum_i sign(u_i) (True), u_i = w_i t_i when ``weighted_vote`` else t_i, zero electing +; entry i
+    agrees when u_i has that sign. divisor: the c_i (weights or ones), or None for no division; a zero
+    sum counts as 1. Returns a new (*S) float32 tensor.
+    """
+    n = deltas.shape[0]
+    flat = deltas.detach().contiguous().view(n, -1).numpy()
+    w = np.array(weights, np.float32)
+    vote_w = w if weighted_vote else np.ones(n, np.float32)
+    divide_w = np.array(divisor if divisor is not None else [0.0] * n, np.float32)
+    lows = np.array([c[0] for c in cuts], np.float32)
+    highs = np.nextafter(lows, np.float32(np.inf))  # |d| > v  <=>  |d| >= the next float32 above v
+    cut = np.array([c[1] for c in cuts], np.int64)
+    out = torch.empty(deltas.shape[1:], dtype=torch.float32)
+    args = (flat, lows, highs, cut, w, vote_w, divide_w, count_vote, divisor is not None)
+    _run(_ties_range, flat.shape[1], *args, out.view(-1).numpy())
+    return out

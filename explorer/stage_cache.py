@@ -1,0 +1,135 @@
+"""Incremental re-merge: an in-memory session keeps each tensor's merge stages between merges.
+
+A slider moves one parameter; the merge then recomputes only the stages downstream of it. For the
+task-vector methods (``generalized_task_arithmetic``) the stages of a tensor are its task vectors
+M_i - B, each task vector's trim (a threshold) or thinned copy, and the sign election with the
+disjoint sum; each is stored with the key of the parameters it depends on (``Stages``). A lambda move
+reuses the election and only rescales; a weight move reuses the trims; a density move redoes one
+model's trim. The method code is the same as a merge from scratch, so results are equal bit for bit
+(``tests/test_stage_cache.py`` checks every method and parameter).
+
+Memory: up to (2N + 1) tensors of size S per tensor name, within a byte budget (default half the
+memory available when the session starts, or ``MERGE_EXPLORER_CACHE_GB``). When a merge would exceed
+it, the least recently used tensors' stages are dropped first; nothing is ever swapped for the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Callable, Hashable, Optional, TypeVar
+
+import psutil
+import torch
+
+from explorer.methods.stages import Stages, Thin
+
+T = TypeVar("T")
+
+
+def default_budget() -> int:
+    """Bytes the stage cache may hold: ``MERGE_EXPLORER_CACHE_GB`` GiB, else half the available memory."""
+    if os.environ.get("MERGE_EXPLORER_CACHE_GB"):
+        return int(float(os.environ["MERGE_EXPLORER_CACHE_GB"]) * 2**30)
+    return psutil.virtual_memory().available // 2
+
+
+def _nbytes(value: object) -> int:
+    """Bytes held by a cached value: a tensor's storage, else nothing worth counting."""
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+class CachedStages(Stages):
+    """The stages of one tensor, kept between merges; task vectors come from ``task_vectors``."""
+
+    def __init__(self, task_vectors: Callable[[], torch.Tensor]):
+        self._read = task_vectors
+        self._x: Optional[torch.Tensor] = None
+        self._rows: Optional[torch.Tensor] = None  # thinned task vectors
+        self._row_keys: list[Hashable] = []
+        self._row_states: list[Optional[torch.Tensor]] = []  # generator state after each row's thinning
+        self._memo: dict[str, tuple[Hashable, object]] = {}
+
+    @property
+    def n(self) -> int:
+        """Number of task vectors N."""
+        return self.task_vectors().shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: task vectors, thinned rows and memoized results."""
+        held = [self._x, self._rows, *(v for _, v in self._memo.values())]
+        return sum(_nbytes(v) for v in held if v is not None)
+
+    def task_vectors(self) -> torch.Tensor:
+        """(N, *S) task vectors, read once."""
+        if self._x is None:
+            self._x = self._read()
+        return self._x
+
+    def thinned(self, keys: list[Hashable], thin: Thin, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """As ``Stages.thinned``, reusing every row whose key is unchanged.
+
+        A reused row sets the generator to where its thinning left it; any other row is copied from
+        the task vectors and thinned again.
+        """
+        x = self.task_vectors()
+        if self._rows is None:
+            self._rows = torch.empty_like(x)
+            self._row_keys, self._row_states = [None] * len(keys), [None] * len(keys)
+        for i, key in enumerate(keys):
+            if self._row_keys[i] == key:
+                if self._row_states[i] is not None:
+                    generator.set_state(self._row_states[i])
+                continue
+            self._row_keys[i] = None  # a failed thinning leaves no stale row behind
+            self._rows[i].copy_(x[i])
+            thin(i, self._rows[i])
+            self._row_keys[i], self._row_states[i] = key, generator.get_state() if generator is not None else None
+        return self._rows
+
+    def memo(self, slot: str, key: Hashable, compute: Callable[[], T]) -> T:
+        """As ``Stages.memo``; the last result of ``slot`` is reused while ``key`` is unchanged."""
+        if slot in self._memo and self._memo[slot][0] == key:
+            return self._memo[slot][1]
+        self._memo.pop(slot, None)
+        value = compute()
+        self._memo[slot] = (key, value)
+        return value
+
+
+class StageCache:
+    """Every tensor's ``CachedStages`` of a session, least recently used first, within ``budget`` bytes."""
+
+    def __init__(self, budget: Optional[int] = None):
+        self.budget = default_budget() if budget is None else budget
+        self._stages: OrderedDict[str, CachedStages] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return sum(s.nbytes for s in self._stages.values())
+
+    def stages(self, name: str, task_vectors: Callable[[], torch.Tensor]) -> CachedStages:
+        """The stages of tensor ``name`` (made on first use; ``task_vectors`` reads its (N, *S) task vectors)."""
+        if name not in self._stages:
+            self._stages[name] = CachedStages(task_vectors)
+        self._stages.move_to_end(name)
+        return self._stages[name]
+
+    def trim(self) -> None:
+        """Drop the least recently used tensors' stages until the cache fits its budget."""
+        held = self.nbytes
+        while held > self.budget and self._stages:
+            _, dropped = self._stages.popitem(last=False)
+            held -= dropped.nbytes
+
+    def clear(self) -> None:
+        """Drop every stage (the next merge runs from scratch)."""
+        self._stages.clear()
+
+    def describe(self) -> str:
+        """One line for the app and ``explorer info``: what the cache holds and its budget."""
+        return (
+            f"stage cache {self.nbytes / 2**30:.2f} GiB of {self.budget / 2**30:.1f} GiB ({len(self._stages)} tensors)"
+        )
