@@ -1,0 +1,78 @@
+"""The compiled merge kernels against plain torch: the exact top-k threshold and the fused TIES pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explorer.methods import kernels
+
+
+def _top_k_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat bool mask of the top-k |x|, ties at the k-th value taken by flat index (a stable sort)."""
+    order = torch.sort(x.reshape(-1).abs(), descending=True, stable=True).indices
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def _from_cut(x: torch.Tensor, v: float, cut: int) -> torch.Tensor:
+    magnitude, index = x.reshape(-1).abs(), torch.arange(x.numel())
+    return (magnitude > v) | ((magnitude == v) & (index < cut))
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.randn(1000),
+        torch.randn(300, 700),  # several ranges on the thread pool
+        torch.randn(5000).round(decimals=1),  # many ties at the threshold
+        torch.zeros(64),
+        torch.tensor([-0.0, 0.0, -1.0, 1.0, 2.0, -2.0]),
+        torch.randn(4, 4) * 1e-40,  # subnormals
+    ],
+)
+def test_magnitude_cut_selects_exactly_the_top_k(x):
+    n = x.numel()
+    for k in sorted({1, 2, n // 7 + 1, n // 2, n - 1, n} - {0}):
+        v, cut = kernels.magnitude_cut(x, k)
+        mask = _from_cut(x, v, cut)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, _top_k_reference(x, k)), k
+        assert v == float(x.reshape(-1).abs().sort(descending=True).values[k - 1])
+
+
+def test_magnitude_cut_refuses_k_outside_the_tensor():
+    with pytest.raises(ValueError, match=r"k=0 is outside \[1, 3\]"):
+        kernels.magnitude_cut(torch.ones(3), 0)
+
+
+def _ties_reference(d, masks, w, weighted, count, divisor):
+    """TIES step by step in float32 torch ops (the order ``ties_merge`` keeps)."""
+    t = d * masks
+    u = t * w[:, None] if weighted else t
+    votes = u.sign().sum(0) if count else u.sum(0)
+    agree = torch.where(votes >= 0, u > 0, u < 0)
+    mixed = torch.zeros(d.shape[1])
+    total = torch.zeros(d.shape[1])
+    for i in range(d.shape[0]):
+        mixed += torch.where(agree[i], t[i] * w[i], 0.0)
+        total += torch.where(agree[i], torch.tensor(divisor[i] if divisor else 0.0), 0.0)
+    return mixed / torch.where(total == 0, 1.0, total) if divisor else mixed
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("count", [True, False])
+@pytest.mark.parametrize("divide", [None, "weights", "count"])
+def test_ties_merge_equals_the_step_by_step_torch_computation(weighted, count, divide):
+    torch.manual_seed(0)
+    d = torch.randn(3, 200_000)
+    d[:, :1000] = d[:, :1000].round()  # ties and zeros
+    w = torch.tensor([0.6, 0.3, -0.2])
+    cuts = [kernels.magnitude_cut(d[0], 50_000), kernels.keep_all(), kernels.keep_none()]
+    masks = torch.stack(
+        [_from_cut(d[0], *cuts[0]), torch.ones(d.shape[1], dtype=bool), torch.zeros(d.shape[1], dtype=bool)]
+    )
+    divisor = None if divide is None else (w.tolist() if divide == "weights" else [1.0] * 3)
+    ours = kernels.ties_merge(d, cuts, w.tolist(), weighted, count, divisor)
+    assert torch.equal(ours, _ties_reference(d, masks.float(), w, weighted, count, divisor))
