@@ -76,3 +76,20 @@ def test_ties_merge_equals_the_step_by_step_torch_computation(weighted, count, d
     divisor = None if divide is None else (w.tolist() if divide == "weights" else [1.0] * 3)
     ours = kernels.ties_merge(d, cuts, w.tolist(), weighted, count, divisor)
     assert torch.equal(ours, _ties_reference(d, masks.float(), w, weighted, count, divisor))
+
+
+@pytest.mark.parametrize(("n", "p"), [(10, 0.3), (623, 0.5), (624, 0.5), (625, 0.9), (70_000, 0.1)])
+def test_bernoulli_drop_draws_what_torch_bernoulli_draws(n, p):
+    """Same kept entries, same signed zeros, and the generator left where torch leaves it (mid-stream start)."""
+    x = torch.randn(n)
+    theirs, ours = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.rand(7, generator=theirs), torch.rand(7, generator=ours)
+    expected = x.clone().mul_(torch.bernoulli(torch.full_like(x, p), generator=theirs))
+    dropped = kernels.bernoulli_drop_(x.clone(), p, ours)
+    assert torch.equal(dropped.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(torch.rand(100, generator=ours), torch.rand(100, generator=theirs))
+
+
+def test_bernoulli_drop_refuses_a_strided_tensor():
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.bernoulli_drop_(torch.randn(4, 4).t(), 0.5, None)

@@ -8,6 +8,10 @@ Both read their float32 input once per pass and allocate nothing of its size, co
   like the value). One pass histograms the high 16 bits, a second the low 15 bits of the entries in
   the bin that holds the k-th largest, which gives its exact value v; entries equal to v are taken in
   flat-index order (the first ``k - #(|x| > v)`` of them), as ``selection.topk_mask`` always has.
+* ``bernoulli_drop_`` is DARE's random drop (Yu et al., arXiv:2311.03099) in one pass, drawn from a
+  torch CPU generator exactly as ``x.mul_(torch.bernoulli(torch.full_like(x, p), generator=g))``
+  draws it (torch's MT19937 stream, one 32-bit draw per entry, kept when its low 24 bits / 2^24 < p),
+  with the generator advanced the same way, but with no tensor-sized mask and 3-4x faster.
 * ``ties_merge`` is TIES's trim, sign election and disjoint mean in one pass per output entry
   (Yadav et al., arXiv:2306.01708; mergekit 0.1.5 ``generalized_task_arithmetic``), with the same
   float32 operations in the same order as the step-by-step torch code in ``task_arithmetic``, so
@@ -17,7 +21,7 @@ Both read their float32 input once per pass and allocate nothing of its size, co
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Optional
 
 import numba
 import numpy as np
@@ -194,3 +198,61 @@ def ties_merge(
     args = (flat, lows, highs, cut, w, vote_w, divide_w, count_vote, divisor is not None)
     _run(_ties_range, flat.shape[1], *args, out.view(-1).numpy())
     return out
+
+
+# torch's CPU generator state (``Generator.get_state()``, 5056 bytes): the initial seed (uint64), the
+# number of draws left before the next twist and a "seeded" flag (int32 each), the index of the next
+# word (uint64), then the 624 MT19937 state words, each stored as a uint64.
+_LEFT, _NEXT, _WORDS = slice(8, 12), slice(16, 24), slice(24, 24 + 624 * 8)
+
+
+@numba.njit(nogil=True, cache=True)
+def _twist(words):  # pragma: no cover - compiled
+    for k in range(624):
+        y = (words[k] & np.uint32(0x80000000)) | (words[(k + 1) % 624] & np.uint32(0x7FFFFFFF))
+        words[k] = words[(k + 397) % 624] ^ (y >> np.uint32(1)) ^ (np.uint32(0x9908B0DF) * (y & np.uint32(1)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _drop(x, p, words, left, nxt):  # pragma: no cover - compiled
+    for j in range(x.size):
+        left -= 1
+        if left == 0:
+            _twist(words)
+            left, nxt = 624, 0
+        y = words[nxt]
+        nxt += 1
+        y ^= y >> np.uint32(11)
+        y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+        y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+        y ^= y >> np.uint32(18)
+        u = np.float32(y & np.uint32(0xFFFFFF)) * np.float32(1.0 / (1 << 24))
+        x[j] = x[j] * (np.float32(1.0) if u < p else np.float32(0.0))
+    return left, nxt
+
+
+def bernoulli_drop_(x: torch.Tensor, density: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Keep each entry of ``x`` (any shape, float32, contiguous) with probability ``density``; returns ``x``.
+
+    Dropped entries become x * 0 (signed zeros, as the float mask of ``torch.bernoulli`` makes them).
+    generator: a torch CPU generator (None: torch's default one), advanced by one draw per entry.
+    Equal bit for bit, draws included, to ``x.mul_(torch.bernoulli(torch.full_like(x, density), generator=generator))``.
+    """
+    generator = generator if generator is not None else torch.default_generator
+    if not x.is_contiguous() or x.dtype != torch.float32:
+        raise ValueError("bernoulli_drop_ needs a contiguous float32 tensor")
+    state = generator.get_state()
+    raw = state.numpy()
+    words = raw[_WORDS].view(np.uint64).astype(np.uint32)
+    left, nxt = _drop(
+        x.view(-1).numpy(),
+        np.float32(density),
+        words,
+        int(raw[_LEFT].view(np.int32)[0]),
+        int(raw[_NEXT].view(np.uint64)[0]),
+    )
+    raw[_WORDS].view(np.uint64)[:] = words
+    raw[_LEFT].view(np.int32)[0] = left
+    raw[_NEXT].view(np.uint64)[0] = nxt
+    generator.set_state(state)
+    return x

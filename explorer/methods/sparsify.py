@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from explorer.choices import Rescale, Sparsification, parse_choice
+from explorer.methods.kernels import bernoulli_drop_
 from explorer.methods.selection import MERGE_CHUNK, topk_mask
 
 __all__ = [
@@ -23,7 +24,7 @@ __all__ = [
     "magnitude_count",
     "magnitude_mask",
     "outlier_mask",
-    "random_mask",
+    "random_drop",
     "sparsify",
 ]
 
@@ -55,17 +56,12 @@ def sparsify(
         return delta
     if density <= 0 or delta.numel() == 0:
         return delta.zero_() if inplace else torch.zeros_like(delta)
-    if band is not None:
-        magnitude = delta.abs()
-        mask = (magnitude >= band[0]) & (magnitude < band[1])
-        del magnitude
-    else:
-        mask = _MASKS[method](delta, density, generator, gamma, epsilon)
     before = torch.linalg.vector_norm(delta, 1) if rescale == Rescale.l1 else None
-    if mask.dtype == torch.bool:  # masked_fill_: multiplying by a bool tensor copies it to float
-        kept = (delta if inplace else delta.clone()).masked_fill_(mask.logical_not_(), 0)
+    kept = delta if inplace else delta.clone()
+    if band is not None:
+        _apply(kept, (kept.abs() >= band[0]) & (kept.abs() < band[1]))
     else:
-        kept = delta.mul_(mask) if inplace else delta * mask
+        _DROPS[method](kept, density, generator, gamma, epsilon)
     if rescale == Rescale.inverse_density:
         return kept.div_(density)
     if rescale == Rescale.l1:
@@ -89,11 +85,6 @@ def magnitude_count(density: float, numel: int) -> int:
 def magnitude_mask(delta: torch.Tensor, density: float, *_: object) -> torch.Tensor:
     """True on the ``magnitude_count(density, numel)`` largest |delta| entries, ties by flat index (``topk_mask``)."""
     return topk_mask(delta, magnitude_count(density, delta.numel()))
-
-
-def random_mask(delta: torch.Tensor, density: float, generator: Optional[torch.Generator], *_: object) -> torch.Tensor:
-    """Bernoulli(density) keep-mask drawn from ``generator``."""
-    return torch.bernoulli(torch.full_like(delta, density), generator=generator)
 
 
 def outlier_mask(
@@ -134,9 +125,38 @@ def della_mask(
     return torch.bernoulli(probs, generator=generator).reshape(delta.shape)
 
 
-_MASKS = {
-    Sparsification.magnitude: magnitude_mask,
-    Sparsification.random: random_mask,
-    Sparsification.magnitude_outliers: outlier_mask,
-    Sparsification.della_magprune: della_mask,
+def _apply(kept: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero the entries of ``kept`` that ``mask`` drops.
+
+    A bool mask fills +0 (``masked_fill_``: multiplying by a bool tensor would copy it to float); a float
+    0/1 mask multiplies (dropped entries become x * 0).
+    """
+    if mask.dtype == torch.bool:
+        kept.masked_fill_(mask.logical_not_(), 0)
+    else:
+        kept.mul_(mask)
+
+
+def _masking(mask_fn):
+    """The drop of a sparsification given by its mask function (a mask of the same shape as the delta)."""
+    return lambda kept, density, generator, gamma, epsilon: _apply(
+        kept, mask_fn(kept, density, generator, gamma, epsilon)
+    )
+
+
+def random_drop(kept: torch.Tensor, density: float, generator: Optional[torch.Generator], *_: object) -> None:
+    """DARE: keep each entry of ``kept`` with probability density, in place, in one pass.
+
+    Entries and draws equal ``kept.mul_(torch.bernoulli(torch.full_like(kept, density), generator=generator))``,
+    mergekit's draw (``kernels.bernoulli_drop_``).
+    """
+    bernoulli_drop_(kept, density, generator)
+
+
+# thin in place: drop(kept (*S), density, generator, gamma, epsilon) zeroes the entries a method drops
+_DROPS = {
+    Sparsification.magnitude: _masking(magnitude_mask),
+    Sparsification.random: random_drop,
+    Sparsification.magnitude_outliers: _masking(outlier_mask),
+    Sparsification.della_magprune: _masking(della_mask),
 }
