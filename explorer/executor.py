@@ -15,8 +15,11 @@ the loop and handed in per tensor (``extras``): the merge loop itself loads no m
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -34,6 +37,7 @@ from explorer.stage_cache import CachedStages, StageCache
 __all__ = [
     "Extras",
     "cast_output",
+    "in_order",
     "merge_stream",
     "merge_tensor",
     "merge_to_folder",
@@ -43,6 +47,8 @@ __all__ = [
     "read_place",
     "setup_extras",
 ]
+
+T = TypeVar("T")
 
 # extras(tensor name) -> keyword inputs of the method for that tensor beyond params (e.g. {"fisher": ...})
 Extras = Callable[[str], dict]
@@ -131,6 +137,7 @@ def merge_stream(
     fisher_cache: Optional[Path] = None,
     extras: Optional[Extras] = None,
     cache: Optional[StageCache] = None,
+    workers: int = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor in the output dtype) for every output tensor, one at a time.
 
@@ -142,7 +149,9 @@ def merge_stream(
     ``setup_extras(source, recipe, progress, fisher_cache)`` runs here before the first tensor.
     Non-float tensors (int buffers) are taken from the first model. Peak memory is about (N + 2) x
     the largest tensor. ``cache``: an in-memory session's ``StageCache``; a ``spec.staged`` method
-    then reuses each tensor's stages from the previous merges (recipes without slices).
+    then reuses each tensor's stages from the previous merges (recipes without slices). ``workers``:
+    threads merging the next tensors while the caller handles one (``in_order``); each holds about
+    (N + 2) x its tensor.
     """
     spec = registry.get(recipe.merge_method)
     layout = recipe.layout(source.names)
@@ -154,23 +163,42 @@ def merge_stream(
         items = ((p.name, _method_view(spec, *read_place(source, p, order))) for p in layout)
         prepared = spec.prepare(recipe.resolved_params(), items)
     staged = cache is not None and spec.staged and order is None
-    for i, place in enumerate(layout):
+
+    def merged(place: TensorPlace) -> tuple[str, torch.Tensor]:
         extra = dict(prepared, **extras(place.name))
         if staged and source.read_base(place.name).is_floating_point():
-            stages = cache.stages(place.name, lambda name=place.name: source.task_vectors(name))
+            stages = cache.stages(place.name, lambda: source.task_vectors(place.name))
             base = source.read_base(place.name)
-            merged = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
+            out = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
             cache.trim()
         else:
             base, models = read_place(source, place, order)
             if not models.is_floating_point():
-                yield place.name, models[0]
-                continue
-            merged = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
+                return place.name, models[0]
+            out = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
             del models
-        yield place.name, cast_output(place.name, merged, recipe.torch_dtype, recipe.out_of_range)
+        return place.name, cast_output(place.name, out, recipe.torch_dtype, recipe.out_of_range)
+
+    for i, item in enumerate(in_order((partial(merged, place) for place in layout), workers)):
+        yield item
         if progress:
-            progress((i + 1) / len(layout), place.name)
+            progress((i + 1) / len(layout), item[0])
+
+
+def in_order(jobs: Iterable[Callable[[], T]], workers: int) -> Iterator[T]:
+    """The results of ``jobs``, in order, computed on ``workers`` threads, at most ``workers`` jobs ahead.
+
+    While the consumer handles one result (writes a tensor), the next ones are being computed: torch
+    and the merge kernels release the GIL. A job's exception is raised when its result is reached.
+    """
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge-tensor") as pool:
+        pending: deque[Future] = deque()
+        for job in jobs:
+            pending.append(pool.submit(job))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def plan(recipe: MergeRecipe) -> MergeInputs:

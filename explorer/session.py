@@ -27,6 +27,8 @@ from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
 from explorer.stage_cache import StageCache
 
+MERGE_WORKERS = 2  # tensors merged at once: random drops are serial per tensor; 2 keeps a 2-core machine busy
+
 
 class MergeSession:
     """Base (optional) and models loaded as float32 dicts {name: tensor}, checked compatible."""
@@ -51,6 +53,7 @@ class MergeSession:
         self.base = self.tensors[0] if self.base_ckpt else None
         self.models = self.tensors[1:] if self.base_ckpt else self.tensors
         self.stage_cache = StageCache()
+        self.scan_cache: dict = {}  # Inspect's per-tensor measurements by settings (``inspect.scan``): inputs never change
 
     def clear_cache(self) -> None:
         """Drop the stages kept between merges: the next merge runs from scratch (same result)."""
@@ -126,7 +129,7 @@ class MergeSession:
             )
         if registry.get(recipe.merge_method).needs_base and self.base is None:
             raise ValueError(f"{recipe.merge_method} needs a base model; choose one in the Models tab")
-        return dict(merge_stream(self, recipe, progress, cache=self.stage_cache))
+        return dict(merge_stream(self, recipe, progress, cache=self.stage_cache, workers=MERGE_WORKERS))
 
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
         """A transformers model in memory (eval mode) holding ``state_dict``; no save and reload.

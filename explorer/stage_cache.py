@@ -16,6 +16,7 @@ it, the least recently used tensors' stages are dropped first; nothing is ever s
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from typing import Callable, Hashable, Optional, TypeVar
 
@@ -104,6 +105,7 @@ class StageCache:
     def __init__(self, budget: Optional[int] = None):
         self.budget = default_budget() if budget is None else budget
         self._stages: OrderedDict[str, CachedStages] = OrderedDict()
+        self._lock = threading.Lock()  # tensors are merged on several threads
 
     @property
     def nbytes(self) -> int:
@@ -112,21 +114,24 @@ class StageCache:
 
     def stages(self, name: str, task_vectors: Callable[[], torch.Tensor]) -> CachedStages:
         """The stages of tensor ``name`` (made on first use; ``task_vectors`` reads its (N, *S) task vectors)."""
-        if name not in self._stages:
-            self._stages[name] = CachedStages(task_vectors)
-        self._stages.move_to_end(name)
-        return self._stages[name]
+        with self._lock:
+            if name not in self._stages:
+                self._stages[name] = CachedStages(task_vectors)
+            self._stages.move_to_end(name)
+            return self._stages[name]
 
     def trim(self) -> None:
         """Drop the least recently used tensors' stages until the cache fits its budget."""
-        held = self.nbytes
-        while held > self.budget and self._stages:
-            _, dropped = self._stages.popitem(last=False)
-            held -= dropped.nbytes
+        with self._lock:
+            held = self.nbytes
+            while held > self.budget and self._stages:
+                _, dropped = self._stages.popitem(last=False)
+                held -= dropped.nbytes
 
     def clear(self) -> None:
         """Drop every stage (the next merge runs from scratch)."""
-        self._stages.clear()
+        with self._lock:
+            self._stages.clear()
 
     def describe(self) -> str:
         """One line for the app and ``explorer info``: what the cache holds and its budget."""

@@ -114,7 +114,7 @@ def test_trim_matches_magnitude_mask(density):
     """Sampled tensors (bracketed selection) keep exactly the entries sparsify.magnitude_mask keeps."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 300, 170, generator=g)
-    s = stats.scan(stats.TensorTaskVectors({"model.layers.0.w": x}), density, sample=300, chunk=5000)
+    s = stats.scan(stats.TensorTaskVectors({"model.layers.0.w": x}), density, sample=300)
     masks = [magnitude_mask(t, density).bool() for t in x]
     both = masks[0] & masks[1]
     assert s.experts["kept"].tolist() == [int(m.sum()) for m in masks]
@@ -131,8 +131,8 @@ def test_density_zero_keeps_nothing(pair_scan):
     assert stats.sign_conflict(s, "model")["conflict_rate"].isna().all()
 
 
-def test_chunking_and_paths_agree(family):
-    """Chunk size and the way task vectors are read (weights, stacks, disk) do not change results."""
+def test_paths_agree(family):
+    """The way task vectors are read (weights, stacks, disk) does not change results."""
     base, experts = family
     session = MergeSession(base, experts)
     scans = [
@@ -141,15 +141,30 @@ def test_chunking_and_paths_agree(family):
             stats.TensorTaskVectors({n: session.task_vectors(n) for n in session.names}, labels=["expert0", "expert1"]),
             0.3,
             sample=100,
-            chunk=300,
         ),
-        stats.scan(stats.DiskTaskVectors(base, experts), 0.3, sample=100, chunk=500),
+        stats.scan(stats.DiskTaskVectors(base, experts), 0.3, sample=100),
     ]
     for other in scans[1:]:
         for frame in ("experts", "entries", "pairs"):
             pd.testing.assert_frame_equal(getattr(scans[0], frame), getattr(other, frame), rtol=1e-5, atol=1e-6)
         assert torch.equal(scans[0].samples, other.samples)
     assert scans[0].labels == ["expert0", "expert1"]
+
+
+def test_a_refresh_after_a_new_merge_reuses_the_measurements_and_equals_a_fresh_scan(family):
+    """The session keeps each tensor's measurements (scan_cache); only the merge's distances are new."""
+    base, experts = family
+    session = MergeSession(base, experts)
+    merges = [session.merge(session.recipe("ties", {"lambda": lam}, [{"density": 0.3}] * 2)) for lam in (1.0, 0.5)]
+    stats.scan(session, 0.3, merged=merges[0], sample=100)
+    held = len(session.scan_cache)
+    refreshed = stats.scan(session, 0.3, merged=merges[1], sample=100)
+    assert held == len(session.scan_cache) > 0  # the second scan measured nothing new
+    stacks = stats.TensorTaskVectors({n: session.task_vectors(n) for n in session.names}, labels=["expert0", "expert1"])
+    stacks.base = session.base  # distances need the base; no models: the scan reads the stacks, no cache
+    fresh = stats.scan(stacks, 0.3, merged=merges[1], sample=100)
+    for frame in ("experts", "entries", "pairs", "distances"):
+        pd.testing.assert_frame_equal(getattr(refreshed, frame), getattr(fresh, frame), rtol=1e-9, atol=1e-12)
 
 
 def test_merge_distance_hand_made():
@@ -291,20 +306,18 @@ def _merge_one_tensor(method: str, x: torch.Tensor, params: dict, seed: int = 0)
     return merge_tensor(registry.get(method), recipe.resolved_params(), NAME, torch.zeros(x.shape[1:]), x.clone(), seed)
 
 
-@pytest.mark.parametrize(
-    ("density", "sample", "chunk"), [(0.3, 10_000, 700), (0.3, 200, 700), (0.55, 200, 333), (0.9, 200, 1000)]
-)
-def test_kept_mass_is_the_ties_trim_exactly(density, sample, chunk):
+@pytest.mark.parametrize(("density", "sample"), [(0.3, 10_000), (0.3, 200), (0.55, 200), (0.9, 200)])
+def test_kept_mass_is_the_ties_trim_exactly(density, sample):
     """Inspect's kept mass, kept counts and Jaccard at density d are those of the TIES method's own trim.
 
     Integer task vectors with many ties in magnitude and many zeros (sums are exact in float32), read
-    whole (sample >= numel) or through the streaming bracketed selection across chunks: the trim keeps
+    whole (sample >= numel) or sampled: the trim keeps
     exactly magnitude_count(d, n) entries, ties by flat index, like the merge.
     """
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-3, 4, (2, 60, 50), generator=g).float()
     x[:, :10] = 0  # a block of zeros on top of the random ones
-    s = stats.scan(stats.TensorTaskVectors({NAME: x}, labels=["a", "b"]), density, sample=sample, chunk=chunk)
+    s = stats.scan(stats.TensorTaskVectors({NAME: x}, labels=["a", "b"]), density, sample=sample)
     trimmed = [
         _merge_one_tensor("ties", x[i : i + 1], {"density": density}) for i in range(2)
     ]  # TIES of one expert = its trim

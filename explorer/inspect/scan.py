@@ -21,22 +21,17 @@ Conventions: N experts, a task vector is x_i = M_i - B; "kept" means kept by the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
+from explorer.inspect.scan_kernel import merge_distances, scan_sums
 from explorer.inspect.sources import TaskVectorSource, expert_labels, layer_of, layer_rank
-from explorer.methods.selection import (
-    DEFAULT_CHUNK,
-    Workspace,
-    chunks,
-    mark_top,
-    sorted_descending,
-    top_cutoff,
-)
+from explorer.methods.kernels import keep_none, magnitude_cut
+from explorer.methods.selection import Workspace, sorted_descending
 from explorer.methods.sparsify import magnitude_count
 from explorer.progress import Progress
 from explorer.registry import tensor_generator
@@ -127,60 +122,36 @@ def below_column(threshold: float) -> str:
     return f"below_{threshold:g}"
 
 
-class _TaskVectors:
-    """Task vectors (N, numel) of one tensor, flattened, read by column chunks.
+def _task_vectors(source: TaskVectorSource, name: str, work: Workspace) -> torch.Tensor:
+    """(N, numel) float32 task vectors of tensor ``name``, flattened.
 
-    With the source's weights (``models`` and ``base``) a chunk is M_i - B computed into a reused
-    buffer (nothing of tensor size is allocated); otherwise chunks are views of
-    ``source.task_vectors(name)`` (``explorer.io.inputs.task_vectors``). Both give the same float32 values.
+    With the source's weights (``models`` and ``base``) M_i - B is computed into a reused buffer (no
+    tensor-sized allocation per tensor); otherwise ``source.task_vectors(name)``
+    (``explorer.io.inputs.task_vectors``). Both give the same float32 values. A non-float tensor
+    comes back as it is stored.
     """
-
-    def __init__(self, source: TaskVectorSource, name: str, work: Workspace):
-        models, bases = source.models, source.base
-        self.base = bases[name].reshape(-1) if bases is not None else None
-        self._work, self._weights, self._stack = work, None, None
-        if models is not None and self.base is not None:
-            self._weights = [m[name].reshape(-1) for m in models]
-            self.n_experts, self.numel = len(self._weights), self.base.numel()
-            self.is_float = self.base.is_floating_point()
-        else:
-            stack = source.task_vectors(name).float()
-            self._stack = stack.reshape(stack.shape[0], -1)
-            (self.n_experts, self.numel), self.is_float = self._stack.shape, True
-
-    def read(self, a: int, b: int) -> torch.Tensor:
-        if self._stack is not None:
-            return self._stack[:, a:b]
-        out = self._work.get("x", self.n_experts, b - a)
-        torch.stack([w[a:b] for w in self._weights], out=out)
-        return out.sub_(self.base[a:b])
-
-    def take(self, index: torch.Tensor) -> torch.Tensor:
-        if self._stack is not None:
-            return self._stack[:, index]
-        return torch.stack([w[index] for w in self._weights]) - self.base[index]
+    models, bases = source.models, source.base
+    if models is None or bases is None:
+        stack = source.task_vectors(name)
+        return stack.reshape(stack.shape[0], -1).float() if stack.is_floating_point() else stack
+    base = bases[name].reshape(-1)
+    if not base.is_floating_point():
+        return base[None]
+    out = work.get("x", len(models), base.numel())
+    for row, model in zip(out, models, strict=True):
+        torch.sub(model[name].reshape(-1), base, out=row)
+    return out
 
 
-def _cutoffs(
-    x: _TaskVectors, density: float, ranked: torch.Tensor, chunk: int, work: Workspace
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kth, ties), each (N,): the magnitude trim of each expert at ``density``, for ``mark_top``.
+def _trims(x: torch.Tensor, density: float) -> list[tuple[float, int]]:
+    """Per expert the magnitude trim at ``density`` of task vectors ``x`` (N, numel) as (v, cut).
 
-    The trim keeps ``magnitude_count(density, numel)`` entries (as the TIES method): |x| > kth and the
-    first ``ties`` entries with |x| == kth by flat index. kth = inf at density 0 (nothing kept);
-    ties = 0 where kth = 0 (zeros are never "kept": the trim's zeros carry no sign and no mass).
-    ``ranked``: the sampled |x| sorted descending (the whole tensor when it was sampled whole).
+    The trim keeps ``magnitude_count(density, numel)`` entries, exactly the set of the TIES method
+    (``kernels.magnitude_cut``: |x| > v and the entries equal to v before flat index cut); v = inf at
+    density 0 (nothing kept). v is the trim's threshold, the k-th largest |x|.
     """
-    numel, n = x.numel, x.n_experts
-    k = magnitude_count(density, numel)
-    if k == 0:
-        return torch.full((n,), math.inf), torch.zeros(n, dtype=torch.long)
-    if ranked.shape[1] == numel:  # the sample is the whole tensor
-        kth = ranked[:, k - 1].clone()
-        ties = k - (ranked > kth[:, None]).sum(1)
-    else:
-        kth, ties = top_cutoff(x.read, numel, k, ranked, chunk, work)
-    return kth, ties.masked_fill_(kth == 0, 0)
+    k = magnitude_count(density, x.shape[1])
+    return [magnitude_cut(row, k) if k > 0 else keep_none() for row in x]
 
 
 def grid_shares(ranked: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
@@ -194,97 +165,21 @@ def grid_shares(ranked: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
     return cumulative[:, take] / cumulative[:, -1:].clamp(min=torch.finfo(torch.float64).tiny)
 
 
-def _accumulate(
-    x: _TaskVectors,
-    cutoff: tuple[torch.Tensor, torch.Tensor],
-    thresholds: Sequence[float],
-    merged: torch.Tensor | None,
-    chunk: int,
-    work: Workspace,
-) -> dict[str, torch.Tensor]:
-    """Exact sums over the task vectors ``x`` of one tensor, chunk by chunk (see ``Scan``).
-
-    All temporaries live in ``work``; 0/1 indicators are float32 (exact: a chunk has < 2^24 entries).
-    """
-    n = x.n_experts
-    acc = {key: torch.zeros(n, dtype=torch.float64) for key in ("l1", "zeros", "kept_l1", "xb", "dist_sq")}
-    acc |= {key: torch.zeros(n, n, dtype=torch.float64) for key in ("gram", "inter", "sdot")}
-    acc |= {
-        key: torch.zeros((), dtype=torch.float64)
-        for key in ("kept_any", "kept_2plus", "conflicts", "agreement_sum", "bb", "moved_sq")
-    }
-    acc["below"] = torch.zeros(len(thresholds), n, dtype=torch.float64)
-    kth, ties = cutoff[0][:, None], cutoff[1].clone()  # mark_top counts ties down chunk by chunk
-    for a, b in chunks(x.numel, chunk):
-        xc, c = x.read(a, b), b - a  # (N, c)
-        ax, tmp = torch.abs(xc, out=work.get("abs", n, c)), work.get("tmp", n, c)
-        acc["gram"] += xc @ xc.T
-        acc["l1"] += ax.sum(1)
-        acc["zeros"] += torch.eq(ax, 0, out=tmp).sum(1)
-        for j, t in enumerate(thresholds):
-            acc["below"][j] += torch.lt(ax, t, out=tmp).sum(1)
-        kept = mark_top(ax, kth, ties, work.get("kept", n, c))  # 1.0 where the TIES trim keeps a nonzero x
-        signs = torch.sign(xc, out=work.get("signs", n, c)).mul_(kept)  # -1/0/+1 on kept entries
-        acc["inter"] += kept @ kept.T
-        acc["sdot"] += signs @ signs.T
-        acc["kept_l1"] += torch.mul(signs, xc, out=tmp).sum(1)
-        _entries(acc, kept, signs, work)
-        if merged is not None:
-            _distances(acc, xc, merged[a:b], x.base[a:b], work)
-    acc["ref_sq"] = torch.cat(
-        [acc["bb"] + 2 * acc["xb"] + acc["gram"].diagonal(), acc["bb"][None]]
-    )  # ||B + x_i||^2, ||B||^2
-    acc["dist_sq"] = torch.cat([acc["dist_sq"], acc["moved_sq"][None]])
-    return acc
-
-
-def _entries(acc: dict[str, torch.Tensor], kept: torch.Tensor, signs: torch.Tensor, work: Workspace) -> None:
-    """Add per-entry cross-expert counts.
-
-    An entry conflicts when its kept signs are not all equal, i.e. |sum of signs| < number of
-    experts keeping it.
-    """
-    c = kept.shape[1]
-    count = torch.sum(kept, 0, out=work.get("count", c))
-    net = torch.sum(signs, 0, out=work.get("net", c)).abs_()
-    flag = work.get("flag", c)
-    acc["kept_any"] += torch.gt(count, 0.5, out=flag).sum()
-    acc["kept_2plus"] += torch.gt(count, 1.5, out=flag).sum()
-    acc["conflicts"] += torch.lt(net, count, out=flag).sum()
-    acc["agreement_sum"] += torch.div(net, count.clamp_(min=1), out=flag).sum()
-
-
-def _distances(
-    acc: dict[str, torch.Tensor], x: torch.Tensor, merged: torch.Tensor, base: torch.Tensor, work: Workspace
-) -> None:
-    """Add squared distances of the merge (B + moved) from each expert (B + x_i) and from the base.
-
-    Also the dot products that give the experts' norms (||B + x_i||^2 = ||B||^2 + 2 B.x_i + ||x_i||^2).
-    """
-    moved = torch.sub(merged, base, out=work.get("moved", base.shape[0]))
-    acc["dist_sq"] += (
-        torch.linalg.vector_norm(torch.sub(x, moved, out=work.get("tmp", *x.shape)), dim=1).double().square()
-    )
-    acc["moved_sq"] += moved.dot(moved)
-    acc["xb"] += x @ base
-    acc["bb"] += base.dot(base)
-
-
 def _sample_index(numel: int, sample: int, generator: torch.Generator) -> torch.Tensor:
     if numel <= sample:
         return torch.arange(numel)
     return torch.randint(numel, (sample,), generator=generator)
 
 
-def _check(density: float, thresholds: Sequence[float], sample: int, grid: Sequence[float], chunk: int) -> None:
+def _check(density: float, thresholds: Sequence[float], sample: int, grid: Sequence[float]) -> None:
     if not 0 <= density <= 1:
         raise ValueError(f"density must be in [0, 1] (the fraction of entries a trim keeps); got {density}")
     if any(t <= 0 for t in thresholds):
         raise ValueError(f"thresholds must be positive magnitudes; got {list(thresholds)}")
     if not all(0 < d <= 1 for d in grid):
         raise ValueError(f"kept-mass densities must be in (0, 1]; got {list(grid)}")
-    if sample < 1 or chunk < 1:
-        raise ValueError(f"sample and chunk must be >= 1; got sample={sample}, chunk={chunk}")
+    if sample < 1:
+        raise ValueError(f"sample must be >= 1; got sample={sample}")
 
 
 def scan(
@@ -295,7 +190,6 @@ def scan(
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
     grid: Sequence[float] = DENSITY_GRID,
-    chunk: int = DEFAULT_CHUNK,
     progress: Progress | None = None,
 ) -> Scan:
     """Measure ``source`` in one pass over its tensor names (non-float tensors are skipped).
@@ -304,32 +198,37 @@ def scan(
     merged: {name: merged weights} of the current merge (any float dtype) or None.
     thresholds: magnitudes t > 0 for the share of |x| < t (DARE, arXiv:2311.03099, reports most
         |delta| below 0.005 and 0.002). sample: entries sampled per tensor (>= 1). grid: densities
-        in (0, 1] for the kept-mass curve (``stats.kept_mass``). chunk: entries per
-        expert per work step. Memory besides the source: the task vectors of one tensor (N x its size)
-        and about 6 x N x chunk x 4 bytes of work buffers.
+        in (0, 1] for the kept-mass curve (``stats.kept_mass``). Memory besides the source: the task
+        vectors of the largest tensor (N x its size, a reused buffer). Each tensor takes three passes
+        over its task vectors: two for the trims, one for every sum (``scan_kernel.scan_sums``).
     Raises ValueError on out-of-range arguments, a source without task vectors, or a ``merged``
     that lacks a tensor or has another size; CheckpointError from a disk source's bad tensor.
     """
-    _check(density, thresholds, sample, grid, chunk)
+    _check(density, thresholds, sample, grid)
     if merged is not None and source.base is None:
         raise ValueError("distances of a merge need the base weights; this source has none")
     rows: dict[str, list] = {"experts": [], "entries": [], "pairs": [], "distances": []}
     samples, weights, owners, shares, names, labels, work = [], [], [], [], [], None, Workspace()
+    cache = getattr(source, "scan_cache", None) if source.models is not None and source.base is not None else None
     for t, name in enumerate(source.names):
-        x = _TaskVectors(source, name, work)
-        if x.is_float and x.numel:
-            labels = labels or expert_labels(source, x.n_experts)
-            numel = x.numel
-            moved = _merged_flat(merged, name, numel) if merged is not None else None
-            generator = tensor_generator(seed, name)
-            values = x.take(_sample_index(numel, sample, generator))
-            ranked = sorted_descending(values.abs())
-            cutoff = _cutoffs(x, density, ranked, chunk, work)
-            shares.append(grid_shares(ranked, grid))
-            acc = _accumulate(x, cutoff, thresholds, moved, chunk, work)
-            _add_rows(rows, name, numel, labels, thresholds, cutoff[0], acc, moved is not None)
+        key = (name, density, tuple(thresholds), sample, seed, tuple(grid))
+        x, measured = None, cache.get(key) if cache is not None else None
+        if measured is None:
+            x = _task_vectors(source, name, work)
+            measured = _measure(x, name, density, thresholds, sample, seed, grid)
+            if cache is not None:
+                cache[key] = measured
+        if measured.numel:
+            labels = labels or expert_labels(source, measured.values.shape[0])
+            acc = dict(measured.sums)
+            if merged is not None:
+                acc |= _distances(source, name, x, merged, acc["gram"].diagonal())
+            thresholds_of = [v for v, _ in measured.trims]
+            _add_rows(rows, name, measured.numel, labels, thresholds, thresholds_of, acc, merged is not None)
+            values = measured.values
+            shares.append(measured.shares)
             samples.append(values)
-            weights.append(torch.full((values.shape[1],), numel / values.shape[1], dtype=torch.float64))
+            weights.append(torch.full((values.shape[1],), measured.numel / values.shape[1], dtype=torch.float64))
             owners.append(torch.full((values.shape[1],), len(names), dtype=torch.long))
             names.append(name)
         if progress:
@@ -358,13 +257,70 @@ def scan(
     )
 
 
-def _merged_flat(merged: Mapping[str, torch.Tensor], name: str, numel: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Measured:
+    """What the scan measured of one tensor without a merge (a session keeps it: ``scan_cache``).
+
+    numel 0 for a tensor the scan skips (not float, or empty); values: (N, s) sampled task-vector
+    entries; shares: (N, G) ``grid_shares``; trims: per expert (v, cut); sums: ``scan_sums``.
+    """
+
+    numel: int
+    values: torch.Tensor | None = None
+    shares: torch.Tensor | None = None
+    trims: list[tuple[float, int]] | None = None
+    sums: dict | None = None
+
+
+def _measure(
+    x: torch.Tensor,
+    name: str,
+    density: float,
+    thresholds: Sequence[float],
+    sample: int,
+    seed: int,
+    grid: Sequence[float],
+) -> _Measured:
+    """Sample, trim and sum the task vectors ``x`` (N, numel) of tensor ``name`` (see ``Scan``)."""
+    if not x.is_floating_point() or not x.shape[1]:
+        return _Measured(numel=0)
+    numel = x.shape[1]
+    values = x[:, _sample_index(numel, sample, tensor_generator(seed, name))]
+    trims = _trims(x, density)
+    shares = grid_shares(sorted_descending(values.abs()), grid)
+    return _Measured(numel, values, shares, trims, scan_sums(x, trims, tuple(thresholds)))
+
+
+def _distances(
+    source: TaskVectorSource,
+    name: str,
+    x: torch.Tensor | None,
+    merged: Mapping[str, torch.Tensor],
+    squares: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Where the merge of tensor ``name`` lies among its inputs (moved = merged - B).
+
+    Returns dist_sq (N + 1,): ||x_i - moved||^2 for each expert, then ||moved||^2 (from the base);
+    ref_sq (N + 1,): ||B + x_i||^2 = ||B||^2 + 2 B.x_i + ||x_i||^2 (squares: the (N,) ||x_i||^2), then
+    ||B||^2. Task vectors from ``x`` (N, numel) when given, else from the source's weights. Raises
+    ValueError when the merge lacks the tensor or has another size.
+    """
+    numel = source.base[name].numel()
     if name not in merged:
         raise ValueError(f"the merged weights lack tensor {name!r}; merge again before inspecting distances")
-    flat = merged[name].reshape(-1)
+    flat = merged[name].reshape(-1).float()
     if flat.numel() != numel:
         raise ValueError(f"merged tensor {name!r} has {flat.numel()} entries but the inputs have {numel}; merge again")
-    return flat
+    base = source.base[name].reshape(-1).float()
+    if x is None:
+        rows, minus = [m[name].reshape(-1) for m in source.models], base
+    else:
+        rows, minus = list(x), torch.zeros(numel)
+    d = merge_distances(rows, minus, base, flat)
+    return {
+        "dist_sq": np.append(d["dist_sq"], d["moved_sq"]),
+        "ref_sq": np.append(d["bb"] + 2 * d["xb"] + squares, d["bb"]),
+    }
 
 
 def _add_rows(
@@ -373,7 +329,7 @@ def _add_rows(
     numel: int,
     labels: list[str],
     thresholds: Sequence[float],
-    cutoff: torch.Tensor,
+    cutoff: Sequence[float],
     acc: dict,
     has_merge: bool,
 ) -> None:

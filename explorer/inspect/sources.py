@@ -6,9 +6,11 @@ A source is an ``explorer.io.inputs.TensorSource``, the same protocol the merge 
 from disk one tensor name at a time, with the merge's vocabulary alignment and tied/untied handling;
 ``TensorTaskVectors`` wraps task vectors already in memory (tests, notebooks) and has no ``models``.
 
-With ``base`` and ``models`` the statistics compute M_i - B chunk by chunk instead of materializing
-the (N, *S) stack (same numbers, faster); ``base`` is also needed for distances of a merge from its
-inputs. An optional ``labels`` gives expert names (default: the folder names of ``model_paths``).
+With ``base`` and ``models`` the statistics compute M_i - B into a reused buffer instead of a fresh
+(N, *S) stack (same numbers, faster); ``base`` is also needed for distances of a merge from its
+inputs. An optional ``labels`` gives expert names (default: the folder names of ``model_paths``). A
+source with weights may hold a ``scan_cache`` dict (a ``MergeSession`` does): the scan then keeps each
+tensor's measurements there, and a refresh after a new merge only measures the merge's distances.
 """
 
 from __future__ import annotations

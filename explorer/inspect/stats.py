@@ -34,7 +34,6 @@ from explorer.inspect.interference import (
 )
 from explorer.inspect.scan import (
     BY,
-    DEFAULT_CHUNK,
     DEFAULT_SAMPLE,
     DENSITY_GRID,
     Scan,
@@ -62,7 +61,6 @@ __all__ = [
     "DARE_THRESHOLDS",
     "PANEL_KEYS",
     "DEFAULT_BINS",
-    "DEFAULT_CHUNK",
     "DEFAULT_SAMPLE",
     "DENSITY_GRID",
     "QUANTILES",

@@ -42,7 +42,7 @@ def _ranges(size: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, size)) for a in range(0, size, step)]
 
 
-def _run(kernel: Callable, size: int, *args) -> list:
+def run_ranges(kernel: Callable, size: int, *args) -> list:
     """kernel(*args, a, b) for every range of ``_ranges(size)``, on the pool; results in range order."""
     ranges = _ranges(size)
     if len(ranges) == 1:
@@ -101,8 +101,8 @@ def magnitude_cut(x: torch.Tensor, k: int) -> tuple[float, int]:
     bits = x.detach().contiguous().view(torch.int32).reshape(-1).numpy()
     if not 1 <= k <= bits.size:
         raise ValueError(f"magnitude_cut: k={k} is outside [1, {bits.size}]")
-    high, above = _select(sum(_run(_high_counts, bits.size, bits)), k)
-    low_counts = sum(_run(_low_counts, bits.size, bits, high))
+    high, above = _select(sum(run_ranges(_high_counts, bits.size, bits)), k)
+    low_counts = sum(run_ranges(_low_counts, bits.size, bits, high))
     low, above_low = _select(low_counts, k - above)
     pattern = (high << LOW_BITS) | low
     take = k - above - above_low
@@ -196,7 +196,7 @@ def ties_merge(
     cut = np.array([c[1] for c in cuts], np.int64)
     out = torch.empty(deltas.shape[1:], dtype=torch.float32)
     args = (flat, lows, highs, cut, w, vote_w, divide_w, count_vote, divisor is not None)
-    _run(_ties_range, flat.shape[1], *args, out.view(-1).numpy())
+    run_ranges(_ties_range, flat.shape[1], *args, out.view(-1).numpy())
     return out
 
 
