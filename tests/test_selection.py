@@ -1,6 +1,6 @@
-"""Exact selection in bounded memory (``explorer.methods.selection``): the k-th largest |x| and top-k masks.
+"""Exact top-k masks (``explorer.methods.selection``) against torch.kthvalue and torch.topk.
 
-Checked against torch.kthvalue / torch.topk, with ties, tiny and half-precision tensors.
+With ties, tiny and half-precision tensors.
 """
 
 from __future__ import annotations
@@ -8,20 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explorer.methods.selection import kth_largest, sorted_descending, topk_mask
+from explorer.methods.selection import topk_mask
 from explorer.methods.sparsify import outlier_mask
-
-
-def test_kth_largest_is_exact_and_falls_back():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 20_000, generator=g)
-    for k in (1, 137, 10_000, 20_000):
-        ranked = sorted_descending(x[:, torch.randint(20_000, (256,), generator=g)].abs())
-        got = kth_largest(lambda a, b: x[:, a:b], 20_000, k, ranked, chunk=3000)
-        assert torch.equal(got, torch.kthvalue(x.abs(), 20_000 - k + 1, dim=1).values)
-    wrong = torch.full((3, 256), 10.0)  # a bracket that misses: the fallback still answers exactly
-    got = kth_largest(lambda a, b: x[:, a:b], 20_000, 500, wrong, chunk=3000)
-    assert torch.equal(got, torch.kthvalue(x.abs(), 20_000 - 500 + 1, dim=1).values)
 
 
 @pytest.mark.parametrize("k", [0, 1, 7, 5_000, 29_999, 30_000])
@@ -29,7 +17,7 @@ def test_topk_mask_equals_torch_topk_on_distinct_values(k):
     t = torch.randn(100, 300, generator=torch.Generator().manual_seed(k))
     expected = torch.zeros(t.numel(), dtype=torch.bool)
     expected[torch.topk(t.abs().reshape(-1), k).indices] = True
-    got = topk_mask(t, k, chunk=4096)
+    got = topk_mask(t, k)
     assert got.shape == t.shape and got.dtype == torch.bool
     assert torch.equal(got, expected.reshape(t.shape))
 
@@ -37,10 +25,10 @@ def test_topk_mask_equals_torch_topk_on_distinct_values(k):
 def test_topk_mask_breaks_ties_by_index():
     """Exactly k kept: every |t| above the k-th largest, then the earliest entries tied with it."""
     t = torch.tensor([0.5, -2.0, 1.0, -1.0, 3.0, 1.0, 0.0, -1.0, 0.0])
-    assert topk_mask(t, 4, chunk=2).tolist() == [False, True, True, True, True, False, False, False, False]
-    assert topk_mask(t, 8, chunk=2).tolist() == [True] * 7 + [True, False]
+    assert topk_mask(t, 4).tolist() == [False, True, True, True, True, False, False, False, False]
+    assert topk_mask(t, 8).tolist() == [True] * 7 + [True, False]
     zeros = torch.zeros(10_000)  # all tied (a frozen tensor's task vector)
-    assert topk_mask(zeros, 2_500, chunk=999).nonzero().squeeze(1).tolist() == list(range(2_500))
+    assert topk_mask(zeros, 2_500).nonzero().squeeze(1).tolist() == list(range(2_500))
 
 
 def test_topk_mask_on_many_ties_from_half_precision():

@@ -1,16 +1,15 @@
-"""One streaming pass over a source's tensors that feeds every Inspect statistic.
+"""One pass over a source's tensors that feeds every Inspect statistic.
 
-``scan`` visits each tensor name once, holds that tensor's N task vectors (never whole models), and
-walks them in column chunks through preallocated work buffers (fresh allocations are the slow part
-on CPU). Per tensor it records exact counts and sums, and a uniform random sample of entries:
+``scan`` visits each tensor name once, holds that tensor's N task vectors (never whole models) in a
+reused buffer (fresh allocations are the slow part on CPU), and measures them in compiled passes
+(``scan_kernel``). Per tensor it records exact counts and sums, and a uniform random sample of entries:
 
   exact   sum of squares, L1 mass, exact zeros, entries with |x| < threshold, pairwise dot products,
           the magnitude trim at ``density`` (TIES, arXiv:2306.01708): per tensor and expert the kept
           set is the one ``sparsify.magnitude_mask`` keeps (``sparsify.magnitude_count`` entries,
-          ties with the k-th largest |x| broken by flat index), found exactly by the same
-          sample-bracketed selection (``selection.top_cutoff`` and ``mark_top``: no topk, no full
-          sort, chunk by chunk); counts of kept entries, their overlaps, sign conflicts and L1 mass;
-          distances of a merge from its inputs.
+          ties with the k-th largest |x| broken by flat index), found exactly by the same threshold
+          kernel (``kernels.magnitude_cut``: no topk, no sort); counts of kept entries, their
+          overlaps, sign conflicts and L1 mass; distances of a merge from its inputs.
   sampled ``sample`` entries per tensor (uniform, with replacement, the same positions for every
           expert; the whole tensor when it has no more entries), drawn from a generator seeded by
           ``registry.tensor_seed(seed, name)``. Each sampled entry stands for numel / sample entries.
