@@ -102,8 +102,8 @@ GOALS = {
 DISK_FLOOR_RATIO = 1.5  # to disk: within 1.5x the read+write floor, faster and smaller than mergekit-yaml
 
 
-def goal_of(case: str, theirs: float | None, ours: float) -> tuple[str, bool | None]:
-    """(goal text, met) of ``case`` from ``GOALS``."""
+def goal_of(case: str, theirs: float | None, ours: float) -> dict:
+    """{"goal": text, "met": bool or None} of ``case`` from ``GOALS`` (``row``'s keywords)."""
     seconds, ratio = GOALS[case]
     parts, met = [], None
     if seconds is not None:
@@ -112,7 +112,7 @@ def goal_of(case: str, theirs: float | None, ours: float) -> tuple[str, bool | N
     if ratio is not None and theirs:
         parts.append(f"≥ {1 / ratio:g}x mergekit")
         met = bool(met) and ours / theirs <= ratio
-    return (" and ".join(parts) or "—"), met
+    return {"goal": " and ".join(parts) or "—", "met": met}
 
 
 READ_WRITE_FLOOR = """
@@ -454,7 +454,7 @@ def main() -> None:
     if "memory" in parts:
         for method in METHODS:
             theirs, ours = from_scratch(method)
-            rows.append(row(f"{method} from scratch (s)", theirs, ours, *goal_of(method, theirs, ours)))
+            rows.append(row(f"{method} from scratch (s)", theirs, ours, **goal_of(method, theirs, ours)))
     if "slider" in parts:
         for case, (method, moved, values) in SLIDERS.items():
             theirs, _ = from_scratch(method)
@@ -462,7 +462,7 @@ def main() -> None:
             session.merge(recipe_of(session, method, moved, values[0]))  # the merge the slider moves from
             moves = [recipe_of(session, method, moved, values[(k + 1) % 2]) for k in range(args.repeats + 1)]
             seconds = median_seconds(session.merge, moves, args.device, label=case, notes=notes)
-            rows.append(row(f"{case} (s)", theirs, seconds, *goal_of(case, None, seconds)))
+            rows.append(row(f"{case} (s)", theirs, seconds, **goal_of(case, None, seconds)))
     if "inspect" in parts:
         print("inspect ...", flush=True)
         # a fresh TIES merge (untimed): one held since the memory part may share tensors a later move changed
@@ -474,7 +474,7 @@ def main() -> None:
             label="inspect",
             notes=notes,
         )
-        rows.append(row("inspect refresh (s)", None, seconds, *goal_of("inspect", None, seconds)))
+        rows.append(row("inspect refresh (s)", None, seconds, **goal_of("inspect", None, seconds)))
     if "disk" in parts:
         disk_rows(session, base, experts, args.work, args, rows, notes)
 

@@ -73,7 +73,8 @@ def merge_tensor(
     """
     generator = registry.tensor_generator(seed, name)
     if stages is not None:
-        return registry.call(spec, None, base, generator, params, dict(extra or {}, stages=stages)).add_(base)
+        merged = registry.call(spec, None, base, generator, params, dict(extra or {}, stages=stages))
+        return merged.add_(base) if spec.space == Space.delta else merged
     if spec.space == Space.delta:
         return registry.call(spec, models.sub_(base), base, generator, params, extra).add_(base)
     return registry.call(spec, models, base, generator, params, extra)
@@ -167,10 +168,13 @@ def merge_stream(
     def merged(place: TensorPlace) -> tuple[str, torch.Tensor]:
         extra = dict(prepared, **extras(place.name))
         if staged and source.read_base(place.name).is_floating_point():
-            stages = cache.stages(place.name, lambda: source.task_vectors(place.name))
+            models = source.models  # an in-memory source: its weights are read in place
+            stages = cache.stages(
+                place.name, lambda: source.task_vectors(place.name), lambda: [m[place.name] for m in models]
+            )
             base = source.read_base(place.name)
             out = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
-            cache.trim()
+            cache.trim(place.name)
         else:
             base, models = read_place(source, place, order)
             if not models.is_floating_point():

@@ -41,10 +41,15 @@ def _nbytes(value: object) -> int:
 
 
 class CachedStages(Stages):
-    """The stages of one tensor, kept between merges; task vectors come from ``task_vectors``."""
+    """The stages of one tensor, kept between merges.
 
-    def __init__(self, task_vectors: Callable[[], torch.Tensor]):
+    task_vectors() reads its (N, *S) task vectors (kept once read); weights() lists the N model
+    weights as the session holds them (never copied or kept here).
+    """
+
+    def __init__(self, task_vectors: Callable[[], torch.Tensor], weights: Callable[[], list[torch.Tensor]]):
         self._read = task_vectors
+        self.weights = weights
         self._x: Optional[torch.Tensor] = None
         self._rows: Optional[torch.Tensor] = None  # thinned task vectors
         self._row_keys: list[Hashable] = []
@@ -105,33 +110,44 @@ class StageCache:
     def __init__(self, budget: Optional[int] = None):
         self.budget = default_budget() if budget is None else budget
         self._stages: OrderedDict[str, CachedStages] = OrderedDict()
+        self._sizes: dict[str, int] = {}  # bytes each tensor's stages held when last trimmed
+        self._held = 0
         self._lock = threading.Lock()  # tensors are merged on several threads
 
     @property
     def nbytes(self) -> int:
-        """Bytes held now."""
-        return sum(s.nbytes for s in self._stages.values())
+        """Bytes held as of the last ``trim``."""
+        return self._held
 
-    def stages(self, name: str, task_vectors: Callable[[], torch.Tensor]) -> CachedStages:
-        """The stages of tensor ``name`` (made on first use; ``task_vectors`` reads its (N, *S) task vectors)."""
+    def stages(
+        self, name: str, task_vectors: Callable[[], torch.Tensor], weights: Callable[[], list[torch.Tensor]]
+    ) -> CachedStages:
+        """The stages of tensor ``name``, made on first use (arguments as ``CachedStages``)."""
         with self._lock:
             if name not in self._stages:
-                self._stages[name] = CachedStages(task_vectors)
+                self._stages[name] = CachedStages(task_vectors, weights)
             self._stages.move_to_end(name)
             return self._stages[name]
 
-    def trim(self) -> None:
-        """Drop the least recently used tensors' stages until the cache fits its budget."""
+    def trim(self, name: str) -> None:
+        """Count what tensor ``name``'s stages hold now, then fit the budget.
+
+        The least recently used tensors' stages are dropped first.
+        """
         with self._lock:
-            held = self.nbytes
-            while held > self.budget and self._stages:
-                _, dropped = self._stages.popitem(last=False)
-                held -= dropped.nbytes
+            size = self._stages[name].nbytes if name in self._stages else 0
+            self._held += size - self._sizes.get(name, 0)
+            self._sizes[name] = size
+            while self._held > self.budget and self._stages:
+                dropped, _ = self._stages.popitem(last=False)
+                self._held -= self._sizes.pop(dropped, 0)
 
     def clear(self) -> None:
         """Drop every stage (the next merge runs from scratch)."""
         with self._lock:
             self._stages.clear()
+            self._sizes.clear()
+            self._held = 0
 
     def describe(self) -> str:
         """One line for the app and ``explorer info``: what the cache holds and its budget."""

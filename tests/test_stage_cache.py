@@ -27,7 +27,7 @@ def _start(method: str) -> tuple[dict, list[dict]]:
         if p.name == "density":
             for pm, d in zip(per_model, (0.3, 0.5, 0.7), strict=True):
                 pm["density"] = d
-    return {"lambda": 1.0}, per_model
+    return ({"lambda": 1.0} if any(p.name == "lambda" for p in spec.params) else {}), per_model
 
 
 def _moves(method: str) -> list[tuple[str, dict, list[dict]]]:
@@ -62,7 +62,7 @@ def test_every_move_equals_a_merge_from_scratch(session, method):
     for moved, glob, per_model in _moves(method):
         session.clear_cache()
         session.merge(start)  # the stages of the start, held for every tensor
-        assert session.stage_cache.nbytes > 0
+        assert session.stage_cache.nbytes > 0 or method == "linear"  # linear keeps nothing (weights read in place)
         recipe = session.recipe(method, glob, per_model, seed=7 if moved == "seed" else 0)
         remerged = session.merge(recipe)
         session.clear_cache()
@@ -84,6 +84,16 @@ def test_moves_back_and_forth_reuse_the_stages(session):
             scratch = session.merge(recipe)
             session.stage_cache = cache
             assert all(torch.equal(remerged[n], scratch[n]) for n in session.names), (method, glob, d)
+
+
+def test_linear_reads_the_weights_in_place(session):
+    """linear is staged for its weights only: nothing is cached and nothing stacked."""
+    session.clear_cache()
+    merged = session.merge(session.recipe("linear", {}, [{"weight": 0.2}, {"weight": 0.3}, {"weight": 0.5}]))
+    assert session.stage_cache.nbytes == 0
+    name = session.names[0]
+    expected = sum(w * m[name] for w, m in zip((0.2, 0.3, 0.5), session.models, strict=True))
+    torch.testing.assert_close(merged[name], expected)
 
 
 def test_budget_is_respected_and_zero_budget_still_merges(session):

@@ -2,7 +2,8 @@
 
 Two experts merged with TIES at density 0.5 keep at least 70% of each expert's gain over the base on
 its own task (50 held-out examples each, the app's default), measured by lm-eval from the Evaluate tab; the
-first result's time after the click is printed (README).
+first result's time after the click is printed (README). A Live slider move re-merges and the Inspect
+figures follow; the times from the release to each are printed (README).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.test_ui_browser import (
     ARGS,
     CHROMIUM,
     TIMEOUT,
+    _figure_data,
     _free_port,
     _load,
     _set_number,
@@ -85,3 +87,40 @@ def test_a_merge_of_two_smollm2_experts_keeps_both_skills(smol_page, tmp_path):
     )
     assert say[0] - base[0] > 0.5 and rev[1] - base[1] > 0.5, rows  # the experts learned their tasks
     assert kept_say >= 0.7 and kept_rev >= 0.7, rows
+
+
+def test_a_live_slider_move_remerges_and_inspect_follows(smol_page):
+    """Release the lambda slider with Live on: a new merge; open Inspect: its figures are that merge's."""
+    page = smol_page
+    _load(page, ("smollm2/expert-say", "smollm2/expert-rev"))
+    _tab(page, "Merge")
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("ties", timeout=300_000)
+    _tab(page, "Inspect")  # the first Inspect of these models measures every tensor (later ones reuse it)
+    expect(page.locator("#inspect-status")).to_contain_text("ties", timeout=300_000)
+    expect(page.locator("#plot-merge_distance .js-plotly-plot")).to_be_visible(timeout=300_000)
+    before = _figure_data(page, "merge_distance")
+    _tab(page, "Merge")
+    merges = page.locator("#history").inner_text().count("ties")
+    page.locator("#live input").check()
+    slider = page.locator("#ctl-lambda input[type=range]")
+    slider.fill("0.6")
+    released = time.perf_counter()
+    slider.dispatch_event("pointerup")
+    expect(page.locator("#history")).to_contain_text("lambda=0.6", timeout=300_000)
+    merged_s = time.perf_counter() - released
+    assert page.locator("#history").inner_text().count("ties") > merges
+    opened = time.perf_counter()
+    _tab(page, "Inspect")
+    expect(page.locator("#inspect-status")).to_contain_text("lambda=0.6", timeout=300_000)
+    for _ in range(300):  # the figure is redrawn once the refresh arrives
+        if _figure_data(page, "merge_distance") != before:
+            break
+        page.wait_for_timeout(50)
+    inspect_s = time.perf_counter() - opened
+    assert _figure_data(page, "merge_distance") != before
+    _tab(page, "Merge")
+    page.locator("#live input").uncheck()
+    print(
+        f"live lambda move: merged {merged_s:.2f} s after the release; Inspect redrawn {inspect_s:.2f} s after opening it"
+    )

@@ -13,30 +13,35 @@ from typing import Optional
 import torch
 
 from explorer.choices import Space
+from explorer.methods.stages import Stages
 from explorer.methods.weighted_sum import weighted_sum
 from explorer.registry import MethodSpec, Param, register
 
 
 def linear(
-    x: torch.Tensor,
+    x: Optional[torch.Tensor],
     *,
     base: Optional[torch.Tensor],
     generator: Optional[torch.Generator],
     weight: torch.Tensor,
     normalize: bool = True,
+    stages: Optional[Stages] = None,
 ) -> torch.Tensor:
     """Weighted sum of model weights ``x`` (N, *S) float32 -> (*S).
 
     weight: (N,) per-model weights, any real numbers. Raises ValueError when normalize is on and the
-    weights sum to zero (mergekit would divide by zero and return inf/NaN).
+    weights sum to zero (mergekit would divide by zero and return inf/NaN). An in-memory session
+    passes ``stages`` instead of ``x``: the weights are then read where the session holds them (no
+    stacked copy; ``Stages.weights``).
     """
-    w = weight.to(x.dtype)
+    models = (stages or Stages(x)).weights()
+    w = weight.to(torch.float32)
     total = float(w.sum())
     if normalize and abs(total) < 1e-8:
         raise ValueError(
             f"linear: weights {w.tolist()} sum to zero with normalize on; change a weight or turn normalize off"
         )
-    return weighted_sum(w, x, 1.0 / total if normalize else 1.0)
+    return weighted_sum(w, models, 1.0 / total if normalize else 1.0)
 
 
 register(

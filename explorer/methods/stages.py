@@ -10,7 +10,7 @@ is equal bit for bit to a merge from scratch.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Optional, TypeVar
+from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -19,7 +19,10 @@ Thin = Callable[[int, torch.Tensor], None]  # thin(i, row): thin task vector i (
 
 
 class Stages:
-    """One merge of one tensor from its task vectors ``x`` (N, *S) float32, which it may overwrite."""
+    """One merge of one tensor from the method's input ``x`` (N, *S) float32, which it may overwrite.
+
+    ``x`` holds task vectors for a delta-space method, model weights for the others.
+    """
 
     def __init__(self, x: torch.Tensor):
         self._x = x
@@ -31,6 +34,10 @@ class Stages:
 
     def task_vectors(self) -> torch.Tensor:
         """(N, *S) task vectors M_i - B; read them, never write them."""
+        return self._x
+
+    def weights(self) -> Sequence[torch.Tensor]:
+        """The N model weights (*S) of a weight-space method; read them, never write them."""
         return self._x
 
     def thinned(self, keys: list[Hashable], thin: Thin, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
-def weighted_sum(weights: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale * sum_i weights[i] * x[i]: weights (N,), x (N, *S) float32 -> new tensor (*S).
+def weighted_sum(weights: torch.Tensor, x: torch.Tensor | Sequence[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """scale * sum_i weights[i] * x[i]: weights (N,), x (N, *S) float32 (or N tensors (*S)) -> new tensor (*S).
 
     Accumulates with ``add_(alpha=...)`` into one output buffer: N reads of x and one write, about
     twice as fast on CPU as ``tensordot`` (a strided gemv) for large tensors.
