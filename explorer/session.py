@@ -70,8 +70,18 @@ class MergeSession:
         return [c.path for c in self.model_ckpts]
 
     def task_vectors(self, name: str) -> torch.Tensor:
-        """(N, *S) float32 task vectors M_i - B of tensor ``name``; ValueError without a base."""
-        return task_vectors(self, name)
+        """(N, *S) float32 task vectors M_i - B of tensor ``name``; ValueError without a base.
+
+        The same values as ``explorer.io.inputs.task_vectors`` (stack, then subtract), each row
+        subtracted straight into the new tensor: one pass instead of two.
+        """
+        if self.base is None:
+            return task_vectors(self, name)  # raises with the fix
+        base = self.base[name]
+        out = torch.empty((len(self.models), *base.shape), dtype=base.dtype)
+        for row, model in zip(out, self.models, strict=True):
+            torch.sub(model[name], base, out=row)
+        return out
 
     def recipe(
         self, method: str, parameters: dict, per_model: list[dict], dtype: str = "float32", seed: int = 0
