@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from peft.utils.other import get_pattern_key
 from typing_extensions import override
 
 from explorer.io.config_compat import with_vocab_size
@@ -138,17 +137,30 @@ def index_adapter(path: Path, adapter: SafetensorsFile | PickleFile) -> tuple[di
     return lora, whole
 
 
+def _pattern_key(patterns: dict, module: str) -> str:
+    """The key of ``patterns`` (rank_pattern, alpha_pattern) that PEFT matches ``module`` with.
+
+    PEFT's own ``get_pattern_key``, imported only when there are patterns: importing PEFT takes 2 s,
+    which every merge from the command line would otherwise pay.
+    """
+    if not patterns:
+        return module
+    from peft.utils.other import get_pattern_key
+
+    return get_pattern_key(list(patterns), module)
+
+
 def lora_rank(config: dict, module: str) -> int:
     """The rank adapter_config.json gives ``module``: its rank_pattern entry when one matches, else r."""
     ranks = config.get("rank_pattern") or {}
-    return ranks.get(get_pattern_key(list(ranks), module), config["r"])
+    return ranks.get(_pattern_key(ranks, module), config["r"])
 
 
 def lora_scale(config: dict, module: str) -> float:
     """lora_alpha / r (or / sqrt(r) with use_rslora), per module when rank_pattern/alpha_pattern match it."""
     alphas = config.get("alpha_pattern") or {}
     r = lora_rank(config, module)
-    alpha = alphas.get(get_pattern_key(list(alphas), module), config["lora_alpha"])
+    alpha = alphas.get(_pattern_key(alphas, module), config["lora_alpha"])
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
