@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -189,10 +190,15 @@ class Workbench:
             self.load(recipe.base_model, recipe.input_models(), progress)
         session = self.require_session()
         self.merged = None
+        started = time.perf_counter()
         self.merged = session.merge(recipe, self.guard(progress))
+        seconds = time.perf_counter() - started
         self.recipe = recipe
         self.history.append(HistoryEntry(len(self.history) + 1, recipe))
-        return f"Merged {len(session.model_paths)} model(s) with {recipe.merge_method} into {len(self.merged)} tensors ({recipe.dtype}): {self.history[-1].label}."
+        return (
+            f"Merged {len(session.model_paths)} model(s) with {recipe.merge_method} into {len(self.merged)} tensors "
+            f"({recipe.dtype}): {self.history[-1].label}. {seconds:.2f} s on the CPU; {session.stage_cache.describe()}."
+        )
 
     def require_merge(self) -> tuple[MergeRecipe, dict[str, torch.Tensor]]:
         """The current recipe and merged tensors; ValueError saying what to do before any merge."""
