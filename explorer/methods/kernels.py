@@ -1,7 +1,8 @@
-"""Compiled kernels of the task-vector merges: the exact magnitude threshold and the fused TIES pass.
+"""Compiled kernels of the task-vector merges: the exact magnitude threshold, the fused TIES pass and DARE's drop.
 
-Both read their float32 input once per pass and allocate nothing of its size, compiled with numba
-(serial, GIL released) and run over ranges of the tensor on ``torch.get_num_threads()`` threads.
+Each reads its float32 input once per pass and allocates nothing of its size. They are compiled with
+numba (serial, GIL released, cached on disk after the first compile); ``magnitude_cut`` and
+``ties_merge`` run over ranges of the tensor on ``torch.get_num_threads()`` threads (``run_ranges``).
 
 * ``magnitude_cut`` finds the top-k entries of |x| exactly as a threshold, without a sort: a
   radix select on the float32 bit patterns of |x| (for non-negative floats the bit pattern orders
