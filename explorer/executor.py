@@ -167,8 +167,8 @@ def merge_stream(
 
     def merged(place: TensorPlace) -> tuple[str, torch.Tensor]:
         extra = dict(prepared, **extras(place.name))
-        if staged and source.read_base(place.name).is_floating_point():
-            models = source.models  # an in-memory source: its weights are read in place
+        models = source.models  # with a cache, an in-memory source: its weights are read in place
+        if staged and models[0][place.name].is_floating_point():
             stages = cache.stages(
                 place.name, lambda: source.task_vectors(place.name), lambda: [m[place.name] for m in models]
             )

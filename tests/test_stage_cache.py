@@ -96,6 +96,15 @@ def test_linear_reads_the_weights_in_place(session):
     torch.testing.assert_close(merged[name], expected)
 
 
+def test_a_session_without_a_base_merges_linear(tmp_path):
+    """linear needs no base: the staged path reads the experts' weights (a float check on the base once failed)."""
+    _, experts = tiny_family(tmp_path, n_experts=2)
+    alone = MergeSession(None, experts)
+    merged = alone.merge(alone.recipe("linear", {}, [{"weight": 1.0}, {"weight": 1.0}]))
+    name = alone.names[0]
+    torch.testing.assert_close(merged[name], (alone.models[0][name] + alone.models[1][name]) / 2)
+
+
 def test_budget_is_respected_and_zero_budget_still_merges(session):
     recipe = session.recipe("ties", {}, [{"weight": 1.0, "density": 0.5}] * 3)
     session.clear_cache()
