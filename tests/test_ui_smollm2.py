@@ -94,10 +94,12 @@ def test_a_live_slider_move_remerges_and_inspect_follows(smol_page):
     page = smol_page
     _load(page, ("smollm2/expert-say", "smollm2/expert-rev"))
     _tab(page, "Merge")
+    _set_number(page, "ctl-lambda", 0.9)  # a label no earlier merge has: the status cannot be a stale one
+    _wait_recipe(page, lambda r: r["parameters"]["lambda"] == 0.9)
     page.locator("#merge-btn").click()
-    expect(page.locator("#merge-status")).to_contain_text("ties", timeout=300_000)
+    expect(page.locator("#merge-status")).to_contain_text("lambda=0.9", timeout=300_000)
     _tab(page, "Inspect")  # the first Inspect of these models measures every tensor (later ones reuse it)
-    expect(page.locator("#inspect-status")).to_contain_text("ties", timeout=300_000)
+    expect(page.locator("#inspect-status")).to_contain_text("lambda=0.9", timeout=300_000)
     expect(page.locator("#plot-merge_distance .js-plotly-plot")).to_be_visible(timeout=300_000)
     before = _figure_data(page, "merge_distance")
     _tab(page, "Merge")
