@@ -167,11 +167,9 @@ def merge_stream(
 
     def merged(place: TensorPlace) -> tuple[str, torch.Tensor]:
         extra = dict(prepared, **extras(place.name))
-        models = source.models  # with a cache, an in-memory source: its weights are read in place
-        if staged and models[0][place.name].is_floating_point():
-            stages = cache.stages(
-                place.name, lambda: source.task_vectors(place.name), lambda: [m[place.name] for m in models]
-            )
+        if staged and source.models[0][place.name].is_floating_point():  # in memory: weights read in place
+            weights = [m[place.name] for m in source.models]
+            stages = cache.stages(place.name, lambda: source.task_vectors(place.name), lambda: weights)
             base = source.read_base(place.name)
             out = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
             cache.trim(place.name)
