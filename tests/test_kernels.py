@@ -78,15 +78,33 @@ def test_ties_merge_equals_the_step_by_step_torch_computation(weighted, count, d
     assert torch.equal(ours, _ties_reference(d, masks.float(), w, weighted, count, divisor))
 
 
-@pytest.mark.parametrize(("n", "p"), [(10, 0.3), (623, 0.5), (624, 0.5), (625, 0.9), (70_000, 0.1)])
-def test_bernoulli_drop_draws_what_torch_bernoulli_draws(n, p):
-    """Same kept entries, same signed zeros, and the generator left where torch leaves it (mid-stream start)."""
+@pytest.mark.parametrize(
+    ("n", "p", "skip"),
+    [
+        (10, 0.3, 7),
+        (623, 0.5, 7),
+        (624, 0.5, 7),
+        (625, 0.9, 7),
+        (70_000, 0.1, 7),
+        (1, 0.0, 0),
+        (1248, 1.0, 0),
+        (1249, 1 / 3, 0),
+        (5000, 0.2, 617),
+    ],
+)
+def test_bernoulli_drop_draws_what_torch_bernoulli_draws(n, p, skip):
+    """Same kept entries, same signed zeros, and the generator left where torch leaves it.
+
+    ``skip`` draws come first (0: a freshly seeded generator, whose first draw twists; 617: 7 words
+    before the next twist), then two drops in a row, so runs cross twists at every offset tested.
+    """
     x = torch.randn(n)
     theirs, ours = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    torch.rand(7, generator=theirs), torch.rand(7, generator=ours)
-    expected = x.clone().mul_(torch.bernoulli(torch.full_like(x, p), generator=theirs))
-    dropped = kernels.bernoulli_drop_(x.clone(), p, ours)
-    assert torch.equal(dropped.view(torch.int32), expected.view(torch.int32))
+    torch.rand(skip, generator=theirs), torch.rand(skip, generator=ours)
+    for _ in range(2):
+        expected = x.clone().mul_(torch.bernoulli(torch.full_like(x, p), generator=theirs))
+        dropped = kernels.bernoulli_drop_(x.clone(), p, ours)
+        assert torch.equal(dropped.view(torch.int32), expected.view(torch.int32))
     assert torch.equal(torch.rand(100, generator=ours), torch.rand(100, generator=theirs))
 
 

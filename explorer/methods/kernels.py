@@ -12,7 +12,8 @@ numba (serial, GIL released, cached on disk after the first compile); ``magnitud
 * ``bernoulli_drop_`` is DARE's random drop (Yu et al., arXiv:2311.03099) in one pass, drawn from a
   torch CPU generator exactly as ``x.mul_(torch.bernoulli(torch.full_like(x, p), generator=g))``
   draws it (torch's MT19937 stream, one 32-bit draw per entry, kept when its low 24 bits / 2^24 < p),
-  with the generator advanced the same way, but with no tensor-sized mask and 3-4x faster.
+  with the generator advanced the same way, but with no tensor-sized mask and about 12x faster (the
+  draws between two twists of the state are one vectorized loop).
 * ``ties_merge`` is TIES's trim, sign election and disjoint mean in one pass per output entry
   (Yadav et al., arXiv:2306.01708; mergekit 0.1.5 ``generalized_task_arithmetic``), with the same
   float32 operations in the same order as the step-by-step torch code in ``task_arithmetic``, so
@@ -208,27 +209,46 @@ _LEFT, _NEXT, _WORDS = slice(8, 12), slice(16, 24), slice(24, 24 + 624 * 8)
 
 
 @numba.njit(nogil=True, cache=True)
-def _twist(words):  # pragma: no cover - compiled
-    for k in range(624):
-        y = (words[k] & np.uint32(0x80000000)) | (words[(k + 1) % 624] & np.uint32(0x7FFFFFFF))
-        words[k] = words[(k + 397) % 624] ^ (y >> np.uint32(1)) ^ (np.uint32(0x9908B0DF) * (y & np.uint32(1)))
+def _twist(w):  # pragma: no cover - compiled
+    # MT19937's next state, in three loops so no index needs a modulo
+    upper, lower, matrix, one = np.uint32(0x80000000), np.uint32(0x7FFFFFFF), np.uint32(0x9908B0DF), np.uint32(1)
+    for k in range(227):
+        y = (w[k] & upper) | (w[k + 1] & lower)
+        w[k] = w[k + 397] ^ (y >> one) ^ (matrix * (y & one))
+    for k in range(227, 623):
+        y = (w[k] & upper) | (w[k + 1] & lower)
+        w[k] = w[k - 227] ^ (y >> one) ^ (matrix * (y & one))
+    y = (w[623] & upper) | (w[0] & lower)
+    w[623] = w[396] ^ (y >> one) ^ (matrix * (y & one))
 
 
 @numba.njit(nogil=True, cache=True)
-def _drop(x, p, words, left, nxt):  # pragma: no cover - compiled
-    for j in range(x.size):
-        left -= 1
-        if left == 0:
-            _twist(words)
-            left, nxt = 624, 0
-        y = words[nxt]
-        nxt += 1
+def _temper_keep(words, x, below):  # pragma: no cover - compiled
+    # one tempered draw per entry; kept when its low 24 bits < below (= u < p), else x * 0 (signed zero)
+    zero = np.float32(0.0)
+    for j in range(words.size):
+        y = words[j]
         y ^= y >> np.uint32(11)
         y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
         y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
         y ^= y >> np.uint32(18)
-        u = np.float32(y & np.uint32(0xFFFFFF)) * np.float32(1.0 / (1 << 24))
-        x[j] = x[j] * (np.float32(1.0) if u < p else np.float32(0.0))
+        x[j] = x[j] if (y & np.uint32(0xFFFFFF)) < below else x[j] * zero
+
+
+@numba.njit(nogil=True, cache=True)
+def _drop(x, p, words, left, nxt):  # pragma: no cover - compiled
+    # torch's mt19937 draw: ``if --left == 0: twist (left = 624, next = 0)``, then temper words[next++].
+    # Between twists the draws are independent, so each run of words is one vectorizable loop.
+    # u = (y & 0xFFFFFF) / 2^24 < p  <=>  (y & 0xFFFFFF) < ceil(p * 2^24), exactly (p * 2^24 is exact).
+    below = np.uint32(np.ceil(np.float64(p) * (1 << 24)))
+    j = 0
+    while j < x.size:
+        if left == 1:
+            _twist(words)
+            left, nxt = 625, 0  # the draw that twisted then counts as one of the 624
+        take = min(left - 1, x.size - j)
+        _temper_keep(words[nxt : nxt + take], x[j : j + take], below)
+        left, nxt, j = left - take, nxt + take, j + take
     return left, nxt
 
 
