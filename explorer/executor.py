@@ -168,9 +168,8 @@ def merge_stream(
     def merged(place: TensorPlace) -> tuple[str, torch.Tensor]:
         extra = dict(prepared, **extras(place.name))
         if staged and source.models[0][place.name].is_floating_point():  # in memory: weights read in place
-            weights = [m[place.name] for m in source.models]
-            stages = cache.stages(place.name, lambda: source.task_vectors(place.name), lambda: weights)
-            base = source.read_base(place.name)
+            weights, base = [m[place.name] for m in source.models], source.read_base(place.name)
+            stages = cache.stages(place.name, lambda: source.task_vectors(place.name), weights, base)
             out = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
             cache.trim(place.name)
         else:

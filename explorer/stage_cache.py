@@ -24,6 +24,7 @@ import psutil
 import torch
 
 from explorer.methods.stages import Stages, Thin
+from explorer.methods.weighted_sum import weighted_sum
 
 T = TypeVar("T")
 
@@ -44,12 +45,16 @@ class CachedStages(Stages):
     """The stages of one tensor, kept between merges.
 
     task_vectors() reads its (N, *S) task vectors (kept once read); weights() lists the N model
-    weights as the session holds them (never copied or kept here).
+    weights (*S) as the session holds them, and ``base`` (*S) is the base (None without one): never
+    copied or kept here. A method that needs the task vectors only once (an unthinned weighted sum, a
+    thinning) forms them from the weights and the base instead, so nothing of size N x S is stored for them.
     """
 
-    def __init__(self, task_vectors: Callable[[], torch.Tensor], weights: Callable[[], list[torch.Tensor]]):
+    def __init__(
+        self, task_vectors: Callable[[], torch.Tensor], weights: list[torch.Tensor], base: Optional[torch.Tensor]
+    ):
         self._read = task_vectors
-        self.weights = weights
+        self._weights, self._base = weights, base
         self._x: Optional[torch.Tensor] = None
         self._rows: Optional[torch.Tensor] = None  # thinned task vectors
         self._row_keys: list[Hashable] = []
@@ -59,7 +64,7 @@ class CachedStages(Stages):
     @property
     def n(self) -> int:
         """Number of task vectors N."""
-        return self.task_vectors().shape[0]
+        return len(self._weights)
 
     @property
     def nbytes(self) -> int:
@@ -67,21 +72,30 @@ class CachedStages(Stages):
         held = [self._x, self._rows, *(v for _, v in self._memo.values())]
         return sum(_nbytes(v) for v in held if v is not None)
 
+    def weights(self) -> list[torch.Tensor]:
+        """The N model weights (*S), where the session holds them."""
+        return self._weights
+
     def task_vectors(self) -> torch.Tensor:
         """(N, *S) task vectors, read once."""
         if self._x is None:
             self._x = self._read()
         return self._x
 
+    def task_vector_sum(self, weights: torch.Tensor, scale: float) -> torch.Tensor:
+        """As ``Stages.task_vector_sum``: from the kept task vectors, else from the weights and the base (same bits)."""
+        if self._x is not None:
+            return weighted_sum(weights, self._x, scale)
+        return weighted_sum(weights, self._weights, scale, minus=self._base)
+
     def thinned(self, keys: list[Hashable], thin: Thin, generator: Optional[torch.Generator]) -> torch.Tensor:
         """As ``Stages.thinned``, reusing every row whose key is unchanged.
 
-        A reused row sets the generator to where its thinning left it; any other row is copied from
-        the task vectors and thinned again.
+        A reused row sets the generator to where its thinning left it; any other row is formed again
+        (M_i - B, from the kept task vectors if any) and thinned again.
         """
-        x = self.task_vectors()
         if self._rows is None:
-            self._rows = torch.empty_like(x)
+            self._rows = torch.empty((self.n, *self._weights[0].shape), dtype=torch.float32)
             self._row_keys, self._row_states = [None] * len(keys), [None] * len(keys)
         for i, key in enumerate(keys):
             if self._row_keys[i] == key:
@@ -89,7 +103,10 @@ class CachedStages(Stages):
                     generator.set_state(self._row_states[i])
                 continue
             self._row_keys[i] = None  # a failed thinning leaves no stale row behind
-            self._rows[i].copy_(x[i])
+            if self._x is not None:
+                self._rows[i].copy_(self._x[i])
+            else:
+                torch.sub(self._weights[i], self._base, out=self._rows[i])
             thin(i, self._rows[i])
             self._row_keys[i], self._row_states[i] = key, generator.get_state() if generator is not None else None
         return self._rows
@@ -120,12 +137,16 @@ class StageCache:
         return self._held
 
     def stages(
-        self, name: str, task_vectors: Callable[[], torch.Tensor], weights: Callable[[], list[torch.Tensor]]
+        self,
+        name: str,
+        task_vectors: Callable[[], torch.Tensor],
+        weights: list[torch.Tensor],
+        base: Optional[torch.Tensor],
     ) -> CachedStages:
         """The stages of tensor ``name``, made on first use (arguments as ``CachedStages``)."""
         with self._lock:
             if name not in self._stages:
-                self._stages[name] = CachedStages(task_vectors, weights)
+                self._stages[name] = CachedStages(task_vectors, weights, base)
             self._stages.move_to_end(name)
             return self._stages[name]
 

@@ -111,3 +111,22 @@ def test_bernoulli_drop_draws_what_torch_bernoulli_draws(n, p, skip):
 def test_bernoulli_drop_refuses_a_strided_tensor():
     with pytest.raises(ValueError, match="contiguous float32"):
         kernels.bernoulli_drop_(torch.randn(4, 4).t(), 0.5, None)
+
+
+def test_weighted_sum_forms_task_vectors_on_the_fly_with_the_bits_of_stored_ones():
+    """sum_i c_i (x_i - b) from the weights equals the same sum over stored x_i - b, and is the weighted sum."""
+    x, base = torch.randn(3, 70_001), torch.randn(70_001)
+    c = [0.5, -0.25, 1.5]
+    on_the_fly = kernels.weighted_sum(list(x), c, minus=base)
+    stored = kernels.weighted_sum(list(x - base), c)
+    assert torch.equal(on_the_fly.view(torch.int32), stored.view(torch.int32))
+    expected = sum(ci * (xi.double() - base.double()) for ci, xi in zip(c, x, strict=True))
+    torch.testing.assert_close(on_the_fly.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(kernels.weighted_sum([x[1]], [1.0]), x[1])  # one model with weight 1 is that model
+
+
+def test_weighted_sum_refuses_strided_or_mismatched_inputs():
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.weighted_sum([torch.randn(4, 4).t()], [1.0])
+    with pytest.raises(ValueError, match="minus must be"):
+        kernels.weighted_sum([torch.randn(4)], [1.0], minus=torch.randn(5))

@@ -62,13 +62,28 @@ def test_every_move_equals_a_merge_from_scratch(session, method):
     for moved, glob, per_model in _moves(method):
         session.clear_cache()
         session.merge(start)  # the stages of the start, held for every tensor
-        assert session.stage_cache.nbytes > 0 or method == "linear"  # linear keeps nothing (weights read in place)
+        # linear and task arithmetic keep nothing: weights read in place, task vectors formed on the fly
+        assert session.stage_cache.nbytes > 0 or method in ("linear", "task_arithmetic")
         recipe = session.recipe(method, glob, per_model, seed=7 if moved == "seed" else 0)
         remerged = session.merge(recipe)
         session.clear_cache()
         scratch = session.merge(recipe)
         for name in session.names:  # bit for bit: the int32 views compare -0.0 and 0.0 as different
             assert torch.equal(remerged[name].view(torch.int32), scratch[name].view(torch.int32)), (moved, name)
+
+
+@pytest.mark.parametrize("method", STAGED)
+def test_kept_task_vectors_give_the_bits_of_task_vectors_formed_on_the_fly(session, method):
+    """After a TIES merge keeps the task vectors, every method reads them: same result as forming them again."""
+    recipe = session.recipe(method, *_start(method))
+    session.clear_cache()
+    session.merge(session.recipe("ties", *_start("ties")))
+    assert session.stage_cache.nbytes > 0
+    kept = session.merge(recipe)
+    session.clear_cache()
+    formed = session.merge(recipe)
+    for name in session.names:
+        assert torch.equal(kept[name].view(torch.int32), formed[name].view(torch.int32)), name
 
 
 def test_moves_back_and_forth_reuse_the_stages(session):

@@ -14,6 +14,8 @@ numba (serial, GIL released, cached on disk after the first compile); ``magnitud
   draws it (torch's MT19937 stream, one 32-bit draw per entry, kept when its low 24 bits / 2^24 < p),
   with the generator advanced the same way, but with no tensor-sized mask and about 12x faster (the
   draws between two twists of the state are one vectorized loop).
+* ``weighted_sum`` is sum_i c_i (x_i - m): the linear merge, task arithmetic (from the weights and
+  the base, with no task vectors stored) and every unthinned weighted sum, one read of each input.
 * ``ties_merge`` is TIES's trim, sign election and disjoint mean in one pass per output entry
   (Yadav et al., arXiv:2306.01708; mergekit 0.1.5 ``generalized_task_arithmetic``), with the same
   float32 operations in the same order as the step-by-step torch code in ``task_arithmetic``, so
@@ -23,7 +25,7 @@ numba (serial, GIL released, cached on disk after the first compile); ``magnitud
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numba
 import numpy as np
@@ -199,6 +201,51 @@ def ties_merge(
     out = torch.empty(deltas.shape[1:], dtype=torch.float32)
     args = (flat, lows, highs, cut, w, vote_w, divide_w, count_vote, divisor is not None)
     run_ranges(_ties_range, flat.shape[1], *args, out.view(-1).numpy())
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _weighted_range(xs, minus, subtract, c, out, a, b):  # pragma: no cover - compiled
+    # block by block, one vectorized loop per input: out = c_0 (x_0 - m) + c_1 (x_1 - m) + ..., left to right
+    for s in range(a, b, BLOCK):
+        e = min(s + BLOCK, b)
+        o, m = out[s:e], minus[s:e]
+        for i in range(len(xs)):
+            x, ci = xs[i][s:e], c[i]
+            if subtract and i == 0:
+                for j in range(e - s):
+                    o[j] = ci * (x[j] - m[j])
+            elif subtract:
+                for j in range(e - s):
+                    o[j] += ci * (x[j] - m[j])
+            elif i == 0:
+                for j in range(e - s):
+                    o[j] = ci * x[j]
+            else:
+                for j in range(e - s):
+                    o[j] += ci * x[j]
+
+
+def weighted_sum(
+    xs: Sequence[torch.Tensor], coefficients: Sequence[float], minus: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """sum_i c_i (x_i - minus) (``minus`` None: sum_i c_i x_i) in one pass: a new float32 tensor (*S).
+
+    xs: N >= 1 float32 tensors of one shape (*S), each contiguous (the rows of a stacked (N, *S) tensor
+    or separate ones); minus: (*S) float32 or None; coefficients: N floats, used as float32. Each
+    x_i - minus is rounded to float32 before it is scaled, so the result equals the same sum over
+    task vectors formed first (``x_i - minus`` stored, then summed with ``minus`` None), bit for bit.
+    Raises ValueError on another dtype, a strided input or mismatched shapes.
+    """
+    if not xs or any(x.dtype != torch.float32 or not x.is_contiguous() or x.shape != xs[0].shape for x in xs):
+        raise ValueError("weighted_sum needs N >= 1 contiguous float32 tensors of one shape")
+    if minus is not None and (minus.dtype != torch.float32 or not minus.is_contiguous() or minus.shape != xs[0].shape):
+        raise ValueError(f"weighted_sum: minus must be a contiguous float32 tensor of shape {tuple(xs[0].shape)}")
+    flat = tuple(x.detach().view(-1).numpy() for x in xs)
+    subtracted = (minus if minus is not None else xs[0]).detach().view(-1).numpy()
+    out = torch.empty(xs[0].shape, dtype=torch.float32)
+    c = np.array(coefficients, np.float32)
+    run_ranges(_weighted_range, flat[0].size, flat, subtracted, minus is not None, c, out.view(-1).numpy())
     return out
 
 

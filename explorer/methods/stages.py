@@ -14,6 +14,8 @@ from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
 
+from explorer.methods.weighted_sum import weighted_sum
+
 T = TypeVar("T")
 Thin = Callable[[int, torch.Tensor], None]  # thin(i, row): thin task vector i (*S) in place
 
@@ -39,6 +41,10 @@ class Stages:
     def weights(self) -> Sequence[torch.Tensor]:
         """The N model weights (*S) of a weight-space method; read them, never write them."""
         return self._x
+
+    def task_vector_sum(self, weights: torch.Tensor, scale: float) -> torch.Tensor:
+        """scale * sum_i weights[i] (M_i - B): a new (*S) tensor (``weighted_sum`` of the task vectors)."""
+        return weighted_sum(weights, self._x, scale)
 
     def thinned(self, keys: list[Hashable], thin: Thin, generator: Optional[torch.Generator]) -> torch.Tensor:
         """(N, *S) task vectors, row i thinned by ``thin(i, row)``, rows in order.

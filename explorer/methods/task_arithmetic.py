@@ -117,14 +117,14 @@ def generalized_task_arithmetic(
         band = None if bands is None else (float(bands[i, 0]), float(bands[i, 1]))
         sparsify(row, density[i], method, rescale, generator, gamma[i], epsilon[i], band, inplace=True)
 
-    deltas = (
-        stages.thinned(keys, thin, generator)
-        if method != Sparsification.none and min(density) < 1
-        else stages.task_vectors()
-    )
+    thinning = method != Sparsification.none and min(density) < 1
     if consensus == Consensus.none:
         total = float(weight.sum())
-        return weighted_sum(weight, deltas, lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0))
+        scale = lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0)
+        if thinning:
+            return weighted_sum(weight, stages.thinned(keys, thin, generator), scale)
+        return stages.task_vector_sum(weight, scale)
+    deltas = stages.thinned(keys, thin, generator) if thinning else stages.task_vectors()
     key = (tuple(keys), tuple(weights), consensus, election, divisor)
     mixed = stages.memo("elect", key, lambda: elect_(deltas, [keep_all()] * n, weights, consensus, election, divisor))
     return torch.mul(mixed, lambda_)
