@@ -112,11 +112,15 @@ class CachedStages(Stages):
         return self._rows
 
     def memo(self, slot: str, key: Hashable, compute: Callable[[], T]) -> T:
-        """As ``Stages.memo``; the last result of ``slot`` is reused while ``key`` is unchanged."""
+        """As ``Stages.memo``; the last result of ``slot`` is reused while ``key`` is unchanged.
+
+        Once the key changed, that result is handed to ``compute`` as ``stale`` (its memory reused:
+        a slider move then allocates no new election buffer, saving its page faults).
+        """
         if slot in self._memo and self._memo[slot][0] == key:
             return self._memo[slot][1]
-        self._memo.pop(slot, None)
-        value = compute()
+        _, stale = self._memo.pop(slot, (None, None))
+        value = compute(stale)
         self._memo[slot] = (key, value)
         return value
 

@@ -180,6 +180,7 @@ def ties_merge(
     weighted_vote: bool,
     count_vote: bool,
     divisor: list[float] | None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """sum_i [agree_i] w_i t_i / sum_i [agree_i] c_i over trimmed task vectors, in one pass.
 
@@ -188,7 +189,8 @@ def ties_merge(
     elsewhere. weights: (N,) w_i. The elected sign is that of sum_i u_i (``count_vote`` False) or of
     sum_i sign(u_i) (True), u_i = w_i t_i when ``weighted_vote`` else t_i, zero electing +; entry i
     agrees when u_i has that sign. divisor: the c_i (weights or ones), or None for no division; a zero
-    sum counts as 1. Returns a new (*S) float32 tensor.
+    sum counts as 1. Returns a new (*S) float32 tensor, or ``out`` overwritten when it is a contiguous
+    (*S) float32 tensor (a buffer to reuse; it must not share memory with ``deltas``).
     """
     n = deltas.shape[0]
     flat = deltas.detach().contiguous().view(n, -1).numpy()
@@ -198,7 +200,8 @@ def ties_merge(
     lows = np.array([c[0] for c in cuts], np.float32)
     highs = np.nextafter(lows, np.float32(np.inf))  # |d| > v  <=>  |d| >= the next float32 above v
     cut = np.array([c[1] for c in cuts], np.int64)
-    out = torch.empty(deltas.shape[1:], dtype=torch.float32)
+    if out is None or out.shape != deltas.shape[1:] or out.dtype != torch.float32 or not out.is_contiguous():
+        out = torch.empty(deltas.shape[1:], dtype=torch.float32)
     args = (flat, lows, highs, cut, w, vote_w, divide_w, count_vote, divisor is not None)
     run_ranges(_ties_range, flat.shape[1], *args, out.view(-1).numpy())
     return out

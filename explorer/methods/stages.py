@@ -56,9 +56,11 @@ class Stages:
             thin(i, self._x[i])
         return self._x
 
-    def memo(self, slot: str, key: Hashable, compute: Callable[[], T]) -> T:
-        """compute(): the result named ``slot``, which depends on ``key`` only.
+    def memo(self, slot: str, key: Hashable, compute: Callable[[Optional[T]], T]) -> T:
+        """compute(stale): the result named ``slot``, which depends on ``key`` only.
 
         A cache reuses it while ``key`` is unchanged; here it is computed now. Callers never modify it.
+        stale: the slot's previous result once its key changed (a buffer compute may overwrite and
+        return instead of allocating), else None; here always None.
         """
-        return compute()
+        return compute(None)

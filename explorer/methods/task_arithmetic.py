@@ -96,12 +96,12 @@ def generalized_task_arithmetic(
     if consensus != Consensus.none and method == Sparsification.magnitude and rescale == Rescale.none and bands is None:
         # TIES: the trim is a threshold per task vector, applied inside the election pass
         cuts = tuple(
-            stages.memo(f"cut{i}", density[i], lambda i=i: trim_cut(stages.task_vectors()[i], density[i]))
+            stages.memo(f"cut{i}", density[i], lambda _, i=i: trim_cut(stages.task_vectors()[i], density[i]))
             for i in range(n)
         )
         key = (cuts, tuple(weights), consensus, election, divisor)
         mixed = stages.memo(
-            "elect", key, lambda: elect_(stages.task_vectors(), cuts, weights, consensus, election, divisor)
+            "elect", key, lambda old: elect_(stages.task_vectors(), cuts, weights, consensus, election, divisor, old)
         )
         return torch.mul(mixed, lambda_)
     drawn = generator is not None and method in (Sparsification.random, Sparsification.della_magprune)
@@ -126,7 +126,9 @@ def generalized_task_arithmetic(
         return stages.task_vector_sum(weight, scale)
     deltas = stages.thinned(keys, thin, generator) if thinning else stages.task_vectors()
     key = (tuple(keys), tuple(weights), consensus, election, divisor)
-    mixed = stages.memo("elect", key, lambda: elect_(deltas, [keep_all()] * n, weights, consensus, election, divisor))
+    mixed = stages.memo(
+        "elect", key, lambda old: elect_(deltas, [keep_all()] * n, weights, consensus, election, divisor, old)
+    )
     return torch.mul(mixed, lambda_)
 
 
@@ -148,6 +150,7 @@ def elect_(
     consensus: Consensus | str,
     election: Election | str,
     divisor: Optional[Divisor | str],
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """TIES sign election and disjoint sum of task vectors ``deltas`` (N, *S), trimmed by ``cuts``.
 
@@ -156,7 +159,8 @@ def elect_(
     with v_i = w_i d_i ("weighted") or d_i ("unweighted"); zero votes elect +. Entry i agrees when v_i
     has the elected sign (zeros never agree). Returns sum_i [agree_i] w_i d_i, divided, when
     ``divisor`` is "weights" or "count", by sum_i [agree_i] w_i or sum_i [agree_i] (a zero divisor
-    counts as 1): a new (*S) tensor; ``deltas`` is only read (``kernels.ties_merge``, one pass).
+    counts as 1): a new (*S) tensor, or ``out`` overwritten when it is a (*S) float32 buffer to reuse;
+    ``deltas`` is only read (``kernels.ties_merge``, one pass).
     Raises ValueError on another consensus (including "none"), election or divisor.
     """
     consensus = parse_choice(Consensus, consensus, "consensus")
@@ -166,7 +170,7 @@ def elect_(
     divisor = None if divisor is None else parse_choice(Divisor, divisor, "divisor")
     counts = None if divisor is None else (weights if divisor == Divisor.weights else [1.0] * len(weights))
     weighted = election == Election.weighted
-    return ties_merge(deltas, cuts, weights, weighted, consensus == Consensus.count, counts)
+    return ties_merge(deltas, cuts, weights, weighted, consensus == Consensus.count, counts, out)
 
 
 def per_model_floats(value: Union[float, torch.Tensor], n: int) -> list[float]:
