@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+
+@pytest.fixture(scope="session", autouse=True)
+def model_facts(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Facts read off model classes (``explorer.io.model_facts``) kept in this run's temp folder, not ~/.cache.
+
+    Unless ``MERGE_EXPLORER_FACTS_CACHE`` is set already; CLI subprocesses inherit it.
+    """
+    os.environ.setdefault("MERGE_EXPLORER_FACTS_CACHE", str(tmp_path_factory.mktemp("model_facts")))
+
+
 # Demo zoo ------------------------------------------------------------------------------------
 
 

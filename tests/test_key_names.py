@@ -352,3 +352,31 @@ def test_lora_on_the_tied_output_embedding_folds_like_peft(gemma3, tmp_path, mod
     out = merge_to_folder(linear([f"{base}+{tmp_path / 'adapter'}", base]), tmp_path / "out")
     merged = loads_cleanly(out, cls)
     assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+
+
+def test_model_class_facts_are_kept_on_disk_and_read_back_without_building_the_model(gpt2, tmp_path, monkeypatch):
+    """A second open of the same kind of checkpoint builds no model class; an unreadable record is redone."""
+    from explorer.io import keymap
+    from explorer.io.formats import base
+
+    monkeypatch.setenv("MERGE_EXPLORER_FACTS_CACHE", str(tmp_path / "facts"))
+    monkeypatch.setattr(base, "_NAMES", {})
+    first, names = open_checkpoint(gpt2["bare"]), base.embedding_names(open_checkpoint(gpt2["base"]))
+    records = {r: json.loads(r.read_text())["value"] for r in (tmp_path / "facts").glob("*.json")}
+    assert sorted(r.name.split("-")[0] for r in records) == ["embeddings", "renaming", "renaming"]
+    bare = next(r for r, value in records.items() if r.name.startswith("renaming") and value)  # prefix added
+
+    def refuse(*_):
+        raise AssertionError("a model class was built again")
+
+    built = keymap._model_names
+    monkeypatch.setattr(keymap, "_model_names", refuse)
+    monkeypatch.setattr(base, "empty_model", refuse)
+    monkeypatch.setattr(base, "_NAMES", {})
+    again = open_checkpoint(gpt2["bare"])
+    assert again.names() == first.names() and ignored_tensors(again) == ignored_tensors(first)
+    assert base.embedding_names(open_checkpoint(gpt2["base"])) == names
+    bare.write_text("{not json")
+    monkeypatch.setattr(keymap, "_model_names", built)
+    redone = open_checkpoint(gpt2["bare"])
+    assert redone.names() == first.names() and json.loads(bare.read_text())["value"] == records[bare]

@@ -40,6 +40,7 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 from typing_extensions import override
 
 from explorer.io.formats.base import Checkpoint, CheckpointView, empty_model
+from explorer.io.model_facts import remembered
 
 log = logging.getLogger(__name__)
 UNSHAPING = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
@@ -103,15 +104,19 @@ def _model_names(architecture: str, config_json: str) -> Optional[ModelNames]:
     )
 
 
+def _shaping_config(checkpoint: Checkpoint) -> str:
+    """``checkpoint``'s config as sorted JSON, without the entries that do not shape the model (``UNSHAPING``)."""
+    config = {k: v for k, v in checkpoint.config.items() if k not in UNSHAPING}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 def model_names(checkpoint: Checkpoint) -> Optional[ModelNames]:
     """``ModelNames`` of ``checkpoint``'s architecture and config; None for a class transformers does not have.
 
     Built once per architecture and config (a 7B Llama takes about 2 s on the meta device); config
     entries that do not shape the model (``UNSHAPING``) are left out of that key, so fine-tunes of one base share it.
     """
-    config = {k: v for k, v in checkpoint.config.items() if k not in UNSHAPING}
-    config = json.dumps(config, sort_keys=True, default=str)
-    return _model_names(checkpoint.architecture, config)
+    return _model_names(checkpoint.architecture, _shaping_config(checkpoint))
 
 
 def name_mapper(checkpoint: Checkpoint) -> Callable[[str], str]:
@@ -128,22 +133,45 @@ def with_loaded_names(checkpoint: Checkpoint) -> Checkpoint:
 
     ``checkpoint`` itself when that changes nothing, when transformers has no class for it, or when two
     stored names would load as one (then the checkpoint is left for the compatibility check to judge).
+    The decision is kept on disk (``renaming``), so the model class is built once per kind of checkpoint.
     """
-    names = model_names(checkpoint)
-    if names is None:
+    renamed = renaming(checkpoint)
+    if renamed is None:
         return checkpoint
-    stored = checkpoint.names()
-    loaded = {key: names.loaded_name(key) for key in stored}
-    ignored = names.ignored(list(loaded.values()))
-    kept = {key: name for key, name in loaded.items() if name not in ignored}
-    if len(set(kept.values())) < len(kept) or (not ignored and all(k == n for k, n in kept.items())):
-        return checkpoint
-    dropped = [key for key, name in loaded.items() if name in ignored]
+    kept, dropped = renamed
     if dropped:
         log.info(
             "%s: %d tensor(s) transformers ignores on load are not merged: %s", checkpoint.path, len(dropped), dropped
         )
     return LoadedNames(checkpoint, kept, tuple(dropped))
+
+
+def renaming(checkpoint: Checkpoint) -> Optional[tuple[dict[str, str], list[str]]]:
+    """(kept: stored name -> loaded name, dropped stored names) of ``with_loaded_names``; None: names stay as stored.
+
+    Worked out once per architecture, shaping config and stored names, then read from disk
+    (``model_facts.remembered``): the model class is built on the meta device only the first time.
+    """
+    config, stored = _shaping_config(checkpoint), checkpoint.names()
+
+    def compute() -> Optional[list]:
+        renamed = _renaming(_model_names(checkpoint.architecture, config), stored)
+        return None if renamed is None else list(renamed)
+
+    record = remembered("renaming", [checkpoint.architecture, config, sorted(stored)], compute)
+    return None if record is None else (record[0], record[1])
+
+
+def _renaming(names: Optional[ModelNames], stored: list[str]) -> Optional[tuple[dict[str, str], list[str]]]:
+    """``renaming`` worked out from the model class's ``names`` (None: transformers has no class for it)."""
+    if names is None:
+        return None
+    loaded = {key: names.loaded_name(key) for key in stored}
+    ignored = names.ignored(list(loaded.values()))
+    kept = {key: name for key, name in loaded.items() if name not in ignored}
+    if len(set(kept.values())) < len(kept) or (not ignored and all(k == n for k, n in kept.items())):
+        return None
+    return kept, [key for key, name in loaded.items() if name in ignored]
 
 
 def ignored_tensors(checkpoint: Checkpoint) -> tuple[str, ...]:

@@ -27,6 +27,8 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from explorer.io.model_facts import remembered
+
 TIED_NAMES = ("lm_head.weight",)
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -373,18 +375,23 @@ _NAMES: dict[tuple[str, str], EmbeddingNames] = {}  # (architecture, config JSON
 
 
 def embedding_names(checkpoint: Checkpoint) -> EmbeddingNames:
-    """The embedding tensor names of ``checkpoint``'s architecture, read off an empty (meta) model."""
+    """The embedding tensor names of ``checkpoint``'s architecture, read off an empty (meta) model.
+
+    Worked out once per architecture and config, then read from disk (``model_facts.remembered``).
+    """
     key = (checkpoint.architecture, json.dumps(checkpoint.config, sort_keys=True, default=str))
-    if key not in _NAMES:
+
+    def compute() -> list:
         model = empty_model(checkpoint.hf_config, checkpoint.architecture, checkpoint.path)
         module_names = {id(m): n for n, m in model.named_modules()}
         inp = f"{module_names[id(model.get_input_embeddings())]}.weight"
         out = model.get_output_embeddings()
         if out is None:
-            _NAMES[key] = EmbeddingNames(inp, None, (inp,))
-        else:
-            prefix = module_names[id(out)]
-            _NAMES[key] = EmbeddingNames(
-                inp, f"{prefix}.weight", (inp,) + tuple(f"{prefix}.{p}" for p, _ in out.named_parameters(recurse=False))
-            )
+            return [inp, None, [inp]]
+        prefix = module_names[id(out)]
+        return [inp, f"{prefix}.weight", [inp] + [f"{prefix}.{p}" for p, _ in out.named_parameters(recurse=False)]]
+
+    if key not in _NAMES:
+        inp, out, vocab = remembered("embeddings", list(key), compute)
+        _NAMES[key] = EmbeddingNames(inp, out, tuple(vocab))
     return _NAMES[key]
