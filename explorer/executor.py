@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-STREAM_WORKERS = 2  # tensors read and merged at once while the writer writes (peak memory: 2 x (N + 2) x a tensor)
 
 # extras(tensor name) -> keyword inputs of the method for that tensor beyond params (e.g. {"fisher": ...})
 Extras = Callable[[str], dict]
@@ -280,6 +279,6 @@ def merge_to_folder(
     extras = setup_extras(merge_plan, recipe, progress, fisher_cache)
     inputs = ([merge_plan.base] if merge_plan.base else []) + merge_plan.models
     files = chat_template_files(recipe.chat_template, merge_plan.reference, inputs)
-    stream = merge_stream(merge_plan, recipe, progress, extras=extras, workers=STREAM_WORKERS)
+    stream = merge_stream(merge_plan, recipe, progress, extras=extras)
     updates = output_config(recipe, merge_plan)
     return write_checkpoint(out, stream, merge_plan.reference, recipe, overwrite, files=files, config_updates=updates)
