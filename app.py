@@ -12,7 +12,6 @@ import os
 os.environ.setdefault(
     "OMP_WAIT_POLICY", "PASSIVE"
 )  # before torch loads: busy-waiting threads stall a loaded 2-core machine
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for big tensors (see explorer/__init__.py)
 
 import argparse
 import re

@@ -134,3 +134,23 @@ def test_budget_is_respected_and_zero_budget_still_merges(session):
     assert session.stage_cache.nbytes == 0
     assert all(torch.equal(full[n], again[n]) and torch.equal(full[n], none[n]) for n in session.names)
     session.stage_cache = StageCache()
+
+
+def test_the_allocator_keeps_freed_merge_memory_for_the_next_merge():
+    """Importing explorer sets torch's huge pages and glibc's thresholds (explorer.allocator), unless MALLOC_* is set."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import explorer.allocator as a, os; print(a.tune(), os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "THP_"))}
+    tuned = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert tuned.stdout.split() == ["True", "1"]
+    mine = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env | {"MALLOC_ARENA_MAX": "2", "THP_MEM_ALLOC_ENABLE": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert mine.stdout.split() == ["False", "0"]  # the user's own settings are left alone

@@ -1,0 +1,40 @@
+"""How this process allocates merge-sized memory: huge pages, and freed memory kept for the next merge.
+
+A slider move allocates a new merge (540 MB for SmolLM2-135M in float32) right after the previous
+one was freed. By default glibc hands every block over its mmap threshold back to the kernel on free,
+so each merge pays the page faults of fresh memory again; and torch backs large tensors with 4 KiB
+pages unless told otherwise. ``tune`` (run when ``explorer`` is imported) sets:
+
+* torch's ``THP_MEM_ALLOC_ENABLE=1``: tensors of 2 MiB and more on transparent huge pages (read by
+  torch at its first large allocation; an existing value is kept, 0 opts out);
+* glibc's mmap threshold to its largest value (32 MiB) and its trim threshold to 1 GiB
+  (``mallopt``), so blocks up to 32 MiB are reused from the heap instead of being unmapped and faulted in
+  again: up to 1 GiB of freed memory stays with the process. Skipped when any ``MALLOC_*`` variable
+  is set (the user's own tuning) or when the C library is not glibc.
+
+Measured on SmolLM2-135M with 3 experts (bench/remerge_bench.py, 2 cores): a TIES merge from scratch
+1.9 s -> 1.3 s with huge pages; a TIES weight move 0.45 s -> 0.37 s and a lambda move 0.22 s -> 0.16 s
+with the heap kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit (HEAP_MAX_SIZE / 2)
+TRIM_THRESHOLD = 2**30
+
+
+def tune() -> bool:
+    """Set the allocators as the module says; True when glibc's thresholds were set."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
