@@ -14,6 +14,7 @@ os.environ.setdefault(
 )  # before torch loads: busy-waiting threads stall a loaded 2-core machine
 
 import argparse
+import gc
 import re
 import threading
 from pathlib import Path
@@ -366,6 +367,9 @@ def build_demo(
         save_btn.click(
             ui.export, [bench, out_folder, overwrite], [export_status, recipe_view, recipe_download, target], **HEAVY
         )
+    # The imports and the UI leave about 560,000 long-lived objects: each full garbage collection walked
+    # them all, a 0.2 s pause at random inside a slider move or an Inspect refresh. Frozen, it skips them.
+    gc.freeze()
     return demo
 
 

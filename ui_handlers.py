@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -118,7 +119,7 @@ def load(
     no_merges = [gr.update(choices=[], value=None), gr.update(choices=[], value=[]), gr.update(choices=[], value=None)]
     cleared = ["", "", None, *no_merges, "", None, None, None, "", ""]
     cleared += inspect_placeholder(
-        "Press Refresh (or open this tab after a merge) to inspect the task vectors of the loaded experts."
+        "Press Refresh (or open this tab after a merge) to inspect the task vectors of the loaded experts.", bench
     )
     try:
         message = bench.load(str(root / base) if base else None, [str(root / e) for e in experts], _progress(progress))
@@ -257,8 +258,21 @@ def cancel(bench: Workbench) -> str:
 # Inspect --------------------------------------------------------------------------------------------
 
 
-def inspect_placeholder(message: str) -> list:
+# id of a browser session's Workbench -> each Inspect panel's figure as last sent (plotly JSON)
+_SHOWN: dict[int, dict[str, str]] = {}
+
+
+def _shown(bench: Workbench) -> dict[str, str]:
+    """The figures Inspect last sent to ``bench``'s browser session (forgotten with the Workbench)."""
+    if id(bench) not in _SHOWN:
+        _SHOWN[id(bench)] = {}
+        weakref.finalize(bench, _SHOWN.pop, id(bench), None)
+    return _SHOWN[id(bench)]
+
+
+def inspect_placeholder(message: str, bench: Workbench) -> list:
     """Inspect's outputs when there is nothing to draw: the message, and every panel hidden."""
+    _shown(bench).clear()  # the next refresh draws every panel again
     compare = [gr.update(value="", visible=False), gr.update(value=None, visible=False)]
     return [message, *compare] + [gr.update(value=v, visible=False) for _ in plots.PANEL_KEYS for v in ("", None, None)]
 
@@ -282,14 +296,14 @@ def _comparison(bench: Workbench, shown: Optional[str], other: Optional[str]) ->
 def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[str], other: Optional[str] = None):
     """All Inspect panels for the loaded experts and the merge chosen in ``shown``."""
     if bench.session is None or bench.session.base is None:
-        return inspect_placeholder("Load a base and experts to inspect their task vectors M_i - B.")
+        return inspect_placeholder("Load a base and experts to inspect their task vectors M_i - B.", bench)
     try:
         value = float(threshold)
         if not 0 < value < 1:
             raise ValueError
     except ValueError:
         return inspect_placeholder(
-            readable(ValueError(f"|delta| threshold {threshold!r} is not a number between 0 and 1; try 0.005"))
+            readable(ValueError(f"|delta| threshold {threshold!r} is not a number between 0 and 1; try 0.005")), bench
         )
     entry = next((e for e in bench.history if e.label == shown), None)
     merged = bench.merged_tensors(entry.number) if entry else None
@@ -297,7 +311,13 @@ def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[st
     about = f" and merge {entry.label}" if entry else " (no merge chosen)"
     outputs = ["Task vectors of " + ", ".join(bench.label(p) for p in bench.session.model_paths) + about + "."]
     outputs += _comparison(bench, shown, other)
+    shown = _shown(bench)
     for panel in panels:
+        figure = panel.figure.to_json()
+        if shown.get(panel.key) == figure:  # unchanged (after a lambda move: all but the merge's distances)
+            outputs += [gr.skip()] * 3  # the browser keeps drawing it: no re-render
+            continue
+        shown[panel.key] = figure
         csv = DOWNLOADS / f"{panel.key}.csv"
         panel.table.to_csv(csv, index=False)
         outputs += [
