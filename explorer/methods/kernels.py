@@ -12,7 +12,7 @@ numba (serial, GIL released, cached on disk after the first compile); ``magnitud
 * ``bernoulli_drop_`` is DARE's random drop (Yu et al., arXiv:2311.03099) in one pass, drawn from a
   torch CPU generator exactly as ``x.mul_(torch.bernoulli(torch.full_like(x, p), generator=g))``
   draws it (torch's MT19937 stream, one 32-bit draw per entry, kept when its low 24 bits / 2^24 < p),
-  with the generator advanced the same way, but with no tensor-sized mask and about 12x faster (the
+  with the generator advanced the same way, but with no tensor-sized mask and about 8x faster (the
   draws between two twists of the state are one vectorized loop).
 * ``weighted_sum`` is sum_i c_i (x_i - m): the linear merge, task arithmetic (from the weights and
   the base, with no task vectors stored) and every unthinned weighted sum, one read of each input.
