@@ -33,7 +33,6 @@ from explorer.recipe import MergeRecipe
 from explorer.recipe_layout import TensorPlace, layer_count
 from explorer.registry import MethodSpec
 from explorer.stage_cache import CachedStages, StageCache
-from explorer.threads import use_threads
 
 __all__ = [
     "Extras",
@@ -191,12 +190,9 @@ def in_order(jobs: Iterable[Callable[[], T]], workers: int) -> Iterator[T]:
     """The results of ``jobs``, in order, computed on ``workers`` threads, at most ``workers`` jobs ahead.
 
     While the consumer handles one result (writes a tensor), the next ones are being computed: torch
-    and the merge kernels release the GIL. Each worker runs its torch ops and kernels on its share of
-    the caller's torch threads (``threads.use_threads``): workers x threads stays within the cores. A
-    job's exception is raised when its result is reached.
+    and the merge kernels release the GIL. A job's exception is raised when its result is reached.
     """
-    share = max(1, torch.get_num_threads() // workers)
-    with ThreadPoolExecutor(workers, "merge-tensor", initializer=use_threads, initargs=(share,)) as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge-tensor") as pool:
         pending: deque[Future] = deque()
         for job in jobs:
             pending.append(pool.submit(job))

@@ -229,20 +229,3 @@ def test_cli_reports_bad_input_without_traceback(family, tmp_path):
     assert run.returncode == 2
     assert "folder not found" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o").exists()
-
-
-def test_in_order_yields_in_order_and_gives_each_worker_its_share_of_threads():
-    """Two workers on T torch threads each run T // 2 (at least 1); the caller and later threads keep T."""
-    import threading
-
-    from explorer.executor import in_order
-
-    total = torch.get_num_threads()
-    seen = list(in_order([lambda k=k: (k, torch.get_num_threads()) for k in range(6)], workers=2))
-    assert [k for k, _ in seen] == list(range(6))
-    assert {n for _, n in seen} == {max(1, total // 2)}
-    later = []
-    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-    thread.start()
-    thread.join()
-    assert torch.get_num_threads() == total and later == [total]
