@@ -76,6 +76,19 @@ def test_session_export_equals_cli_merge(family, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
+def test_session_export_equals_cli_merge_with_parallel_reductions(tmp_path):
+    """dare_ties's L1 rescale sums whole tensors: on a 4096 x 16 embedding torch splits that sum over its
+    threads, so the session's merge workers must run torch as the CLI does to give the same bytes."""
+    base = save_tiny_llama(tmp_path / "base", vocab_size=4096)
+    experts = [save_tiny_llama(tmp_path / f"e{i}", seed=i + 1, base=base) for i in range(2)]
+    session = MergeSession(base, experts)
+    recipe = session.recipe("dare_ties", {}, [{"weight": 0.6, "density": 0.4}, {"weight": 0.4, "density": 0.7}])
+    session.export(recipe, session.merge(recipe), tmp_path / "ui")
+    cli = merge_to_folder(MergeRecipe.load(tmp_path / "ui" / "merge_recipe.yaml"), tmp_path / "cli")
+    a, b = _state(tmp_path / "ui"), _state(cli)
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.int32), b[k].view(torch.int32)) for k in a)
+
+
 def test_session_builds_model_in_memory(family):
     base, experts = family
     session = MergeSession(base, experts)
