@@ -77,8 +77,11 @@ def test_session_export_equals_cli_merge(family, tmp_path):
 
 
 def test_session_export_equals_cli_merge_with_parallel_reductions(tmp_path):
-    """dare_ties's L1 rescale sums whole tensors: on a 4096 x 16 embedding torch splits that sum over its
-    threads, so the session's merge workers must run torch as the CLI does to give the same bytes."""
+    """Same bytes where torch splits a reduction over its threads (dare_ties's L1 rescale).
+
+    On a 4096 x 16 embedding the sum is split by thread count, so the session's merge workers must run
+    torch with the CLI's threads.
+    """
     base = save_tiny_llama(tmp_path / "base", vocab_size=4096)
     experts = [save_tiny_llama(tmp_path / f"e{i}", seed=i + 1, base=base) for i in range(2)]
     session = MergeSession(base, experts)
