@@ -12,9 +12,9 @@ pages unless told otherwise. ``tune`` (run when ``explorer`` is imported) sets:
   again: up to 1 GiB of freed memory stays with the process. Skipped when any ``MALLOC_*`` variable
   is set (the user's own tuning) or when the C library is not glibc.
 
-Measured on SmolLM2-135M with 3 experts (bench/remerge_bench.py, 2 cores): a TIES merge from scratch
-1.9 s -> 1.3 s with huge pages; a TIES weight move 0.45 s -> 0.37 s and a lambda move 0.22 s -> 0.16 s
-with the heap kept.
+Measured on SmolLM2-135M with 3 experts (2 cores, side by side): a TIES merge from scratch 1.9 s ->
+1.3 s with huge pages; with the heap kept as well, a TIES weight move 0.48-0.51 s -> 0.43-0.44 s, a
+lambda move 0.22-0.23 s -> 0.17-0.19 s, and TIES from scratch 1.59 s -> 1.28-1.31 s.
 """
 
 from __future__ import annotations
