@@ -11,7 +11,8 @@ file pages a process has touched):
   mergekit (low mem)   mergekit-yaml recipe.yaml DIR --no-cuda --lazy-unpickle --out-shard-size 100M
 
 and prints a table with the predicted bound of our streaming executor,
-(N + 2) x largest tensor in float32 + the peak of the same CLI merging three tiny models.
+(2N + 4) x largest tensor in float32 (inputs of one tensor read ahead while one merges and one is written)
++ the peak of the same CLI merging three tiny models.
 
 Usage: python bench/memory_bench.py [--dir /tmp/merge-bench] [--layers 16] [--method linear|ties] [--keep]
 Needs about 6 x 1.9 GB free in --dir (3 models, 3 outputs; checked first). Not a test: minutes of CPU time.
@@ -183,7 +184,7 @@ def main() -> None:
     overhead = fixed_overhead(args.dir / "tiny", args.method)
     largest = max(torch.Size(s).numel() for s in shapes.values()) * 4 / 1024**3
     n = len(models)
-    bound = (n + 2) * largest + overhead
+    bound = (2 * n + 4) * largest + overhead
     results = {}
     for i, (label, command) in enumerate(runs.items()):
         shutil.rmtree(outs[label], ignore_errors=True)
@@ -193,7 +194,7 @@ def main() -> None:
     print(
         f"\nrecipe: {args.method}, N = {n} models, largest tensor {largest * 1024:.0f} MiB in float32, fixed overhead {overhead:.2f} GiB"
     )
-    print(f"predicted bound for ours: (N + 2) x largest + overhead = {bound:.2f} GiB\n")
+    print(f"predicted bound for ours: (2N + 4) x largest + overhead = {bound:.2f} GiB\n")
     print("| run | wall time (s) | peak RSS (GiB) |\n|---|---|---|")
     for label, (wall, peak) in results.items():
         print(f"| {label} | {wall:.0f} | {peak:.2f} |")

@@ -148,11 +148,13 @@ def merge_stream(
     first. extras(name) adds per-tensor inputs (the Fisher of each model): pass ``setup_extras``'s
     result to set them up ahead (errors before any output, one estimation per session); when None,
     ``setup_extras(source, recipe, progress, fisher_cache)`` runs here before the first tensor.
-    Non-float tensors (int buffers) are taken from the first model. Peak memory is about (N + 2) x
-    the largest tensor. ``cache``: an in-memory session's ``StageCache``; a ``spec.staged`` method
-    then reuses each tensor's stages from the previous merges (recipes without slices). ``workers``:
-    threads merging the next tensors while the caller handles one (``in_order``); each holds about
-    (N + 2) x its tensor.
+    Non-float tensors (int buffers) are taken from the first model. One reader thread reads the
+    inputs of the next tensor (``read_place``) while a worker merges this one and the caller handles
+    (writes) the one before, so peak memory is about (2N + 4) x the largest tensor with one worker.
+    ``cache``: an in-memory session's ``StageCache``; a ``spec.staged`` method then reuses each
+    tensor's stages from the previous merges (recipes without slices), reading nothing.
+    ``workers``: threads merging the next tensors while the caller handles one (``in_order``); each
+    holds about (N + 2) x its tensor, and the reader runs up to ``workers`` tensors ahead.
     """
     spec = registry.get(recipe.merge_method)
     layout = recipe.layout(source.names)
@@ -165,25 +167,35 @@ def merge_stream(
         prepared = spec.prepare(recipe.resolved_params(), items)
     staged = cache is not None and spec.staged and order is None
 
-    def merged(place: TensorPlace) -> tuple[str, torch.Tensor]:
+    def merged(place: TensorPlace, read: Optional[Future]) -> tuple[str, torch.Tensor]:
         extra = dict(prepared, **extras(place.name))
-        if staged and source.models[0][place.name].is_floating_point():  # in memory: weights read in place
+        if read is None:  # staged, in memory: weights read in place
             weights, base = [m[place.name] for m in source.models], source.read_base(place.name)
             stages = cache.stages(place.name, lambda: source.task_vectors(place.name), weights, base)
             out = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
             cache.trim(place.name)
         else:
-            base, models = read_place(source, place, order)
+            base, models = read.result()
+            del read
             if not models.is_floating_point():
                 return place.name, models[0]
             out = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
             del models
         return place.name, cast_output(place.name, out, recipe.torch_dtype, recipe.out_of_range)
 
-    for i, item in enumerate(in_order((partial(merged, place) for place in layout), workers)):
-        yield item
-        if progress:
-            progress((i + 1) / len(layout), item[0])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-tensor") as reader:
+
+        def jobs() -> Iterator[Callable[[], tuple[str, torch.Tensor]]]:
+            for place in layout:
+                if staged and source.models[0][place.name].is_floating_point():
+                    yield partial(merged, place, None)
+                else:  # read on the reader thread, in order, while earlier tensors merge
+                    yield partial(merged, place, reader.submit(read_place, source, place, order))
+
+        for i, item in enumerate(in_order(jobs(), workers)):
+            yield item
+            if progress:
+                progress((i + 1) / len(layout), item[0])
 
 
 def in_order(jobs: Iterable[Callable[[], T]], workers: int) -> Iterator[T]:

@@ -272,3 +272,32 @@ def test_real_gguf_matches_transformers_and_merges(tmp_path):
     assert len(tok) == 49152
     ids = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert ids.shape[1] > 3
+
+
+def test_read_into_fills_a_slot_as_get_reads_it(family, tmp_path):
+    """Every format's ``read_into`` writes what ``get`` reads, as float32: straight from an F32
+    safetensors file, converted from BF16 and from .bin; a wrong slot is refused, a truncated file named."""
+    _, experts = family
+    tensors = state(experts[0])
+    halves = {name: t.to(torch.bfloat16) for name, t in tensors.items()}
+    bf16 = save_sharded(halves, experts[0], tmp_path / "bf16", shards=2)
+    for folder in (experts[0], bf16, to_bin(experts[0], tmp_path / "bin")):
+        ckpt = open_checkpoint(folder)
+        for name in ckpt.names():
+            slot = torch.full(ckpt.shape(name), float("nan"))
+            ckpt.read_into(name, slot)
+            assert torch.equal(slot, ckpt.get(name).float()), (folder, name)
+    ckpt = open_checkpoint(experts[0])
+    name = ckpt.names()[0]
+    with pytest.raises(ValueError, match="contiguous F32"):
+        ckpt._file(name).read_into(name, torch.empty(3))
+    data = (experts[0] / "model.safetensors").read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_bytes((experts[0] / "config.json").read_bytes())
+    (cut / "model.safetensors").write_bytes(data)
+    truncated = open_checkpoint(cut)
+    last = max(truncated.names(), key=lambda n: truncated._file(n).entries[n]["data_offsets"][1])
+    (cut / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(CheckpointError, match="file ends inside tensor"):
+        truncated.read_into(last, torch.empty(truncated.shape(last)))

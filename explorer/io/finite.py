@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from explorer.io.formats.base import Checkpoint, CheckpointError, check_finite
+from explorer.io.formats.base import Checkpoint, CheckpointError, check_finite, is_float_dtype
 
 __all__ = ["CheckpointError", "check_finite", "read_float", "read_stacked"]
 
@@ -23,18 +21,16 @@ def read_float(checkpoint: Checkpoint, name: str) -> torch.Tensor:
 def read_stacked(checkpoints: list[Checkpoint], name: str) -> torch.Tensor:
     """Tensor ``name`` of every checkpoint stacked: (N, *S) float32 (non-float tensors: stored dtype).
 
-    Each tensor is read and converted straight into its slot of the result, so reading holds the
-    result plus one tensor as stored, not N float32 copies and then their stack. Raises CheckpointError
+    Each tensor is read and converted straight into its slot of the result (``Checkpoint.read_into``:
+    an F32 safetensors tensor with no buffer in between), so reading holds the result plus at most one
+    tensor as stored, not N float32 copies and then their stack. Raises CheckpointError
     naming model and tensor if one holds NaN or inf.
     """
-    stacked: Optional[torch.Tensor] = None
+    first = checkpoints[0]
+    if not is_float_dtype(first.dtype(name)):
+        return torch.stack([c.get(name) for c in checkpoints])
+    stacked = torch.empty((len(checkpoints), *first.shape(name)), dtype=torch.float32)
     for i, checkpoint in enumerate(checkpoints):
-        tensor = checkpoint.get(name)
-        if i == 0 and not tensor.is_floating_point():
-            return torch.stack([tensor] + [c.get(name) for c in checkpoints[1:]])
-        if stacked is None:
-            stacked = torch.empty((len(checkpoints), *tensor.shape), dtype=torch.float32)
-        stacked[i].copy_(tensor)
-        del tensor
+        checkpoint.read_into(name, stacked[i])
         check_finite(checkpoint, name, stacked[i])
     return stacked

@@ -212,3 +212,7 @@ class LoadedNames(CheckpointView):
     @override
     def get(self, name: str) -> torch.Tensor:
         return self.inner.get(self._key(name))
+
+    @override
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        self.inner.read_into(self._key(name), out)

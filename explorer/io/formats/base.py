@@ -230,6 +230,15 @@ class Checkpoint:
         """Tensor ``name`` (its stored dtype), read from disk now; CheckpointError if there is none."""
         raise NotImplementedError
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor ``name`` converted into ``out`` (float32, its shape), read from disk now.
+
+        A format that can read straight into ``out`` overrides this (``SafetensorsDir``: one copy for an
+        F32 tensor); here ``get`` then a copy. No NaN/inf check (``finite.read_stacked`` does it).
+        CheckpointError as ``get``.
+        """
+        out.copy_(self.get(name))
+
     def __getitem__(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as float32 (from F16, BF16, F32, dequantized GGUF, ...), read now; non-float tensors as stored.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from typing_extensions import override
 
-from explorer.io.formats.base import Checkpoint, CheckpointError, read_json
+from explorer.io.formats.base import DTYPES, Checkpoint, CheckpointError, read_json
 from explorer.io.formats.safetensors_io import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -68,3 +68,11 @@ class SafetensorsCheckpoint(Checkpoint):
     @override
     def get(self, name: str) -> torch.Tensor:
         return self._file(name).read(name)
+
+    @override
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        file = self._file(name)
+        if DTYPES[file.dtype(name)] == out.dtype and out.is_contiguous():
+            file.read_into(name, out)
+        else:
+            out.copy_(file.read(name))

@@ -93,6 +93,24 @@ class SafetensorsFile:
         entry = self.entries[name]
         begin, end = entry["data_offsets"]
         buffer = torch.empty(end - begin, dtype=torch.uint8)
+        self._fill(name, buffer)
+        return buffer.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor ``name``'s bytes straight into ``out``: contiguous, its stored dtype and shape (one copy, no buffer).
+
+        Raises ValueError when ``out`` is not that, CheckpointError if the file is truncated.
+        """
+        entry = self.entries[name]
+        if out.dtype != DTYPES[entry["dtype"]] or tuple(out.shape) != tuple(entry["shape"]) or not out.is_contiguous():
+            raise ValueError(
+                f"read_into {name!r}: out must be a contiguous {entry['dtype']} tensor of shape {entry['shape']}"
+            )
+        self._fill(name, out.reshape(-1).view(torch.uint8))
+
+    def _fill(self, name: str, buffer: torch.Tensor) -> None:
+        """Read tensor ``name``'s bytes into ``buffer`` (uint8, exactly their length) with ordinary reads."""
+        begin = self.entries[name]["data_offsets"][0]
         view, done = memoryview(buffer.numpy()), 0
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + begin)
@@ -103,7 +121,6 @@ class SafetensorsFile:
                         f"{self.path}: file ends inside tensor {name!r}; the download is incomplete, fetch the file again"
                     )
                 done += got
-        return buffer.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def entry_problem(entry) -> Optional[str]:
