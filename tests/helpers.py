@@ -26,11 +26,12 @@ def force_equal_dare_masks(monkeypatch) -> None:
     from explorer.choices import Sparsification
     from explorer.methods import sparsify as our_sparsify
 
-    monkeypatch.setitem(
-        our_sparsify._DROPS,
-        Sparsification.random,
-        lambda kept, density, *_: kept.masked_fill_(~content_mask(kept, density), 0),
-    )
+    def drop(kept, density, *_):  # as ``sparsify.random_drop``: thin in place, return the L1 norms before and after
+        before = torch.linalg.vector_norm(kept, 1)
+        kept.masked_fill_(~content_mask(kept, density), 0)
+        return before, torch.linalg.vector_norm(kept, 1)
+
+    monkeypatch.setitem(our_sparsify._DROPS, Sparsification.random, drop)
 
     def bernoulli(tensor, density, rescale_norm=None):  # mergekit.sparsify.bernoulli with the mask replaced
         if density >= 1:

@@ -275,8 +275,11 @@ def test_real_gguf_matches_transformers_and_merges(tmp_path):
 
 
 def test_read_into_fills_a_slot_as_get_reads_it(family, tmp_path):
-    """Every format's ``read_into`` writes what ``get`` reads, as float32: straight from an F32
-    safetensors file, converted from BF16 and from .bin; a wrong slot is refused, a truncated file named."""
+    """Every format's ``read_into`` writes what ``get`` reads, as float32.
+
+    Straight from an F32 safetensors file, converted from BF16 and from .bin; a wrong slot is refused,
+    a truncated file named.
+    """
     _, experts = family
     tensors = state(experts[0])
     halves = {name: t.to(torch.bfloat16) for name, t in tensors.items()}

@@ -103,8 +103,12 @@ def test_bernoulli_drop_draws_what_torch_bernoulli_draws(n, p, skip):
     torch.rand(skip, generator=theirs), torch.rand(skip, generator=ours)
     for _ in range(2):
         expected = x.clone().mul_(torch.bernoulli(torch.full_like(x, p), generator=theirs))
-        dropped = kernels.bernoulli_drop_(x.clone(), p, ours)
+        dropped = x.clone()
+        before, after = kernels.bernoulli_drop_(dropped, p, ours)
         assert torch.equal(dropped.view(torch.int32), expected.view(torch.int32))
+        assert before.dtype == after.dtype == torch.float32
+        torch.testing.assert_close(before, x.abs().double().sum().float(), rtol=1e-7, atol=0)
+        torch.testing.assert_close(after, dropped.abs().double().sum().float(), rtol=1e-7, atol=0)
     assert torch.equal(torch.rand(100, generator=ours), torch.rand(100, generator=theirs))
 
 

@@ -16,9 +16,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
-import pandas as pd
 import torch
 
 from explorer.choices import TokenizerSource
@@ -33,6 +32,9 @@ from explorer.io.checkpoint import (
 from explorer.io.config_compat import ConfigChoice, config_differences, vocab_size_of
 from explorer.io.finite import read_stacked
 from explorer.io.vocab import align_embeddings
+
+if TYPE_CHECKING:  # pandas is imported where a table is made: a merge never needs it
+    import pandas as pd
 
 REPORT_COLUMNS = ["path", "role", "format", "architecture", "layers", "vocab", "dtype", "tied", "status", "message"]
 
@@ -204,6 +206,8 @@ def compatibility_report(
     ``incompatible`` unless ``config_source`` is given, as ``open_inputs``). The reference is the first
     input (base first) that is not unreadable; an error in one input never stops the report.
     """
+    import pandas as pd
+
     entries = ([(base, "base")] if base else []) + [(p, "model") for p in paths]
     described = [(role, *_describe(path)) for path, role in entries]
     reference = next((c for _, c, _ in described if c is not None), None)

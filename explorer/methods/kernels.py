@@ -286,9 +286,25 @@ def _temper_keep(words, x, below):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _drop(x, p, words, left, nxt):  # pragma: no cover - compiled
+def _abs_sum(x):  # pragma: no cover - compiled
+    # sum |x| in float64, four accumulators (independent add chains), in a fixed order
+    s0 = s1 = s2 = s3 = 0.0
+    m = x.size - x.size % 4
+    for j in range(0, m, 4):
+        s0 += abs(np.float64(x[j]))
+        s1 += abs(np.float64(x[j + 1]))
+        s2 += abs(np.float64(x[j + 2]))
+        s3 += abs(np.float64(x[j + 3]))
+    for j in range(m, x.size):
+        s0 += abs(np.float64(x[j]))
+    return (s0 + s1) + (s2 + s3)
+
+
+@numba.njit(nogil=True, cache=True)
+def _drop(x, p, words, left, nxt, norms):  # pragma: no cover - compiled
     # torch's mt19937 draw: ``if --left == 0: twist (left = 624, next = 0)``, then temper words[next++].
-    # Between twists the draws are independent, so each run of words is one vectorizable loop.
+    # Between twists the draws are independent, so each run of words is one vectorizable loop; the L1
+    # norms before and after are summed run by run while the run is in cache (norms[0], norms[1]).
     # u = (y & 0xFFFFFF) / 2^24 < p  <=>  (y & 0xFFFFFF) < ceil(p * 2^24), exactly (p * 2^24 is exact).
     below = np.uint32(np.ceil(np.float64(p) * (1 << 24)))
     j = 0
@@ -297,17 +313,25 @@ def _drop(x, p, words, left, nxt):  # pragma: no cover - compiled
             _twist(words)
             left, nxt = 625, 0  # the draw that twisted then counts as one of the 624
         take = min(left - 1, x.size - j)
-        _temper_keep(words[nxt : nxt + take], x[j : j + take], below)
+        run = x[j : j + take]
+        norms[0] += _abs_sum(run)
+        _temper_keep(words[nxt : nxt + take], run, below)
+        norms[1] += _abs_sum(run)
         left, nxt, j = left - take, nxt + take, j + take
     return left, nxt
 
 
-def bernoulli_drop_(x: torch.Tensor, density: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Keep each entry of ``x`` (any shape, float32, contiguous) with probability ``density``; returns ``x``.
+def bernoulli_drop_(
+    x: torch.Tensor, density: float, generator: Optional[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each entry of ``x`` (any shape, float32, contiguous) with probability ``density``, in place.
 
     Dropped entries become x * 0 (signed zeros, as the float mask of ``torch.bernoulli`` makes them).
     generator: a torch CPU generator (None: torch's default one), advanced by one draw per entry.
     Equal bit for bit, draws included, to ``x.mul_(torch.bernoulli(torch.full_like(x, density), generator=generator))``.
+    Returns the L1 norms of ``x`` before and after the drop (sum |x|, 0-dim float32), summed in float64
+    in a fixed order in the same pass (mergekit's rescale needs both). Raises ValueError unless ``x`` is
+    a contiguous float32 tensor.
     """
     generator = generator if generator is not None else torch.default_generator
     if not x.is_contiguous() or x.dtype != torch.float32:
@@ -315,15 +339,18 @@ def bernoulli_drop_(x: torch.Tensor, density: float, generator: Optional[torch.G
     state = generator.get_state()
     raw = state.numpy()
     words = raw[_WORDS].view(np.uint64).astype(np.uint32)
+    norms = np.zeros(2, np.float64)
     left, nxt = _drop(
         x.view(-1).numpy(),
         np.float32(density),
         words,
         int(raw[_LEFT].view(np.int32)[0]),
         int(raw[_NEXT].view(np.uint64)[0]),
+        norms,
     )
     raw[_WORDS].view(np.uint64)[:] = words
     raw[_LEFT].view(np.int32)[0] = left
     raw[_NEXT].view(np.uint64)[0] = nxt
     generator.set_state(state)
-    return x
+    before, after = torch.from_numpy(norms).to(torch.float32)
+    return before, after

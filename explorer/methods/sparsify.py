@@ -56,16 +56,17 @@ def sparsify(
         return delta
     if density <= 0 or delta.numel() == 0:
         return delta.zero_() if inplace else torch.zeros_like(delta)
-    before = torch.linalg.vector_norm(delta, 1) if rescale == Rescale.l1 else None
+    measured = band is None and method in _MEASURING  # the drop returns the L1 norms before and after
+    before = torch.linalg.vector_norm(delta, 1) if rescale == Rescale.l1 and not measured else None
     kept = delta if inplace else delta.clone()
     if band is not None:
         _apply(kept, (kept.abs() >= band[0]) & (kept.abs() < band[1]))
     else:
-        _DROPS[method](kept, density, generator, gamma, epsilon)
+        norms = _DROPS[method](kept, density, generator, gamma, epsilon)
     if rescale == Rescale.inverse_density:
         return kept.div_(density)
     if rescale == Rescale.l1:
-        after = torch.linalg.vector_norm(kept, 1)
+        before, after = norms if measured else (before, torch.linalg.vector_norm(kept, 1))
         if before < 1e-7 or after < 1e-7:
             return kept
         return kept.mul_(before / after)
@@ -144,19 +145,24 @@ def _masking(mask_fn):
     )
 
 
-def random_drop(kept: torch.Tensor, density: float, generator: Optional[torch.Generator], *_: object) -> None:
+def random_drop(
+    kept: torch.Tensor, density: float, generator: Optional[torch.Generator], *_: object
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DARE: keep each entry of ``kept`` with probability density, in place, in one pass.
 
     Entries and draws equal ``kept.mul_(torch.bernoulli(torch.full_like(kept, density), generator=generator))``,
-    mergekit's draw (``kernels.bernoulli_drop_``).
+    mergekit's draw (``kernels.bernoulli_drop_``). Returns the L1 norms of ``kept`` before and after
+    (0-dim float32), measured in the same pass: the l1 rescale needs no pass of its own.
     """
-    bernoulli_drop_(kept, density, generator)
+    return bernoulli_drop_(kept, density, generator)
 
 
-# thin in place: drop(kept (*S), density, generator, gamma, epsilon) zeroes the entries a method drops
+# thin in place: drop(kept (*S), density, generator, gamma, epsilon) zeroes the entries a method drops;
+# those in _MEASURING also return the L1 norms of kept before and after (0-dim float32 each)
 _DROPS = {
     Sparsification.magnitude: _masking(magnitude_mask),
     Sparsification.random: random_drop,
     Sparsification.magnitude_outliers: _masking(outlier_mask),
     Sparsification.della_magprune: _masking(della_mask),
 }
+_MEASURING = (Sparsification.random,)

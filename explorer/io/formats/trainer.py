@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from explorer.io.formats.base import CheckpointError, read_json
+
+if TYPE_CHECKING:  # pandas is imported where a table is made: a merge never needs it
+    import pandas as pd
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)$")
@@ -32,6 +34,8 @@ def trainer_checkpoints(run_dir: str | Path) -> pd.DataFrame:
     logged at or before the step); a value never logged is NaN. Raises CheckpointError when the folder
     has no ``checkpoint-STEP`` folders.
     """
+    import pandas as pd
+
     run_dir = Path(run_dir).expanduser()
     folders = [c for c in run_dir.iterdir() if CHECKPOINT_NAME.match(c.name) and c.is_dir()] if run_dir.is_dir() else []
     if not folders:
