@@ -126,51 +126,54 @@ def keep_none() -> tuple[float, int]:
 
 @numba.njit(nogil=True, cache=True)
 def _ties_range(d, lows, highs, cut, w, vote_w, divide_w, count_vote, divide, out, a, b):  # pragma: no cover
-    # Block by block, each loop over one model's entries with one threshold (entries before cut[i]
-    # are kept when |d| >= lows[i], the rest when |d| >= highs[i], the next float up: |d| > v), so
-    # LLVM vectorizes them. The float32 operations and their order are those of the torch steps:
-    # dropped entries are +0, the vote is u_0 + u_1 + ..., sum and divisor start at +0 and add +0
-    # where a model disagrees.
+    # Block by block: each model's trimmed entries t go to a block buffer first (entries before
+    # cut[i] are kept when |d| >= lows[i], the rest when |d| >= highs[i], the next float up: |d| > v),
+    # then vote, sum and divisor are loops over that buffer, so LLVM vectorizes them and the trim is
+    # done once. The float32 operations and their order are those of the torch steps: dropped entries
+    # are +0, the vote is u_0 + u_1 + ..., sum and divisor start at +0 and add +0 where a model disagrees.
     n = d.shape[0]
     zero, one = np.float32(0.0), np.float32(1.0)
+    kept = np.empty((n, BLOCK), np.float32)
     vote = np.empty(BLOCK, np.float32)
     mixed = np.empty(BLOCK, np.float32)
     total = np.empty(BLOCK, np.float32)
     for s in range(a, b, BLOCK):
         e = min(s + BLOCK, b)
-        vote[: e - s] = zero
+        m = e - s
         for i in range(n):
             for lo, hi, th in ((s, min(max(cut[i], s), e), lows[i]), (min(max(cut[i], s), e), e, highs[i])):
-                x, vw = d[i, lo:hi], vote_w[i]
-                u = vote[lo - s : hi - s]
-                if count_vote:
-                    for j in range(hi - lo):
-                        t = (x[j] if abs(x[j]) >= th else zero) * vw
-                        u[j] += one if t > 0 else (-one if t < 0 else zero)
-                elif i == 0:
-                    for j in range(hi - lo):
-                        u[j] = (x[j] if abs(x[j]) >= th else zero) * vw
-                else:
-                    for j in range(hi - lo):
-                        u[j] += (x[j] if abs(x[j]) >= th else zero) * vw
-        mixed[: e - s] = zero
-        total[: e - s] = zero
-        for i in range(n):
-            for lo, hi, th in ((s, min(max(cut[i], s), e), lows[i]), (min(max(cut[i], s), e), e, highs[i])):
-                x, vw, wi, dw = d[i, lo:hi], vote_w[i], w[i], divide_w[i]
-                v, m, c = vote[lo - s : hi - s], mixed[lo - s : hi - s], total[lo - s : hi - s]
+                x, t = d[i, lo:hi], kept[i, lo - s : hi - s]
                 for j in range(hi - lo):
-                    t = x[j] if abs(x[j]) >= th else zero
-                    u = t * vw
-                    agree = (u > 0) if v[j] >= 0 else (u < 0)
-                    m[j] += t * wi if agree else zero
-                    c[j] += dw if agree else zero
+                    t[j] = x[j] if abs(x[j]) >= th else zero
+        vote[:m] = zero
+        for i in range(n):
+            t, vw = kept[i, :m], vote_w[i]
+            if count_vote:
+                for j in range(m):
+                    u = t[j] * vw
+                    vote[j] += one if u > 0 else (-one if u < 0 else zero)
+            elif i == 0:
+                for j in range(m):
+                    vote[j] = t[j] * vw
+            else:
+                for j in range(m):
+                    vote[j] += t[j] * vw
+        mixed[:m] = zero
+        total[:m] = zero
+        for i in range(n):
+            t, vw, wi, dw = kept[i, :m], vote_w[i], w[i], divide_w[i]
+            for j in range(m):
+                u = t[j] * vw
+                agree = (u > 0) if vote[j] >= 0 else (u < 0)
+                mixed[j] += t[j] * wi if agree else zero
+                total[j] += dw if agree else zero
+        o = out[s:e]
         if divide:
-            for j in range(s, e):
-                out[j] = mixed[j - s] / (total[j - s] if total[j - s] != 0 else one)
+            for j in range(m):
+                o[j] = mixed[j] / (total[j] if total[j] != 0 else one)
         else:
-            for j in range(s, e):
-                out[j] = mixed[j - s]
+            for j in range(m):
+                o[j] = mixed[j]
 
 
 def ties_merge(
