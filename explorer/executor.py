@@ -69,12 +69,12 @@ def merge_tensor(
     Delta-space methods see task vectors ``models - base`` and get ``base`` added back. ``models`` is
     overwritten (the task vectors are formed in place, and methods may thin them in place): pass a
     tensor this call may consume. With ``stages`` (a ``spec.staged`` method in an in-memory session)
-    ``models`` is None: the method reads the task vectors, and its earlier results, from ``stages``,
-    and a delta-space one adds the base itself (``CachedStages.finish``, fused with its last step).
+    ``models`` is None: the method reads the task vectors, and its earlier results, from ``stages``.
     """
     generator = registry.tensor_generator(seed, name)
     if stages is not None:
-        return registry.call(spec, None, base, generator, params, dict(extra or {}, stages=stages))
+        merged = registry.call(spec, None, base, generator, params, dict(extra or {}, stages=stages))
+        return merged.add_(base) if spec.space == Space.delta else merged
     if spec.space == Space.delta:
         return registry.call(spec, models.sub_(base), base, generator, params, extra).add_(base)
     return registry.call(spec, models, base, generator, params, extra)

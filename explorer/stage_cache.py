@@ -23,7 +23,6 @@ from typing import Callable, Hashable, Optional, TypeVar
 import psutil
 import torch
 
-from explorer.methods.kernels import scaled_plus
 from explorer.methods.stages import Stages, Thin
 from explorer.methods.weighted_sum import weighted_sum
 
@@ -111,15 +110,6 @@ class CachedStages(Stages):
             thin(i, self._rows[i])
             self._row_keys[i], self._row_states[i] = key, generator.get_state() if generator is not None else None
         return self._rows
-
-    def finish(self, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-        """As ``Stages.finish``, plus the base: the merged weights B + v, or B + scale * v in one pass.
-
-        ``kernels.scaled_plus`` (equal bit for bit to ``torch.mul`` then ``add_``): a slider move on an
-        elected merge reads the election and the base once and writes the result once. Needs a base
-        (the delta-space methods, which call it).
-        """
-        return v.add_(self._base) if scale is None else scaled_plus(v, scale, self._base)
 
     def memo(self, slot: str, key: Hashable, compute: Callable[[], T]) -> T:
         """As ``Stages.memo``; the last result of ``slot`` is reused while ``key`` is unchanged.

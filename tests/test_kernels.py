@@ -134,13 +134,3 @@ def test_weighted_sum_refuses_strided_or_mismatched_inputs():
         kernels.weighted_sum([torch.randn(4, 4).t()], [1.0])
     with pytest.raises(ValueError, match="minus must be"):
         kernels.weighted_sum([torch.randn(4)], [1.0], minus=torch.randn(5))
-
-
-@pytest.mark.parametrize("scale", [1.0, 0.9, -2.35, 1e-3])
-def test_scaled_plus_has_the_bits_of_torch_mul_then_add(scale):
-    """base + scale * v in one pass equals ``torch.mul(v, scale).add_(base)`` bit for bit (no fused multiply-add)."""
-    v, base = torch.randn(70_001) * 3, torch.randn(70_001)
-    expected = torch.mul(v, scale).add_(base)
-    assert torch.equal(kernels.scaled_plus(v, scale, base).view(torch.int32), expected.view(torch.int32))
-    with pytest.raises(ValueError, match="contiguous float32"):
-        kernels.scaled_plus(v, scale, base[:-1])

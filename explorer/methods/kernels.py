@@ -255,29 +255,6 @@ def weighted_sum(
     return out
 
 
-@numba.njit(nogil=True, cache=True)
-def _scaled_plus_range(v, scale, base, out, a, b):  # pragma: no cover - compiled
-    for j in range(a, b):  # two roundings, as torch.mul then add_: no fused multiply-add
-        out[j] = v[j] * scale + base[j]
-
-
-def scaled_plus(v: torch.Tensor, scale: float, base: torch.Tensor) -> torch.Tensor:
-    """base + scale * v in one pass: a new float32 tensor (*S), equal bit for bit to ``torch.mul(v, scale).add_(base)``.
-
-    v, base: contiguous float32 (*S); scale is used as float32, as torch uses a Python scalar with a
-    float32 tensor. How a staged task-vector merge adds the base to its scaled result (``CachedStages.finish``).
-    Raises ValueError on another dtype, a strided input or mismatched shapes.
-    """
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (v, base)) or v.shape != base.shape:
-        raise ValueError("scaled_plus needs two contiguous float32 tensors of one shape")
-    out = torch.empty(v.shape, dtype=torch.float32)
-    flat = v.detach().view(-1).numpy()
-    run_ranges(
-        _scaled_plus_range, flat.size, flat, np.float32(scale), base.detach().view(-1).numpy(), out.view(-1).numpy()
-    )
-    return out
-
-
 # torch's CPU generator state (``Generator.get_state()``, 5056 bytes): the initial seed (uint64), the
 # number of draws left before the next twist and a "seeded" flag (int32 each), the index of the next
 # word (uint64), then the 624 MT19937 state words, each stored as a uint64.

@@ -56,16 +56,6 @@ class Stages:
             thin(i, self._x[i])
         return self._x
 
-    def finish(self, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-        """The method's return value from its merged task vector (*S).
-
-        ``v`` itself when scale is None (a new tensor the method made), else ``scale * v`` as a new
-        tensor (``v`` is a stage, e.g. a ``memo`` result, and stays unchanged). Here that task vector:
-        the executor adds the base. ``CachedStages`` returns the merged weights B + it instead, with the
-        same float32 operations, so the bits are those of the executor's sum.
-        """
-        return v if scale is None else torch.mul(v, scale)
-
     def memo(self, slot: str, key: Hashable, compute: Callable[[Optional[T]], T]) -> T:
         """compute(stale): the result named ``slot``, which depends on ``key`` only.
 

@@ -65,9 +65,7 @@ def generalized_task_arithmetic(
     place: peak memory is about 1.5 tensors of size S beyond ``x``. An in-memory session passes
     ``stages`` instead (``x`` None): its cache of this tensor's task vectors, trims and election, so
     a slider move recomputes only the stages downstream of the parameter that moved, with the same
-    operations (results equal bit for bit to a merge from scratch; ``explorer.stage_cache``). Every
-    result goes through ``stages.finish``: a task vector here, the merged weights B + it from the
-    session's stages (the base added in the same pass as lambda).
+    operations (results equal bit for bit to a merge from scratch; ``explorer.stage_cache``).
 
     weight, density: (N,) per-model; density in [0, 1] is the fraction of each task vector kept
     (None keeps everything). gamma, epsilon: (N,) per-model or one float (see ``sparsify``).
@@ -105,7 +103,7 @@ def generalized_task_arithmetic(
         mixed = stages.memo(
             "elect", key, lambda old: elect_(stages.task_vectors(), cuts, weights, consensus, election, divisor, old)
         )
-        return stages.finish(mixed, lambda_)
+        return torch.mul(mixed, lambda_)
     drawn = generator is not None and method in (Sparsification.random, Sparsification.della_magprune)
     seed = generator.initial_seed() if generator is not None else None
     row_params = [
@@ -124,14 +122,14 @@ def generalized_task_arithmetic(
         total = float(weight.sum())
         scale = lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0)
         if thinning:
-            return stages.finish(weighted_sum(weight, stages.thinned(keys, thin, generator), scale))
-        return stages.finish(stages.task_vector_sum(weight, scale))
+            return weighted_sum(weight, stages.thinned(keys, thin, generator), scale)
+        return stages.task_vector_sum(weight, scale)
     deltas = stages.thinned(keys, thin, generator) if thinning else stages.task_vectors()
     key = (tuple(keys), tuple(weights), consensus, election, divisor)
     mixed = stages.memo(
         "elect", key, lambda old: elect_(deltas, [keep_all()] * n, weights, consensus, election, divisor, old)
     )
-    return stages.finish(mixed, lambda_)
+    return torch.mul(mixed, lambda_)
 
 
 def trim_cut(delta: torch.Tensor, density: float) -> tuple[float, int]:
