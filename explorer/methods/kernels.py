@@ -298,6 +298,19 @@ def _abs_sum(x):  # pragma: no cover - compiled
     return s
 
 
+def l1_norm(x: torch.Tensor) -> torch.Tensor:
+    """sum |x| of a float32 tensor (any shape), as a 0-dim float32 tensor: summed in float64, one serial pass.
+
+    Within 1e-7 of the exact sum, like mergekit's ``tensor.abs().sum()`` (torch's cascade sum) and
+    unlike ``torch.linalg.vector_norm(x, 1)``, whose float32 accumulation on the CPU is off by 0.03% at
+    4 M entries and 1.5% at 28 M (6.6% on one thread; measured with torch 2.13). The order of the sum
+    does not depend on the thread count. Raises ValueError on another dtype.
+    """
+    if x.dtype != torch.float32:
+        raise ValueError("l1_norm needs a float32 tensor")
+    return torch.tensor(_abs_sum(x.detach().contiguous().view(-1).numpy()), dtype=torch.float32)
+
+
 @numba.njit(nogil=True, cache=True)
 def _drop(x, p, words, left, nxt, norms):  # pragma: no cover - compiled
     # torch's mt19937 draw: ``if --left == 0: twist (left = 624, next = 0)``, then temper words[next++].

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from explorer.choices import Rescale, Sparsification, parse_choice
-from explorer.methods.kernels import bernoulli_drop_
+from explorer.methods.kernels import bernoulli_drop_, l1_norm
 from explorer.methods.selection import MERGE_CHUNK, topk_mask
 
 __all__ = [
@@ -57,7 +57,7 @@ def sparsify(
     if density <= 0 or delta.numel() == 0:
         return delta.zero_() if inplace else torch.zeros_like(delta)
     measured = band is None and method in _MEASURING  # the drop returns the L1 norms before and after
-    before = torch.linalg.vector_norm(delta, 1) if rescale == Rescale.l1 and not measured else None
+    before = l1_norm(delta) if rescale == Rescale.l1 and not measured else None
     kept = delta if inplace else delta.clone()
     if band is not None:
         _apply(kept, (kept.abs() >= band[0]) & (kept.abs() < band[1]))
@@ -66,7 +66,7 @@ def sparsify(
     if rescale == Rescale.inverse_density:
         return kept.div_(density)
     if rescale == Rescale.l1:
-        before, after = norms if measured else (before, torch.linalg.vector_norm(kept, 1))
+        before, after = norms if measured else (before, l1_norm(kept))
         if before < 1e-7 or after < 1e-7:
             return kept
         return kept.mul_(before / after)
