@@ -167,16 +167,17 @@ def merge_stream(
         prepared = spec.prepare(recipe.resolved_params(), items)
     staged = cache is not None and spec.staged and order is None
 
-    def merged(place: TensorPlace, read: Optional[Future]) -> tuple[str, torch.Tensor]:
+    reads: dict[int, Future] = {}  # place index -> its inputs being read; popped by the merge
+
+    def merged(i: int, place: TensorPlace) -> tuple[str, torch.Tensor]:
         extra = dict(prepared, **extras(place.name))
-        if read is None:  # staged, in memory: weights read in place
+        if i not in reads:  # staged, in memory: weights read in place
             weights, base = [m[place.name] for m in source.models], source.read_base(place.name)
             stages = cache.stages(place.name, lambda: source.task_vectors(place.name), weights, base)
             out = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
             cache.trim(place.name)
         else:
-            base, models = read.result()
-            del read
+            base, models = reads.pop(i).result()  # nothing else holds the inputs: freed after the merge
             if not models.is_floating_point():
                 return place.name, models[0]
             out = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
@@ -186,11 +187,11 @@ def merge_stream(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-tensor") as reader:
 
         def jobs() -> Iterator[Callable[[], tuple[str, torch.Tensor]]]:
-            for place in layout:
-                if staged and source.models[0][place.name].is_floating_point():
-                    yield partial(merged, place, None)
-                else:  # read on the reader thread, in order, while earlier tensors merge
-                    yield partial(merged, place, reader.submit(read_place, source, place, order))
+            for i, place in enumerate(layout):
+                if not (staged and source.models[0][place.name].is_floating_point()):
+                    # read on the reader thread, in order, while earlier tensors merge
+                    reads[i] = reader.submit(read_place, source, place, order)
+                yield partial(merged, i, place)
 
         for i, item in enumerate(in_order(jobs(), workers)):
             yield item
