@@ -311,13 +311,13 @@ def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[st
     about = f" and merge {entry.label}" if entry else " (no merge chosen)"
     outputs = ["Task vectors of " + ", ".join(bench.label(p) for p in bench.session.model_paths) + about + "."]
     outputs += _comparison(bench, shown, other)
-    shown = _shown(bench)
+    sent = _shown(bench)
     for panel in panels:
         figure = panel.figure.to_json()
-        if shown.get(panel.key) == figure:  # unchanged (after a lambda move: all but the merge's distances)
+        if sent.get(panel.key) == figure:  # unchanged (after a lambda move: all but the merge's distances)
             outputs += [gr.skip()] * 3  # the browser keeps drawing it: no re-render
             continue
-        shown[panel.key] = figure
+        sent[panel.key] = figure
         csv = DOWNLOADS / f"{panel.key}.csv"
         panel.table.to_csv(csv, index=False)
         outputs += [

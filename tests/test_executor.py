@@ -77,10 +77,12 @@ def test_session_export_equals_cli_merge(family, tmp_path):
 
 
 def test_session_export_equals_cli_merge_with_parallel_reductions(tmp_path):
-    """Same bytes where torch splits a reduction over its threads (dare_ties's L1 rescale).
+    """Same bytes for dare_ties on a tensor large enough that a reduction is split over threads.
 
-    On a 4096 x 16 embedding the sum is split by thread count, so the session's merge workers must run
-    torch with the CLI's threads.
+    On a 4096 x 16 embedding torch splits a sum by its thread count, so a session whose merge workers
+    ran torch with other threads than the CLI's gave other bits in the L1 rescale (a per-worker share
+    of the threads did). The rescale's norms are now ``kernels.l1_norm``'s serial sums; this keeps
+    session and CLI equal on such tensors whatever computes them.
     """
     base = save_tiny_llama(tmp_path / "base", vocab_size=4096)
     experts = [save_tiny_llama(tmp_path / f"e{i}", seed=i + 1, base=base) for i in range(2)]
