@@ -27,6 +27,7 @@ def _from_cut(x: torch.Tensor, v: float, cut: int) -> torch.Tensor:
         torch.randn(1000),
         torch.randn(300, 700),  # several ranges on the thread pool
         torch.randn(5000).round(decimals=1),  # many ties at the threshold
+        torch.randn(200_000).round(decimals=2),  # ties spread over many blocks and ranges
         torch.zeros(64),
         torch.tensor([-0.0, 0.0, -1.0, 1.0, 2.0, -2.0]),
         torch.randn(4, 4) * 1e-40,  # subnormals

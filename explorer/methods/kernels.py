@@ -39,6 +39,7 @@ LOW_BITS = 15  # bits 0..14: the second
 RANGE = 1 << 22  # most entries per work item
 MIN_RANGE = 1 << 16  # fewest entries worth handing to another thread
 BLOCK = 2048  # entries per block of the fused TIES pass (its vote, sum and divisor stay in L1)
+FILTER = 64  # entries per run the second histogram pass checks for its bin at once
 _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="merge-kernel")
 
 
@@ -67,11 +68,19 @@ def _high_counts(bits, a, b):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _low_counts(bits, high, a, b):  # pragma: no cover - compiled
+    # the bin holds ~0.1% of the entries: a vectorized count finds the FILTER-entry runs that hold any
+    # (0.34 vs 0.74 ns per entry for one branchy loop), and only those are histogrammed
     counts = np.zeros(1 << LOW_BITS, np.int64)
-    for j in range(a, b):
-        m = bits[j] & 0x7FFFFFFF
-        if m >> LOW_BITS == high:
-            counts[m & ((1 << LOW_BITS) - 1)] += 1
+    for s in range(a, b, FILTER):
+        x = bits[s : min(s + FILTER, b)]
+        hits = 0
+        for j in range(x.size):
+            hits += ((x[j] & 0x7FFFFFFF) >> LOW_BITS) == high
+        if hits:
+            for j in range(x.size):
+                m = x[j] & 0x7FFFFFFF
+                if m >> LOW_BITS == high:
+                    counts[m & ((1 << LOW_BITS) - 1)] += 1
     return counts
 
 
@@ -79,11 +88,18 @@ def _low_counts(bits, high, a, b):  # pragma: no cover - compiled
 def _nth_equal(bits, pattern, n):  # pragma: no cover - compiled
     """Flat index just past the n-th (1-based) entry whose |x| pattern equals ``pattern``."""
     seen = 0
-    for j in range(bits.size):
-        if bits[j] & 0x7FFFFFFF == pattern:
-            seen += 1
-            if seen == n:
-                return j + 1
+    for s in range(0, bits.size, BLOCK):  # a vectorized count per block; the block that holds it is searched
+        x = bits[s : min(s + BLOCK, bits.size)]
+        hits = 0
+        for j in range(x.size):
+            hits += (x[j] & 0x7FFFFFFF) == pattern
+        if seen + hits >= n:
+            for j in range(x.size):
+                if x[j] & 0x7FFFFFFF == pattern:
+                    seen += 1
+                    if seen == n:
+                        return s + j + 1
+        seen += hits
     return bits.size
 
 
