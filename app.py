@@ -272,6 +272,8 @@ def build_demo(
         merged_outputs = [bench, merge_status, recipe_preview, history, shown, merges, other]
         scan_args = ([bench, folder], [bench, catalog, base, experts, models_status, tasks, held_in, held_out])
         demo.load(ui.scan, *scan_args)
+        demo.load(ui.opened, [bench], None)
+        demo.unload(ui.closed)
         if demo_build:
             timer = gr.Timer(2.0)
             tick = lambda wb, root, seen: ui.build_tick(demo_build, wb, root, seen)  # noqa: E731
@@ -310,7 +312,7 @@ def build_demo(
         import_btn.click(
             ui.import_recipe,
             [bench, values, recipe_in, recipe_file, loaded],
-            [bench, method, loaded, *merged_outputs[1:], recipe_curves],
+            [bench, method, dtype, seed, loaded, *merged_outputs[1:], recipe_curves],
             **HEAVY,
         )
         for event in (
@@ -358,7 +360,7 @@ def build_demo(
         best_btn.click(ui_sweep.best_recipe, [bench, study_name], [sweep_status, recipe_in]).success(
             ui.import_recipe,
             [bench, values, recipe_in, recipe_file, loaded],
-            [bench, method, loaded, *merged_outputs[1:], recipe_curves],
+            [bench, method, dtype, seed, loaded, *merged_outputs[1:], recipe_curves],
             **HEAVY,
         )
         play_btn.click(ui.playground, [bench, prompt, new_tokens], [play_status, generations], **HEAVY)

@@ -8,6 +8,7 @@ to the server log. Per-method controls are named by keys: ``"lambda"`` for a glo
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import weakref
 from pathlib import Path
@@ -15,7 +16,6 @@ from typing import Optional
 
 import gradio as gr
 import pandas as pd
-from pydantic import ValidationError
 
 import evals
 from evals.ensemble import OutputEnsemble
@@ -27,6 +27,7 @@ from explorer.inspect import plots
 from explorer.inspect.compare import merge_comparison, merge_comparison_figure
 from explorer.inspect.recipe_curves import recipe_curves, recipe_curves_figure
 from explorer.io.inputs import compatibility_report
+from explorer.messages import user_message
 from explorer.recipe import MergeRecipe
 from explorer.recipe_values import is_scalar
 from explorer.workbench import Workbench
@@ -39,17 +40,32 @@ DOWNLOADS = Path(tempfile.mkdtemp(prefix="merge-explorer-"))
 def readable(e: Exception) -> str:
     """``e`` as one Markdown sentence for the user; the traceback goes to the server log."""
     log.warning("shown to the user: %s", e, exc_info=e)
-    if isinstance(e, ValidationError):
-        text = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
-    elif isinstance(e, KeyError) and e.args:
-        text = str(e.args[0])
-    else:
-        text = str(e) or type(e).__name__
-    return f"**Error:** {text}"
+    return "**Error:** " + user_message(e).replace("<", "&lt;")  # PyYAML's "<block end>" is not an HTML tag
 
 
 def _progress(progress: gr.Progress):
     return lambda fraction, message: progress(fraction, desc=message)
+
+
+# Browser tabs -----------------------------------------------------------------------------------------
+
+OPEN: dict[str, Workbench] = {}  # each open browser tab's workbench, by gradio session
+
+
+def opened(bench: Workbench, request: gr.Request) -> None:
+    """Note the workbench of the tab that just opened, so that closing the tab frees it."""
+    OPEN[request.session_hash] = bench
+
+
+def closed(request: gr.Request) -> None:
+    """The tab was closed or reloaded: free its models and merges now.
+
+    gradio keeps a closed tab's state for an hour (in case it reopens); a workbench holds gigabytes,
+    so a few reloads would exhaust the memory. The state itself stays, emptied.
+    """
+    bench = OPEN.pop(request.session_hash, None)
+    if bench is not None:
+        bench.close()
 
 
 # Models ---------------------------------------------------------------------------------------------
@@ -143,11 +159,26 @@ def control_keys(spec: registry.MethodSpec, labels: list[str]) -> list[tuple[str
     return keys + [(f"{p.name}{KEY_SEP}{label}", p) for label in labels for p in spec.per_model_params]
 
 
+SET_UNDER = "set under"  # in a tab's values: {control key: the default it had in the method it was set under}
+
+
+def remember(values: dict, method: str, key: str, value) -> None:
+    """Note that control ``key`` of ``method`` now shows ``value``.
+
+    The value carries over to another method's control of that name only when both methods give it the
+    same default: ``normalize`` left at dare_ties' False must not turn linear's averaging into a sum.
+    """
+    spec, name = registry.get(method), key.partition(KEY_SEP)[0]
+    values[key] = value
+    values.setdefault(SET_UNDER, {})[key] = next((p.default for p in spec.params if p.name == name), None)
+
+
 def remembered(values: dict, p: registry.Param, key: str):
-    """The value the control ``key`` showed last, if still valid for ``p``; else ``p``'s default."""
-    value = values.get(key, p.default)
+    """The value the control ``key`` showed last, if set under the same default and valid for ``p``; else the default."""
+    if key not in values or values.get(SET_UNDER, {}).get(key, p.default) != p.default:
+        return p.default
     try:
-        return p.check(value, key)
+        return p.check(values[key], key)
     except ValueError:
         return p.default
 
@@ -174,12 +205,15 @@ def current_recipe(bench: Workbench, values: dict, method: str, dtype: str, seed
         recipe = bench.recipe_for(method, *_settings(bench, values, method), dtype, int(seed or 0))
     except Exception as e:
         return gr.update(), readable(e)
-    return recipe.to_yaml(), "Settings changed: press Merge (or tick Live)."
+    text = recipe.to_yaml()
+    if bench.recipe is not None and bench.merged is not None and text == bench.recipe.to_yaml():
+        return text, gr.update()  # the controls show the current merge: its status stays
+    return text, "Settings changed: press Merge (or tick Live)."
 
 
 def preview(bench: Workbench, values: dict, method: str, dtype: str, seed: float, key: str, value):
     """Remember that control ``key`` now shows ``value``; show the recipe."""
-    values[key] = value
+    remember(values, method, key, value)
     return current_recipe(bench, values, method, dtype, seed)
 
 
@@ -216,7 +250,7 @@ def live_merge(
     """When Live is ticked: remember control ``key``'s ``value`` and merge; otherwise nothing changes."""
     if not live or bench.session is None:
         return (bench,) + (gr.update(),) * 6
-    values[key] = value
+    remember(values, method, key, value)
     return merge(bench, values, method, dtype, seed, progress=progress)
 
 
@@ -229,13 +263,19 @@ def import_recipe(bench: Workbench, values: dict, text: str, file: Optional[str]
     hidden = gr.update(value=None, visible=False)
     try:
         recipe = MergeRecipe.from_yaml(Path(file).read_text() if file else text or "")
+        for model in filter(None, [recipe.base_model, *recipe.input_models()]):
+            inside_models(bench, model, "the recipe's model")
         message = bench.merge_recipe(recipe, _progress(progress))
     except Exception as e:
-        return bench, gr.update(), gr.update(), *_merged(bench, readable(e))[1:], hidden
+        return bench, gr.update(), gr.update(), gr.update(), gr.update(), *_merged(bench, readable(e))[1:], hidden
     labels = _labels(bench)
-    values.update({k: v for k, v in recipe.parameters.items() if is_scalar(v)})
+    for key, value in recipe.parameters.items():
+        if is_scalar(value):
+            remember(values, recipe.merge_method, key, value)
     for label, entry in zip(labels, recipe.models, strict=not recipe.slices):  # slices: no per-model controls
-        values.update({f"{k}{KEY_SEP}{label}": v for k, v in entry.parameters.items() if is_scalar(v)})
+        for key, value in entry.parameters.items():
+            if is_scalar(value):
+                remember(values, recipe.merge_method, f"{key}{KEY_SEP}{label}", value)
     curves = hidden
     if recipe.varying() or recipe.slices:
         message += (
@@ -246,7 +286,8 @@ def import_recipe(bench: Workbench, values: dict, text: str, file: Optional[str]
         figure = recipe_curves_figure(recipe_curves(recipe, bench.require_session().names))
         curves = gr.update(value=figure, visible=True)
     state = {"labels": labels, "version": loaded["version"] + 1}
-    return bench, recipe.merge_method, state, *_merged(bench, message)[1:], curves
+    controls = recipe.merge_method, recipe.dtype, recipe.seed  # the controls now make this recipe
+    return bench, *controls, state, *_merged(bench, message)[1:], curves
 
 
 def cancel(bench: Workbench) -> str:
@@ -321,7 +362,7 @@ def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[st
         csv = DOWNLOADS / f"{panel.key}.csv"
         panel.table.to_csv(csv, index=False)
         outputs += [
-            f"#### {panel.title}\n{panel.caption}",
+            gr.update(value=f"#### {panel.title}\n{panel.caption}", visible=True),
             gr.update(value=panel.figure, visible=True),
             gr.update(value=str(csv), visible=True),
         ]
@@ -467,20 +508,45 @@ def playground(bench: Workbench, prompt: str, max_new_tokens: float, progress=gr
 # Export ---------------------------------------------------------------------------------------------
 
 
+def inside_models(bench: Workbench, path: str, what: str) -> None:
+    """Raise ValueError unless ``path`` (absolute) lies inside the models folder.
+
+    The app reads and writes only there (README): ``..`` counts, symbolic links inside the folder are
+    not followed (a linked checkpoint is the user's own choice). The CLI and the library have no such limit.
+    """
+    root, full = os.path.abspath(bench.models_dir), os.path.abspath(path)
+    if os.path.commonpath([root, full]) != root:
+        raise ValueError(
+            f"{what} {full} is outside the models folder {root}: the app reads and writes only inside it; "
+            "choose a path inside it (the command line writes anywhere)"
+        )
+
+
+def _export_folder(bench: Workbench, folder: str) -> str:
+    """The export folder as typed, refused unless inside the models folder (relative: to that folder)."""
+    inside_models(bench, os.path.join(bench.models_dir, os.path.expanduser(folder.strip())), "the export folder")
+    return folder
+
+
 def describe_target(bench: Workbench, folder: str) -> str:
     """Where Save will write, said before anything is written."""
     try:
-        return bench.describe_target(folder)
+        return bench.describe_target(_export_folder(bench, folder))
     except Exception as e:
         return readable(e)
 
 
 def export(bench: Workbench, folder: str, overwrite: bool):
-    """Write the current merge and its recipe."""
+    """Write the current merge and its recipe, inside the models folder."""
     try:
-        out = bench.export(folder, overwrite)
+        out = bench.export(_export_folder(bench, folder), overwrite)
     except Exception as e:
         return readable(e), gr.update(), gr.update(), gr.update()
     recipe = DOWNLOADS / "merge_recipe.yaml"
     recipe.write_text(bench.recipe.to_yaml())
-    return f"Saved {out}", bench.recipe.to_yaml(), str(recipe), describe_target(bench, folder)
+    return (
+        f"Saved {bench.history[-1].label} to {out}",
+        bench.recipe.to_yaml(),
+        str(recipe),
+        describe_target(bench, folder),
+    )

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from explorer import registry
 from explorer.executor import merge_to_folder
 from explorer.io.checkpoint import CheckpointError
+from explorer.messages import user_message
 from explorer.recipe import MergeRecipe
 
 
@@ -64,7 +65,7 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool, fisher_cache: Path | N
     except OSError as e:
         return _fail(f"{recipe_path}: cannot read the recipe file ({e.strerror}); give the path of a YAML file")
     except (ValidationError, ValueError, KeyError, yaml.YAMLError) as e:
-        return _fail(f"{recipe_path}: invalid recipe: {e}")
+        return _fail(f"{recipe_path}: invalid recipe: {user_message(e)}")
     return _run_recipe(recipe, out, overwrite, fisher_cache)
 
 
@@ -126,7 +127,7 @@ def _average_run(args: argparse.Namespace) -> int:
     try:
         recipe = run_recipe(args.run_dir, args.last_k, args.every_k, args.ema, args.dtype)
     except (ValidationError, ValueError) as e:  # CheckpointError is a ValueError
-        return _fail(f"{args.run_dir}: {e}")
+        return _fail(f"{args.run_dir}: {user_message(e)}")
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
     return 0 if args.out is None else _run_recipe(recipe, args.out, args.overwrite)

@@ -140,8 +140,16 @@ class MergeRecipe(BaseModel):
             )
         for where, count in self._input_counts():
             if count < spec.min_models or (spec.max_models and count > spec.max_models):
+                wanted = (
+                    f"{spec.min_models}"
+                    if spec.min_models == spec.max_models
+                    else f"{spec.min_models} to {spec.max_models}"
+                    if spec.max_models
+                    else f"at least {spec.min_models}"
+                )
                 raise ValueError(
-                    f"{where}{spec.name} takes {spec.min_models}..{spec.max_models or 'any'} models (besides the base); got {count}"
+                    f"{where}{spec.name} takes {wanted} model(s) besides the base; got {count}: "
+                    f"list {wanted} under models (in the app: tick {wanted} expert(s) in the Models tab and Load), or choose another method"
                 )
         self._check_settings(spec)
         self._check_config_source()
@@ -329,8 +337,20 @@ class MergeRecipe(BaseModel):
 
     @classmethod
     def from_yaml(cls, text: str) -> "MergeRecipe":
-        """Parse and validate YAML text; raises ValueError (pydantic ValidationError) on bad input."""
-        return cls.model_validate(yaml.safe_load(text))
+        """Parse and validate YAML text; raises ValueError (pydantic ValidationError) on bad input.
+
+        Text that is not YAML raises ValueError naming the line and column PyYAML stopped at.
+        """
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ValueError(
+                f"the recipe is not valid YAML{where}: {problem}; check the indentation and the colons there"
+            ) from None
+        return cls.model_validate(data)
 
     @classmethod
     def load(cls, path: str | Path) -> "MergeRecipe":

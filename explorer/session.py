@@ -89,7 +89,13 @@ class MergeSession:
         """A validated recipe over this session's inputs (what the app exports and the CLI replays).
 
         Inputs are named by ``Checkpoint.ref``: a LoRA adapter as ``BASE+ADAPTER`` with its base explicit.
+        ``per_model`` holds one dict per loaded expert, in load order; another count raises ValueError.
         """
+        if len(per_model) != len(self.model_ckpts):
+            raise ValueError(
+                f"per_model has {len(per_model)} dict(s) but {len(self.model_ckpts)} experts are loaded: "
+                "give one dict of per-model parameters per expert, in load order (an empty dict keeps the defaults)"
+            )
         return MergeRecipe(
             merge_method=method,
             base_model=self.base_ckpt.ref if self.base_ckpt else None,

@@ -134,12 +134,16 @@ class Workbench:
             raise ValueError("choose at least one expert to merge")
         if base and any(os.path.abspath(base) == os.path.abspath(e) for e in experts):
             raise ValueError(f"{self.label(base)} is the base; untick it among the experts")
-        self.session = None
-        self.recipe, self.merged, self.history, self._loaded = None, None, [], {}
+        self.close()
         self.session = MergeSession(base, experts, self.guard(progress))
         n = sum(t.numel() for t in self.session.models[0].values())
         arch = self.session.reference.architecture
         return f"Loaded {len(experts)} model(s){' and a base' if base else ''}: {arch}, {n / 1e6:.2f}M parameters, {len(self.session.names)} tensors, all compatible."
+
+    def close(self) -> None:
+        """Forget the loaded inputs, the merges and the models built for evaluation: their memory is freed."""
+        self.session = None
+        self.recipe, self.merged, self.history, self._loaded = None, None, [], {}
 
     def training_metadata(self) -> dict[str, dict[str, float]]:
         """Per-model parameter values that the loaded experts' ``trainer_state.json`` gives, by label.

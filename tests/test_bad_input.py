@@ -284,11 +284,19 @@ def test_overwrite_replaces_only_an_earlier_merge(family, tmp_path):
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")
-    for target in (out, stray, user):
+    for target, refusal in (
+        (out, "this tool did not write, so it is never replaced"),
+        (stray, "is a file, not a folder; choose a new folder"),
+        (user, "this tool did not write, so it is never replaced"),
+    ):
         before = _hashes([tmp_path])
-        with pytest.raises(CheckpointError, match="this tool did not write, so it is never replaced"):
-            merge_to_folder(_recipe(experts), target, overwrite=True)
+        for overwrite in (True, False):  # the same reason with or without overwrite: it would not help
+            with pytest.raises(CheckpointError, match=refusal):
+                merge_to_folder(_recipe(experts), target, overwrite=overwrite)
         assert _hashes([tmp_path]) == before
+    (out / "notes.txt").unlink()
+    with pytest.raises(CheckpointError, match=r"holds an earlier output of this tool; .* \(--overwrite on the command"):
+        merge_to_folder(_recipe(experts), out)
     with pytest.raises(CheckpointError, match="no output folder given"):
         merge_to_folder(_recipe(experts), "", overwrite=True)
 

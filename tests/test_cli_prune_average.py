@@ -133,7 +133,10 @@ def test_prune_keeps_float16_and_refuses_bad_output_folders(model: Path, tmp_pat
         assert "overlaps input" in capsys.readouterr().err
     assert _files(half) == before
     assert main(["prune", str(half), "--sparsity", "0.5", "--out", str(out)]) == 2  # exists, not --overwrite
-    assert "already exists" in capsys.readouterr().err
+    assert (
+        "holds an earlier output of this tool; choose a new folder, or replace it (--overwrite"
+        in capsys.readouterr().err
+    )
     assert main(["prune", str(half), "--sparsity", "1.5", "--out", str(tmp_path / "x")]) == 2
     assert main(["prune", str(half), "--sparsity", "0.5", "--scope", "layer", "--out", str(tmp_path / "x")]) == 2
     assert "scope" in capsys.readouterr().err

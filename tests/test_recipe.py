@@ -68,7 +68,7 @@ def test_global_per_model_param_applies_to_every_model():
             "has no parameter 'densty'",
         ),
         ({"merge_method": "linear", "models": []}, "at least one model"),
-        ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}]}, "takes 1..1 models"),
+        ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}]}, "takes 1 model"),
     ],
 )
 def test_bad_recipes_say_what_is_wrong(data, message):
@@ -202,7 +202,7 @@ SLICE = {"sources": [{"model": "a", "layer_range": [0, 2]}]}
             },
             "trim_scope: model ranks the whole model",
         ),
-        ({"merge_method": "passthrough", "models": [{"model": "a"}, {"model": "c"}]}, "takes 1..1 models"),
+        ({"merge_method": "passthrough", "models": [{"model": "a"}, {"model": "c"}]}, "takes 1 model"),
     ],
 )
 def test_keys_we_cannot_honour_are_refused_by_name(data, message):

@@ -24,7 +24,46 @@ def bench(tmp_path) -> Workbench:
 def _import(bench: Workbench, text: str) -> tuple[dict, str]:
     values = {}
     out = ui.import_recipe(bench, values, text, None, {"version": 0}, progress=_no_progress)
-    return values, out[3], out[-1]  # bench, method, state, the merge status, ..., the curves
+    return values, out[5], out[-1]  # bench, method, dtype, seed, state, the merge status, ..., the curves
+
+
+def test_the_controls_take_the_imported_recipes_method_dtype_seed_and_values(bench):
+    """The method, dtype and seed controls show the imported recipe, so the next Live move keeps them."""
+    root = bench.models_dir
+    text = f"""
+merge_method: linear
+models:
+  - {{model: {root / "expert0"}, parameters: {{weight: 0.3}}}}
+  - {{model: {root / "expert1"}, parameters: {{weight: 0.7}}}}
+parameters: {{normalize: false}}
+dtype: bfloat16
+seed: 7
+"""
+    values = {}
+    out = ui.import_recipe(bench, values, text, None, {"version": 0}, progress=_no_progress)
+    assert out[1:4] == ("linear", "bfloat16", 7)
+    assert out[5].startswith("Merged 2 model(s) with linear"), out[5]
+    recipe, status = ui.current_recipe(bench, values, "linear", "bfloat16", 7)
+    assert recipe == bench.recipe.to_yaml()  # normalize false and the weights: the controls make this recipe
+    assert status == ui.gr.update()  # so no "Settings changed" over the merge's status
+
+
+def _normalize(method: str):
+    return next(p for p in ui.registry.get(method).params if p.name == "normalize")
+
+
+def test_a_setting_carries_to_another_method_only_under_the_same_default():
+    """dare_ties' normalize (default off) left as it was must not make linear (default on) a sum."""
+    values = {}
+    ui.remember(values, "dare_ties", "normalize", False)
+    assert ui.remembered(values, _normalize("linear"), "normalize") is True
+    ui.remember(values, "linear", "normalize", False)  # the user's own choice on linear ...
+    assert ui.remembered(values, _normalize("linear"), "normalize") is False
+    assert ui.remembered(values, _normalize("ties"), "normalize") is False  # ... carries to ties (default on too)
+    assert ui.remembered(values, _normalize("task_arithmetic"), "normalize") is False  # its own default
+    ui.remember(values, "ties", "lambda", 0.8)
+    lam = next(p for p in ui.registry.get("dare_ties").params if p.name == "lambda")
+    assert ui.remembered(values, lam, "lambda") == 0.8
 
 
 def test_gradient_recipe_merges_as_written_and_says_so(bench):
@@ -85,3 +124,30 @@ parameters:
     lam = table[table["param"] == "lambda"].groupby("tensors")["value"].apply(list).to_dict()
     assert lam["attn.weight"] == [0.9] * 4 and lam["mlp.weight"] == pytest.approx([0.5, 2 / 3, 5 / 6, 1.0])
     assert len(recipe_curves_figure(table).data) == 3
+
+
+def test_the_app_reads_and_writes_only_inside_its_models_folder(bench, tmp_path):
+    """A recipe's model outside the models folder is refused before loading; so is an export there."""
+    tiny_family(tmp_path / "elsewhere")
+    text = f"""
+merge_method: linear
+models:
+  - {{model: {tmp_path / "elsewhere" / "expert0"}}}
+  - {{model: {bench.models_dir / "expert1"}}}
+"""
+    values, message, _ = _import(bench, text)
+    assert "is outside the models folder" in message and bench.session is None, message
+    _import(bench, text.replace(str(tmp_path / "elsewhere"), str(bench.models_dir)))
+    assert bench.merged is not None
+    for folder in ("../escape", str(tmp_path / "elsewhere" / "out"), "~/merge-explorer-out"):
+        assert "is outside the models folder" in ui.describe_target(bench, folder)
+        assert "is outside the models folder" in ui.export(bench, folder, False)[0]
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "elsewhere" / "out").exists()
+    assert ui.export(bench, "merges/inside", False)[0].startswith("Saved")
+
+
+def test_a_recipe_that_is_not_yaml_gets_its_line_and_column(bench):
+    text = "merge_method: ties\nmodels:\n  - model: x\n   parameters: {}\n"
+    _, message, _ = _import(bench, text)
+    assert "the recipe is not valid YAML at line 4, column 4: expected &lt;block end>" in message, message
+    assert "check the indentation" in message

@@ -18,6 +18,7 @@ from playwright.sync_api import expect, sync_playwright
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import app
+import ui_handlers as ui
 from tests.tiny import save_tiny_gpt2
 
 CHROMIUM = "/usr/bin/chromium"
@@ -299,8 +300,15 @@ def test_once_broken_cases(page, served, tmp_path, shots):
     expect(page.locator("#experts label", has_text="zoo/base")).to_have_count(0)
     _load(page)
     _tab(page, "Merge")
+    _choose(page, "method", "dare_ties")  # its normalize is off; linear's and ties' are on
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("Merged")
+    for method in ("linear", "ties"):  # a method chosen after that merge starts from its own default
+        _choose(page, "method", method)
+        recipe = _wait_recipe(page, lambda r, m=method: r["merge_method"] == m)
+        assert recipe["parameters"]["normalize"] is True, recipe
+    page.locator("#merge-btn").click()
+    expect(page.locator("#merge-status")).to_contain_text("#2 ties")
     _tab(page, "Inspect")
     expect(page.locator("#inspect-status")).to_contain_text("zoo/expert-reverse")
     threshold = page.locator("#threshold textarea, #threshold input").first
@@ -308,6 +316,7 @@ def test_once_broken_cases(page, served, tmp_path, shots):
     threshold.press("Enter")
     expect(page.locator("#inspect-status")).to_contain_text("is not a number between 0 and 1")
     expect(page.locator("#plot-histogram")).to_be_hidden()
+    expect(page.locator("#caption-histogram")).to_be_hidden()
     expect(page.get_by_text("Error", exact=True)).to_have_count(0)  # no red badges without text
     _tab(page, "Evaluate")
     page.locator("#tasks label", has_text="zoo_add").click()
@@ -323,13 +332,16 @@ def test_once_broken_cases(page, served, tmp_path, shots):
         (".", "is the models folder"),
         ("notes", "holds files this tool did not write"),
         ("zoo/expert-add", "overlaps input"),
-        (str(tmp_path / "nonexistent" / "deep" / "dir"), "does not exist"),
+        (str(tmp_path / "nonexistent" / "deep" / "dir"), "is outside the models folder"),
+        ("../escape", "is outside the models folder"),  # the app writes only inside its models folder
+        (str(tmp_path), "is outside the models folder"),
     ):
         folder.fill(text)
         page.locator("#save").click()
         expect(page.locator("#export-status")).to_contain_text(error)
     assert (models / "notes" / "thesis.tex").read_text() == "years of work"
-    assert not (tmp_path / "nonexistent").exists()
+    assert not (tmp_path / "nonexistent").exists() and not (models.parent / "escape").exists()
+    assert not list(tmp_path.rglob("merge_recipe.yaml"))
 
     _tab(page, "Models")  # a second Load clears what belonged to the first
     _load(page, ("zoo/expert-add", "zoo/expert-upper"))
@@ -344,6 +356,7 @@ def test_once_broken_cases(page, served, tmp_path, shots):
         "Task vectors of zoo/expert-add, zoo/expert-upper (no merge chosen)"
     )
     expect(page.locator("#plot-histogram .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#caption-histogram")).to_contain_text("Delta histogram")  # captions come back too
     _tab(page, "Models")
     page.locator("#experts label", has_text="other/gpt2-tiny").click()  # two architectures: refused on Load
     page.locator("#load").click()
@@ -367,7 +380,14 @@ def test_two_browser_tabs_keep_their_own_state(page, browser, served):
     assert [m["model"].rsplit("/", 1)[1] for m in mine["models"]] == ["expert-add", "expert-reverse"]
     assert [m["model"].rsplit("/", 1)[1] for m in theirs["models"]] == ["expert-add", "expert-upper"]
     expect(other.locator("#history")).not_to_contain_text("ties")
-    other.close()
+    theirs = next(b for b in ui.OPEN.values() if b.session and b.session.model_paths[-1].name == "expert-upper")
+    other.close()  # a closed tab's models are freed now, not when gradio drops its state an hour later
+    for _ in range(150):
+        if theirs not in ui.OPEN.values():
+            break
+        page.wait_for_timeout(100)
+    assert theirs not in ui.OPEN.values() and theirs.session is None and not theirs.history
+    assert any(b.merged is not None for b in ui.OPEN.values())  # the open tab keeps its own
 
 
 def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):

@@ -30,6 +30,18 @@ def test_history_labels_show_what_differs_from_the_defaults(bench):
     assert bench.history == [] and bench.merged is None
 
 
+def test_one_per_model_dict_per_expert_or_a_sentence_saying_so(bench):
+    with pytest.raises(ValueError, match=r"per_model has 1 dict\(s\) but 2 experts are loaded: give one dict"):
+        bench.merge("ties", {}, [{}])
+    assert bench.merged is None and bench.history == []
+
+
+def test_close_frees_inputs_merges_and_history(bench):
+    bench.merge("linear", {}, [{}, {}])
+    bench.close()
+    assert (bench.session, bench.merged, bench.recipe, bench.history) == (None, None, None, [])
+
+
 def test_export_targets(bench, tmp_path):
     root = (tmp_path / "models").resolve()
     with pytest.raises(ValueError, match="nothing merged yet"):

@@ -59,13 +59,16 @@ def check_output_dir(out_dir: str | Path, inputs: Iterable[Path], overwrite: boo
                 )
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return out
-    if not overwrite:
-        raise CheckpointError(
-            f"output folder {out} already exists and is not empty; choose a new folder or allow overwrite"
-        )
+    if not out.is_dir():
+        raise CheckpointError(f"{out} is a file, not a folder; choose a new folder for the merge")
     if not is_merge_output(out):
         raise CheckpointError(
             f"{out} holds files this tool did not write, so it is never replaced, even with overwrite; choose a new or empty folder"
+        )
+    if not overwrite:
+        raise CheckpointError(
+            f"output folder {out} holds an earlier output of this tool; choose a new folder, or replace it "
+            "(--overwrite on the command line, Replace in the app, overwrite=True in Python)"
         )
     return out
 
