@@ -436,7 +436,7 @@ def evaluate(
             message = f"{rows_done}/{total} scored (limit {int(limit) or 'none'})."
             yield (
                 message,
-                evals.wide_scores(table),
+                evals.wide_scores(table, stderr=True),
                 _normalized(bench, table),
                 evals.comparison_chart(table),
                 gr.update(),

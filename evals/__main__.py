@@ -14,7 +14,6 @@ Optuna study (``evals.study``; ``--backend ray`` runs the trials on Ray) and pri
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evals.comparison import wide_scores
     from evals.labels import distinct_labels
     from evals.lm_eval_runner import list_tasks, metrics_table, task_metrics
 
@@ -67,20 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             model, AutoTokenizer.from_pretrained(path), tasks, args.task_dir, args.limit, args.batch_size
         )
         tables.append(metrics_table(label, metrics))
-    print(_wide(pd.concat(tables)).to_string(index=False))
+    print(wide_scores(pd.concat(tables), stderr=True).to_string(index=False))
     return 0
-
-
-def _wide(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows: models (in given order); columns: ``task metric``; cells: ``value ± stderr`` (``value`` without one)."""
-    cells = [
-        f"{v:.4f}" + ("" if math.isnan(e) else f" ± {e:.4f}")
-        for v, e in zip(table["value"], table["stderr"], strict=True)
-    ]
-    table = table.assign(cell=cells, column=table["task"] + " " + table["metric"])
-    wide = table.pivot(index="model", columns="column", values="cell")
-    wide = wide.reindex(index=table["model"].unique(), columns=table["column"].unique())
-    return wide.rename_axis(columns=None).reset_index()
 
 
 def _greedy_soup(argv: list[str]) -> int:

@@ -54,11 +54,22 @@ def primary(table: pd.DataFrame) -> pd.DataFrame:
     return table.groupby(["model", "task"], sort=False).head(1).reset_index(drop=True)
 
 
-def wide_scores(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows: models; columns: every ``task metric``; values as numbers, in the order they were scored."""
+def wide_scores(table: pd.DataFrame, stderr: bool = False) -> pd.DataFrame:
+    """Rows: models; columns: every ``task metric``, in the order they were scored.
+
+    Cells: the values as numbers; with ``stderr``, text ``value ± stderr`` (4 decimals; the value alone
+    where lm-eval reports no standard error, e.g. perplexities), as the app's table and the CLI show them.
+    """
     frame = table.assign(column=table["task"] + " " + table["metric"])
+    if stderr:
+        cells = [
+            f"{v:.4f}" + ("" if pd.isna(e) else f" ± {e:.4f}")
+            for v, e in zip(frame["value"], frame["stderr"], strict=True)
+        ]
+        frame = frame.assign(value=cells)
     wide = frame.pivot(index="model", columns="column", values="value")
-    return wide.reindex(index=frame["model"].unique(), columns=frame["column"].unique()).reset_index()
+    wide = wide.reindex(index=frame["model"].unique(), columns=frame["column"].unique())
+    return wide.rename_axis(columns=None).reset_index()
 
 
 def _better(value: float, other: float, higher: bool) -> bool:

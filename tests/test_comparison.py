@@ -78,6 +78,9 @@ def test_stream_scores_base_experts_merge_and_ensemble_as_lm_eval_does(zoo_dir: 
         assert table[table["model"] == label].reset_index(drop=True).equals(direct)
     wide = evals.wide_scores(table).set_index("model")
     assert wide.loc["add", "zoo_add acc"] > wide.loc["base", "zoo_add acc"] + 0.5
+    shown = evals.wide_scores(table, stderr=True).set_index("model")  # the app's and the CLI's table
+    add = table[(table["model"] == "add") & (table["task"] == "zoo_add") & (table["metric"] == "acc")].iloc[0]
+    assert shown.loc["add", "zoo_add acc"] == f"{add['value']:.4f} ± {add['stderr']:.4f}"
     normalized = evals.normalized_scores(table, "base", ["add", "upper"]).set_index(["model", "task"])
     assert list(normalized.index) == [
         ("ties", "zoo_add"),
