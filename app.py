@@ -17,6 +17,7 @@ import argparse
 import gc
 import re
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,7 @@ from evals.lm_eval_runner import warm_environment, warm_task_index
 from explorer import registry
 from explorer.background import BackgroundJob
 from explorer.inspect import plots
+from explorer.io.inputs import REPORT_COLUMNS
 from explorer.workbench import Workbench
 from explorer.zoo.experts import build_smollm2_experts, smollm2_experts_built
 
@@ -97,6 +99,7 @@ def build_demo(
             load_btn = gr.Button("Load", variant="primary", elem_id="load")
             models_status = gr.Markdown(elem_id="models-status")
             compat = gr.Dataframe(
+                pd.DataFrame(columns=REPORT_COLUMNS),
                 elem_id="compat",
                 interactive=False,
                 wrap=True,
@@ -232,7 +235,7 @@ def build_demo(
                 sweep_json = gr.DownloadButton("Download JSON", elem_id="sweep-json", size="sm")
             study_name = gr.State("")
         with gr.Tab("Playground", id="playground"):
-            prompt = gr.Textbox("add 12+34=", label="Prompt", elem_id="prompt")
+            prompt = gr.Textbox("add 12+34 ->", label="Prompt", elem_id="prompt")  # the demo experts' format
             new_tokens = gr.Number(12, label="New tokens", precision=0, elem_id="new-tokens")
             play_btn = gr.Button("Generate with base, experts and the current merge", elem_id="play-btn")
             play_status = gr.Markdown(elem_id="play-status")
@@ -308,7 +311,9 @@ def build_demo(
         for event in (method.change, dtype.change, seed.change):
             event(ui.current_recipe, settings, [recipe_preview, merge_status], show_progress="hidden")
         run = merge_btn.click(ui.merge, settings, merged_outputs, **HEAVY)
-        cancel_btn.click(ui.cancel, [bench], [merge_status], cancels=[run], queue=False)
+        cancel_btn.click(
+            partial(ui.cancel, said=ui.CANCELLED_MERGE), [bench], [merge_status], cancels=[run], queue=False
+        )
         import_btn.click(
             ui.import_recipe,
             [bench, values, recipe_in, recipe_file, loaded],
@@ -330,7 +335,9 @@ def build_demo(
             [eval_status, table, normalized, chart, history],
             **HEAVY,
         )
-        eval_cancel.click(ui.cancel, [bench], [eval_status], cancels=[evaluation], queue=False)
+        eval_cancel.click(
+            partial(ui.cancel, said=ui.CANCELLED_EVALUATION), [bench], [eval_status], cancels=[evaluation], queue=False
+        )
         soup_btn.click(
             ui.greedy_soup, [bench, tasks, typed_tasks, limit], [soup_status, soup_steps, soup_recipe], **HEAVY
         )

@@ -26,7 +26,7 @@ from explorer.background import BackgroundJob
 from explorer.inspect import plots
 from explorer.inspect.compare import merge_comparison, merge_comparison_figure
 from explorer.inspect.recipe_curves import recipe_curves, recipe_curves_figure
-from explorer.io.inputs import compatibility_report
+from explorer.io.inputs import REPORT_COLUMNS, compatibility_report
 from explorer.messages import user_message
 from explorer.recipe import MergeRecipe
 from explorer.recipe_values import is_scalar
@@ -145,8 +145,12 @@ def load(
             message += f"\n\n{label}: from trainer_state.json " + ", ".join(f"{k} = {v:g}" for k, v in found.items())
     except Exception as e:
         message, labels = readable(e), []
-    cleared[1] = current_recipe(bench, values, method, dtype, seed)[0]
-    report = compatibility_report([root / e for e in experts], root / base if base else None) if experts else None
+    cleared[1], cleared[2] = current_recipe(bench, values, method, dtype, seed)[0], bench.history_table()
+    report = (
+        compatibility_report([root / e for e in experts], root / base if base else None)
+        if experts
+        else pd.DataFrame(columns=REPORT_COLUMNS)
+    )
     return bench, {"labels": labels, "version": loaded["version"] + 1}, message, report, *cleared
 
 
@@ -290,10 +294,19 @@ def import_recipe(bench: Workbench, values: dict, text: str, file: Optional[str]
     return bench, *controls, state, *_merged(bench, message)[1:], curves
 
 
-def cancel(bench: Workbench) -> str:
-    """Ask the running merge or evaluation to stop at its next step."""
+CANCELLING = "Cancelling: the running job stops at its next step."  # its own message follows (the sweep)
+CANCELLED_MERGE = "Cancelled: the merge stopped; nothing was added to the history. Press Merge to merge again."
+CANCELLED_EVALUATION = "Cancelled: scoring stopped; the rows already scored stay in the table."
+
+
+def cancel(bench: Workbench, said: str = CANCELLING) -> str:
+    """Ask the running job to stop at its next step; returns ``said``.
+
+    For a job the click also cancels in gradio (a merge, an evaluation), nothing else answers: ``said``
+    is then the final word (``CANCELLED_MERGE``, ``CANCELLED_EVALUATION``).
+    """
     bench.cancel_requested = True
-    return "Cancelling: the running job stops at its next step."
+    return said
 
 
 # Inspect --------------------------------------------------------------------------------------------

@@ -74,14 +74,14 @@ def _run_recipe(recipe: MergeRecipe, out: Path, overwrite: bool, fisher_cache: P
 
     def progress(fraction: float, _name: str) -> None:
         if not bars:
-            bars.append(tqdm(total=100, unit="%", desc=recipe.merge_method))
+            bars.append(tqdm(total=100, desc=recipe.merge_method, bar_format="{l_bar}{bar}| {elapsed}<{remaining}"))
         bars[0].update(round(100 * fraction) - bars[0].n)
 
     error = None
     try:
         merge_to_folder(recipe, out, progress=progress, overwrite=overwrite, fisher_cache=fisher_cache)
     except (CheckpointError, ValueError) as e:
-        error = str(e)
+        error = user_message(e)
     finally:
         for bar in bars:  # closed first, so that an error is the last thing printed
             bar.close()

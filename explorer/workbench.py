@@ -283,7 +283,7 @@ class Workbench:
     def history_table(self) -> pd.DataFrame:
         """One row per merge: number, label, its scores per task, and the recipe as YAML."""
         rows = [{"#": e.number, "merge": e.label, **e.scores, "recipe": e.recipe.to_yaml()} for e in self.history]
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["#", "merge", "recipe"])
 
     # Export ---------------------------------------------------------------------------------------
 

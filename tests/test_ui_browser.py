@@ -240,7 +240,7 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     page.locator("#eval-btn").click()
     page.wait_for_timeout(500)
     page.locator("#eval-cancel").click()
-    expect(page.locator("#eval-status")).to_contain_text("Cancelling", timeout=10_000)
+    expect(page.locator("#eval-status")).to_contain_text("Cancelled: scoring stopped", timeout=10_000)
     _tab(page, "Merge")
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("#3 ties")
@@ -446,6 +446,7 @@ def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):
     assert "kept" in steps and "left out" in steps, steps
 
     _tab(page, "Playground")
+    page.locator("#prompt textarea").fill("add 12+34=")  # the tiny zoo's format (the default is SmolLM2's)
     page.locator("#play-btn").click()
     expect(page.locator("#play-status")).to_contain_text("Greedy continuations of 4 model(s)", timeout=TIMEOUT)
     text = page.locator("#generations").inner_text()
