@@ -136,6 +136,16 @@ def _figure_data(page, key: str) -> str:
     return page.locator(f"#plot-{key} .js-plotly-plot").evaluate("e => JSON.stringify(e.data.map(t => [t.name, t.y]))")
 
 
+def _scores(page, columns: list[str]) -> dict[str, list[float]]:
+    """{model: its values} read off the Evaluate table, whose cells show ``value ± stderr``."""
+    cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()][1:]  # the label
+    width = len(columns) + 1
+    assert cells[:width] == ["model", *columns], cells
+    rows = [cells[i : i + width] for i in range(width, len(cells), width)]
+    assert all(" ± " in value for row in rows for value in row[1:]), rows
+    return {row[0]: [float(value.split(" ± ")[0]) for value in row[1:]] for row in rows}
+
+
 # The tests -------------------------------------------------------------------------------------------
 
 
@@ -219,9 +229,7 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     page.locator("#eval-btn").click()
     expect(page.locator("#eval-status")).to_contain_text("Done: 12/12 scored", timeout=TIMEOUT)
     page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
-    cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()][1:]  # the label
-    assert cells[:3] == ["model", "zoo_add acc", "zoo_reverse acc"], cells
-    rows = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
+    rows = _scores(page, ["zoo_add acc", "zoo_reverse acc"])
     assert [r.split(" (")[0] for r in rows] == [
         "zoo/base",
         "zoo/expert-add",

@@ -23,6 +23,7 @@ from tests.test_ui_browser import (
     _figure_data,
     _free_port,
     _load,
+    _scores,
     _set_number,
     _tab,
     _wait_recipe,
@@ -73,9 +74,7 @@ def test_a_merge_of_two_smollm2_experts_keeps_both_skills(smol_page, tmp_path):
     expect(page.locator("#eval-status")).to_contain_text("Done: 10/10 scored", timeout=1_800_000)
     expect(page.locator("#eval-chart .js-plotly-plot")).to_be_visible()
     page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
-    cells = [c.strip() for c in page.locator("#eval-table").inner_text().splitlines() if c.strip()][1:]
-    assert cells[:3] == ["model", "smol_say acc", "smol_rev acc"], cells
-    rows = {cells[i]: [float(x) for x in cells[i + 1 : i + 3]] for i in range(3, len(cells), 3)}
+    rows = _scores(page, ["smol_say acc", "smol_rev acc"])
     print(f"first result {first_result_s:.1f} s after the click; ensemble {rows['ensemble (experts)']}")
     base, say, rev, merge = (
         rows[k] for k in ("smollm2/base", "smollm2/expert-say", "smollm2/expert-rev", "#1 ties (density=0.5,0.5)")
