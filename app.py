@@ -138,7 +138,7 @@ def build_demo(
                 import_btn = gr.Button("Merge this recipe", elem_id="import-btn")
                 recipe_curves = gr.Plot(label="Values per layer", visible=False, elem_id="recipe-curves")
             history = gr.Dataframe(
-                pd.DataFrame(columns=["#", "merge", "recipe"]),
+                bench.value.history_table(),  # empty: its column names
                 elem_id="history",
                 interactive=False,
                 label="Merges since Load",
