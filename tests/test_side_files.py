@@ -3,7 +3,7 @@
 Processor configs (preprocessor_config.json, processor_config.json, video_preprocessor_config.json),
 tokenizers of any format (tokenizer.model, a tiktoken file), generation config and any other side file;
 not weights, indexes, the config (written), nor files that describe another model (its card, a Trainer
-state, an adapter config). A merged Gemma3 vision-language model loads with AutoProcessor and runs.
+state, an adapter config, the zoo's training record). A merged Gemma3 vision-language model loads with AutoProcessor and runs.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ SIDE = {
 NOT_COPIED = {
     "README.md": "the base model's own card",
     "trainer_state.json": json.dumps({"global_step": 10, "log_history": []}),
+    "zoo_info.json": json.dumps({"task": "add", "steps": 300}),
     "optimizer.pt": "not really",
     "training_args.bin": "not really",
     ".hidden": "x",

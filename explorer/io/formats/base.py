@@ -44,9 +44,10 @@ TOKENIZER_FILES = (
 # Small JSON tokenizer files that are parsed outside the tokenizer loader too (checked when a model is opened).
 TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 # Not copied beside a merge's weights: weights and their indexes, the config (written), files a merge writes
-# itself or that describe another model (card, recipe, manifest, prune report, Trainer state, adapter config).
+# itself or that describe another model (card, recipe, manifest, prune report, Trainer state, adapter config,
+# the training record of a model this project trained: ``explorer.zoo``).
 NOT_COPIED = ("config.json", "README.md", "merge_recipe.yaml", "merge_manifest.json", "prune_report.json")
-NOT_COPIED += ("trainer_state.json", "adapter_config.json")
+NOT_COPIED += ("trainer_state.json", "adapter_config.json", "zoo_info.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
 
 # safetensors dtype names <-> torch dtypes (the names ``Checkpoint.dtype`` reports for every format).
