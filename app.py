@@ -21,6 +21,28 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+DEFAULT_MODELS = Path("models")
+DEMO_DIR = "smollm2"  # the demo experts' folder inside the first models folder
+
+
+def arguments() -> argparse.Namespace:
+    """Command line: ``python app.py [--models DIR ...] [--host H] [--port P] [--no-demo]``."""
+    parser = argparse.ArgumentParser(description="Merge Explorer app")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        action="append",
+        help="folder of checkpoints; repeat for several (default ./models; the demo zoo is built there if empty)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--no-demo", action="store_true", help="do not build the SmolLM2 demo experts")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    ARGS = arguments()  # --help and a mistyped option answer before the imports below (10 s on 2 cores)
+
 import gradio as gr
 import pandas as pd
 
@@ -34,8 +56,6 @@ from explorer.io.inputs import REPORT_COLUMNS
 from explorer.workbench import Workbench
 from explorer.zoo.experts import build_smollm2_experts, smollm2_experts_built
 
-DEFAULT_MODELS = Path("models")
-DEMO_DIR = "smollm2"  # the demo experts' folder inside the first models folder
 HEAVY = {"concurrency_id": "heavy", "concurrency_limit": 1}  # one merge/eval/export per process; the rest queue
 
 
@@ -382,19 +402,8 @@ def build_demo(
     return demo
 
 
-def main() -> None:
-    """Command line: ``python app.py [--models DIR ...] [--host H] [--port P]``."""
-    parser = argparse.ArgumentParser(description="Merge Explorer app")
-    parser.add_argument(
-        "--models",
-        type=Path,
-        action="append",
-        help="folder of checkpoints; repeat for several (default ./models; the demo zoo is built there if empty)",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--no-demo", action="store_true", help="do not build the SmolLM2 demo experts")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> None:
+    """Serve the app over ``args.models`` (``arguments()``), building the demo experts first when they are wanted."""
     roots = args.models or [DEFAULT_MODELS]
     demo_build = None
     wanted = not args.no_demo and (args.models is None or not any(Workbench(r).checkpoints() for r in roots))
@@ -410,4 +419,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -211,3 +211,15 @@ def test_light_modules_do_not_load_model_libraries():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def test_app_answers_help_and_bad_options_before_loading_gradio():
+    """``python app.py --help`` prints its usage at once; a mistyped option is refused just as fast."""
+    trace = "import sys, runpy; sys.argv = ['app.py', {}]; runpy.run_path('app.py', run_name='__main__')"
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", trace.format("'--help'")], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 0 and "--models MODELS" in run.stdout and "--no-demo" in run.stdout
+    assert "gradio" not in run.stderr and "torch" not in run.stderr  # -X importtime lists every module loaded
+    bad = subprocess.run([sys.executable, "app.py", "--modles", "x"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "unrecognized arguments: --modles" in bad.stderr
