@@ -164,7 +164,7 @@ def build_demo(
                 label="Merges since Load",
             )
         with gr.Tab("Inspect", id="inspect") as inspect_tab:
-            with gr.Row():
+            with gr.Row():  # the statistics' settings on a row of their own, so the slider keeps its width
                 density = gr.Slider(
                     0.01,
                     1.0,
@@ -172,12 +172,15 @@ def build_demo(
                     step=0.01,
                     label="Density for trim / interference statistics",
                     elem_id="inspect-density",
+                    scale=2,
+                    min_width=320,
                 )
                 threshold = gr.Textbox(
                     "0.005", label="|delta| threshold (the DARE paper uses 0.005 and 0.002)", elem_id="threshold"
                 )
-                shown = gr.Dropdown([], label="Merge shown", elem_id="inspect-merge", interactive=True)
-                other = gr.Dropdown([], label="Compare with", elem_id="inspect-other", interactive=True)
+            with gr.Row():
+                shown = gr.Dropdown([], label="Merge shown", elem_id="inspect-merge", interactive=True, scale=2)
+                other = gr.Dropdown([], label="Compare with", elem_id="inspect-other", interactive=True, scale=2)
                 inspect_btn = gr.Button("Refresh", elem_id="inspect-btn")
             inspect_status = gr.Markdown(elem_id="inspect-status")
             inspect_outputs = [
@@ -260,7 +263,7 @@ def build_demo(
             play_btn = gr.Button("Generate with base, experts and the current merge", elem_id="play-btn")
             play_status = gr.Markdown(elem_id="play-status")
             generations = gr.Dataframe(elem_id="generations", interactive=False, wrap=True)
-        with gr.Tab("Export", id="export"):
+        with gr.Tab("Export", id="export") as export_tab:
             out_folder = gr.Textbox(
                 "merges/merge-1",
                 label="Output folder (relative paths are inside the models folder)",
@@ -391,7 +394,7 @@ def build_demo(
             **HEAVY,
         )
         play_btn.click(ui.playground, [bench, prompt, new_tokens], [play_status, generations], **HEAVY)
-        for event in (out_folder.change, demo.load):
+        for event in (out_folder.change, export_tab.select, demo.load):  # the folder may change outside the app
             event(ui.describe_target, [bench, out_folder], [target], show_progress="hidden")
         save_btn.click(
             ui.export, [bench, out_folder, overwrite], [export_status, recipe_view, recipe_download, target], **HEAVY

@@ -280,6 +280,11 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     expect(page.locator("#recipe-curves .scatterlayer .trace")).not_to_have_count(0)  # a curve is drawn
     page.locator("#recipe-curves").screenshot(path=str(shots / "recipe_curves.png"))
     _tab(page, "Export")
+    expect(page.locator("#export-target")).to_contain_text("holds an earlier merge: tick Replace")
+    (out / "my-notes.txt").write_text("mine")  # a file added outside the app: the preview says so on return
+    _tab(page, "Merge")
+    _tab(page, "Export")
+    expect(page.locator("#export-target")).to_contain_text("holds other files: it will not be replaced")
     page.screenshot(path=str(shots / "export.png"), full_page=True)
 
 
