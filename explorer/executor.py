@@ -63,21 +63,25 @@ def merge_tensor(
     seed: int,
     extra: Optional[dict] = None,
     stages: Optional[CachedStages] = None,
-) -> torch.Tensor:
-    """Merge one tensor: ``models`` (N, *S) and ``base`` (*S) float32 -> merged (*S) float32.
+) -> tuple[torch.Tensor, Optional[float]]:
+    """Merge one tensor: ``models`` (N, *S) and ``base`` (*S) float32 -> (merged (*S) float32, peak).
 
-    Delta-space methods see task vectors ``models - base`` and get ``base`` added back. ``models`` is
+    Delta-space methods see task vectors ``models - base`` and get ``base`` added back: by the method
+    itself when it takes ``with_base`` (``MethodSpec.adds_base``), in the last pass it makes, which also
+    measures the peak (the largest |value|, for ``cast_output``); peak is None otherwise. ``models`` is
     overwritten (the task vectors are formed in place, and methods may thin them in place): pass a
     tensor this call may consume. With ``stages`` (a ``spec.staged`` method in an in-memory session)
     ``models`` is None: the method reads the task vectors, and its earlier results, from ``stages``.
     """
     generator = registry.tensor_generator(seed, name)
-    if stages is not None:
-        merged = registry.call(spec, None, base, generator, params, dict(extra or {}, stages=stages))
-        return merged.add_(base) if spec.space == Space.delta else merged
-    if spec.space == Space.delta:
-        return registry.call(spec, models.sub_(base), base, generator, params, extra).add_(base)
-    return registry.call(spec, models, base, generator, params, extra)
+    delta = spec.space == Space.delta
+    extra = dict(extra or {}, **({"stages": stages} if stages is not None else {}))
+    x = models.sub_(base) if delta and stages is None else models
+    if delta and spec.adds_base:
+        finished = registry.call(spec, x, base, generator, params, dict(extra, with_base=True))
+        return finished.weights, finished.peak
+    merged = registry.call(spec, x, base, generator, params, extra)
+    return (merged.add_(base) if delta else merged), None
 
 
 def read_place(
@@ -174,15 +178,15 @@ def merge_stream(
         if i not in reads:  # staged, in memory: weights read in place
             weights, base = [m[place.name] for m in source.models], source.read_base(place.name)
             stages = cache.stages(place.name, lambda: source.task_vectors(place.name), weights, base)
-            out = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
+            out, peak = merge_tensor(spec, recipe.params_at(place), place.name, base, None, recipe.seed, extra, stages)
             cache.trim(place.name)
         else:
             base, models = reads.pop(i).result()  # nothing else holds the inputs: freed after the merge
             if not models.is_floating_point():
                 return place.name, models[0]
-            out = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
+            out, peak = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
             del models
-        return place.name, cast_output(place.name, out, recipe.torch_dtype, recipe.out_of_range)
+        return place.name, cast_output(place.name, out, recipe.torch_dtype, recipe.out_of_range, peak)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-tensor") as reader:
 
@@ -242,7 +246,11 @@ def output_config(recipe: MergeRecipe, merge_plan: MergeInputs) -> dict:
 
 
 def cast_output(
-    name: str, tensor: torch.Tensor, dtype: torch.dtype, out_of_range: OutOfRange | str = OutOfRange.refuse
+    name: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    out_of_range: OutOfRange | str = OutOfRange.refuse,
+    peak: Optional[float] = None,
 ) -> torch.Tensor:
     """Cast a merged float32 tensor to ``dtype``.
 
@@ -250,16 +258,20 @@ def cast_output(
     ``out_of_range="refuse"`` that raises ValueError naming the tensor; with ``"clamp"`` such values
     are clamped to +/- that largest value first. A merged inf or NaN (float32 overflow) always raises
     ValueError: no output dtype or clamp can repair it. Another ``out_of_range`` raises ValueError.
+    peak: the largest |value| of ``tensor`` (inf or NaN when one is not finite) when the merge measured
+    it already (``merge_tensor``); else it is measured here, in one pass.
     """
     out_of_range = parse_choice(OutOfRange, out_of_range, "out_of_range")
     limit = torch.finfo(dtype).max
-    lo, hi = torch.aminmax(tensor) if tensor.numel() else (torch.zeros(()), torch.zeros(()))
-    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+    if peak is None:
+        lo, hi = (t.item() for t in torch.aminmax(tensor)) if tensor.numel() else (0.0, 0.0)
+        peak = max(-lo, hi) if math.isfinite(lo) and math.isfinite(hi) else math.nan
+    if not math.isfinite(peak):
+        lo, hi = torch.aminmax(tensor)  # only to say how far the values went
         raise ValueError(
             f"merged tensor {name!r} holds inf or NaN even in float32 (its values reach {lo.item():.4g}..{hi.item():.4g}): "
             "the merge arithmetic overflowed; lower the weights, lambda or scale of the recipe"
         )
-    peak = max(-lo.item(), hi.item())
     if peak > limit:
         if out_of_range == OutOfRange.refuse:
             raise ValueError(

@@ -17,6 +17,7 @@ from explorer.executor import cast_output, merge_to_folder
 from explorer.io.checkpoint import CheckpointError, discover, open_checkpoint
 from explorer.io.formats.safetensors_io import ShardWriter
 from explorer.recipe import MergeRecipe
+from explorer.session import MergeSession
 from tests.helpers import assert_expected
 from tests.tiny import tiny_family
 from tests.tiny_formats import hub_cache, save_lora, save_sharded, state, to_bin
@@ -342,3 +343,26 @@ def test_float32_overflow_is_refused_whatever_the_dtype(bad):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         with pytest.raises(ValueError, match="holds inf or NaN even in float32.*lower the weights, lambda or scale"):
             cast_output("w", torch.tensor([1.0, bad]), dtype, out_of_range="clamp")
+
+
+def test_a_ties_merge_measures_its_own_range_and_is_refused_the_same(family, tmp_path):
+    """TIES adds the base and measures the peak in its last pass: the same refusals, from disk and in memory."""
+    base, experts = family
+    big = _variant(experts[0], tmp_path / "big", lambda t: t[NORM].fill_(70000.0))
+    for method in ("ties", "dare_ties", "task_arithmetic"):
+        _refused(
+            _recipe([big, experts[1]], base=base, method=method, dtype="float16"),
+            tmp_path / f"{method}-fp16",
+            r"'model.norm.weight' has values up to 7e\+04, beyond the torch.float16 range .*out_of_range: clamp",
+        )
+        _refused(
+            _recipe([big, experts[1]], base=base, method=method, parameters={"lambda": 1e36}),
+            tmp_path / f"{method}-inf",
+            "'model.norm.weight' holds inf or NaN even in float32 .*lower the weights, lambda or scale",
+        )
+    session = MergeSession(base, [big, experts[1]])
+    with pytest.raises(ValueError, match="'model.norm.weight' holds inf or NaN even in float32"):
+        session.merge(session.recipe("ties", {"lambda": 1e36}, [{}, {}]))
+    session.merge(session.recipe("ties", {"lambda": 1.0}, [{}, {}]))  # the election is kept: a lambda move
+    with pytest.raises(ValueError, match="'model.norm.weight' holds inf or NaN even in float32"):
+        session.merge(session.recipe("ties", {"lambda": 1e36}, [{}, {}]))

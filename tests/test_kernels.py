@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -65,18 +67,26 @@ def _ties_reference(d, masks, w, weighted, count, divisor):
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("count", [True, False])
 @pytest.mark.parametrize("divide", [None, "weights", "count"])
-def test_ties_merge_equals_the_step_by_step_torch_computation(weighted, count, divide):
+@pytest.mark.parametrize("weights", [[0.6, 0.3, -0.2], [0.7], [0.5, 0.0], [0.4, 0.5, 0.0, 0.8]])
+def test_ties_merge_equals_the_step_by_step_torch_computation(weighted, count, divide, weights):
+    """Equal bit for bit (signed zeros too) for one model, a zero weight, a negative one, and N = 1..4."""
     torch.manual_seed(0)
-    d = torch.randn(3, 200_000)
+    n = len(weights)
+    d = torch.randn(n, 200_000)
     d[:, :1000] = d[:, :1000].round()  # ties and zeros
-    w = torch.tensor([0.6, 0.3, -0.2])
-    cuts = [kernels.magnitude_cut(d[0], 50_000), kernels.keep_all(), kernels.keep_none()]
-    masks = torch.stack(
-        [_from_cut(d[0], *cuts[0]), torch.ones(d.shape[1], dtype=bool), torch.zeros(d.shape[1], dtype=bool)]
-    )
-    divisor = None if divide is None else (w.tolist() if divide == "weights" else [1.0] * 3)
-    ours = kernels.ties_merge(d, cuts, w.tolist(), weighted, count, divisor)
-    assert torch.equal(ours, _ties_reference(d, masks.float(), w, weighted, count, divisor))
+    w = torch.tensor(weights)
+    cuts = [
+        kernels.magnitude_cut(d[0], 50_000),
+        kernels.keep_all(),
+        kernels.keep_none(),
+        kernels.magnitude_cut(d[-1], 9),
+    ]
+    masks = [_from_cut(d[0], *cuts[0]), torch.ones(d.shape[1], dtype=bool), torch.zeros(d.shape[1], dtype=bool)]
+    masks.append(_from_cut(d[-1], *cuts[3]))
+    divisor = None if divide is None else (w.tolist() if divide == "weights" else [1.0] * n)
+    ours = kernels.ties_merge(d, cuts[:n], w.tolist(), weighted, count, divisor)
+    expected = _ties_reference(d, torch.stack(masks[:n]).float(), w, weighted, count, divisor)
+    assert torch.equal(ours.view(torch.int32), expected.view(torch.int32))
 
 
 @pytest.mark.parametrize(
@@ -135,3 +145,36 @@ def test_weighted_sum_refuses_strided_or_mismatched_inputs():
         kernels.weighted_sum([torch.randn(4, 4).t()], [1.0])
     with pytest.raises(ValueError, match="minus must be"):
         kernels.weighted_sum([torch.randn(4)], [1.0], minus=torch.randn(5))
+
+
+@pytest.mark.parametrize("size", [0, 5, 3000, kernels.RANGE + 7])
+def test_finish_is_torch_mul_then_add_with_its_peak(size):
+    """base + scale * x equals torch.mul then add_ bit for bit, in a new tensor or in place; peak is max |value|."""
+    torch.manual_seed(1)
+    x, base = torch.randn(size) * 3, torch.randn(size)
+    expected = torch.mul(x, 0.7).add_(base)
+    done = kernels.finish(x, 0.7, base)
+    assert torch.equal(done.weights.view(torch.int32), expected.view(torch.int32))
+    assert done.peak == (float(expected.abs().max()) if size else 0.0)
+    in_place = kernels.finish(x, 0.7, base, out=x)
+    assert in_place.weights is x and torch.equal(x.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_finish_peak_reports_a_value_that_is_not_finite(bad):
+    x, base = torch.zeros(10_000), torch.ones(10_000)
+    x[7777] = bad
+    peak = kernels.finish(x, 2.0, base).peak
+    assert math.isnan(peak) if math.isnan(bad) else peak == float("inf")
+
+
+def test_ties_merge_with_a_base_also_writes_the_finished_weights():
+    """One pass gives the election and base + scale * election, as ties_merge then finish would."""
+    torch.manual_seed(2)
+    d, base = torch.randn(3, kernels.RANGE + 99), torch.randn(kernels.RANGE + 99)
+    cuts = [kernels.magnitude_cut(d[i], 100_000) for i in range(3)]
+    alone = kernels.ties_merge(d, cuts, [0.5, 1.0, -0.3], True, False, [0.5, 1.0, -0.3])
+    mixed, done = kernels.ties_merge(d, cuts, [0.5, 1.0, -0.3], True, False, [0.5, 1.0, -0.3], base=base, scale=1.7)
+    expected = kernels.finish(alone, 1.7, base)
+    assert torch.equal(mixed, alone) and torch.equal(done.weights.view(torch.int32), expected.weights.view(torch.int32))
+    assert done.peak == expected.peak == float(expected.weights.abs().max())

@@ -303,7 +303,9 @@ def _merge_one_tensor(method: str, x: torch.Tensor, params: dict, seed: int = 0)
         parameters=params,
         seed=seed,
     )
-    return merge_tensor(registry.get(method), recipe.resolved_params(), NAME, torch.zeros(x.shape[1:]), x.clone(), seed)
+    return merge_tensor(
+        registry.get(method), recipe.resolved_params(), NAME, torch.zeros(x.shape[1:]), x.clone(), seed
+    )[0]
 
 
 @pytest.mark.parametrize(("density", "sample"), [(0.3, 10_000), (0.3, 200), (0.55, 200), (0.9, 200)])

@@ -22,12 +22,16 @@ numba (serial, GIL released, cached on disk after the first compile); ``magnitud
 * ``ties_merge`` is TIES's trim, sign election and disjoint mean in one pass per output entry
   (Yadav et al., arXiv:2306.01708; mergekit 0.1.5 ``generalized_task_arithmetic``), with the same
   float32 operations in the same order as the step-by-step torch code in ``task_arithmetic``, so
-  results are equal bit for bit (tested).
+  results are equal bit for bit (tested). Given the base, the same pass also writes the merged
+  weights base + lambda * result (``Finished``).
+* ``finish`` is a delta-space merge's last step, base + lambda * task vector, with the peak |value|
+  measured in the same pass (an integer max over the bit patterns), so the output check needs no pass.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numba
@@ -143,56 +147,144 @@ def keep_none() -> tuple[float, int]:
     return float("inf"), 0
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _finish_block(x, scale, base, out):  # pragma: no cover - compiled
+    # out = x * scale + base (two float32 roundings, as torch.mul then torch.add: numba fuses no
+    # multiply-add), and the largest |out| as its bit pattern: |x| orders like its pattern, inf is
+    # 0x7F800000 and every NaN above it, so one vectorized integer max checks range and finiteness
+    for j in range(x.size):
+        out[j] = x[j] * scale + base[j]
+    bits = out.view(np.int32)
+    peak = np.int32(0)
+    for j in range(bits.size):
+        peak = max(peak, bits[j] & 0x7FFFFFFF)
+    return peak
+
+
 @numba.njit(nogil=True, cache=True)
-def _ties_range(d, lows, highs, cut, w, vote_w, divide_w, count_vote, divide, out, a, b):  # pragma: no cover
-    # Block by block: each model's trimmed entries t go to a block buffer first (entries before
-    # cut[i] are kept when |d| >= lows[i], the rest when |d| >= highs[i], the next float up: |d| > v),
-    # then vote, sum and divisor are loops over that buffer, so LLVM vectorizes them and the trim is
-    # done once. The float32 operations and their order are those of the torch steps: dropped entries
-    # are +0, the vote is u_0 + u_1 + ..., sum and divisor start at +0 and add +0 where a model disagrees.
+def _finish_range(x, scale, base, out, a, b):  # pragma: no cover - compiled
+    peak = np.int32(0)
+    for s in range(a, b, BLOCK):
+        e = min(s + BLOCK, b)
+        peak = max(peak, _finish_block(x[s:e], scale, base[s:e], out[s:e]))
+    return peak
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A merged tensor's weights, base + scale * x, as the pass that wrote them left them.
+
+    weights: (*S) float32. peak: the largest |value| (float; inf, or NaN, when a value is not finite),
+    measured in that pass, so the output check (``executor.cast_output``) reads nothing again.
+    """
+
+    weights: torch.Tensor
+    peak: float
+
+
+def _peak(bits: Sequence[int]) -> float:
+    """The float32 whose pattern is the largest of ``bits`` (per-range maxima of |x| patterns)."""
+    return float(np.array([max(bits)], np.int32).view(np.float32)[0])
+
+
+def finish(x: torch.Tensor, scale: float, base: torch.Tensor, out: Optional[torch.Tensor] = None) -> Finished:
+    """base + scale * x and its peak in one pass: the last step of a delta-space merge.
+
+    x, base: contiguous float32 tensors of one shape (*S), only read; scale is used as float32. The
+    weights equal ``torch.mul(x, scale).add_(base)`` bit for bit (the product is rounded to float32
+    before the sum). out: a (*S) float32 contiguous tensor to write (``x`` itself is allowed), else a
+    new one. Raises ValueError on another dtype, a strided input or mismatched shapes.
+    """
+    if any(t.dtype != torch.float32 or not t.is_contiguous() or t.shape != x.shape for t in (x, base)):
+        raise ValueError(
+            f"finish needs contiguous float32 tensors of one shape; got {tuple(x.shape)}, {tuple(base.shape)}"
+        )
+    out = torch.empty(x.shape, dtype=torch.float32) if out is None else out
+    flat = (x.detach().view(-1).numpy(), np.float32(scale), base.detach().view(-1).numpy(), out.view(-1).numpy())
+    size = x.numel()
+    # small tensors are in cache: handing halves to the pool costs more than it saves
+    peaks = [_finish_range(*flat, 0, size)] if size < RANGE else run_ranges(_finish_range, size, *flat)
+    return Finished(out, _peak(peaks) if size else 0.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _ties_range(
+    d, lows, highs, cut, vote_w, coef, divide_w, count_vote, divide, out, scale, base, final, a, b
+):  # pragma: no cover
+    # Block by block, in three loops per model over a block buffer (so LLVM vectorizes them):
+    # 1. trim and vote: u_i = t_i vote_w[i] goes to the buffer, t_i keeping d where |d| >= lows[i] before
+    #    cut[i] and |d| >= highs[i] (the next float up: |d| > v) after it, +0 elsewhere; the vote adds u_i
+    #    (or its sign: count_vote) left to right;
+    # 2. agreement and disjoint sum: model 0 starts mixed and total at +0 + its term, the others add theirs;
+    # 3. the last model's loop writes out: mixed / total (a zero total counts as 1), or mixed;
+    # 4. with a base (final not empty): final = out * scale + base while the block is in L1 (``_finish_block``).
+    # Returns the largest |final| bit pattern (0 without a base).
+    # w_i t_i = u_i coef[i] exactly (coef is 1 for a weighted vote, w_i for an unweighted one), so the
+    # float32 operations and their order are those of the torch steps: results equal bit for bit.
     n = d.shape[0]
     zero, one = np.float32(0.0), np.float32(1.0)
     kept = np.empty((n, BLOCK), np.float32)
     vote = np.empty(BLOCK, np.float32)
     mixed = np.empty(BLOCK, np.float32)
     total = np.empty(BLOCK, np.float32)
+    peak = np.int32(0)
     for s in range(a, b, BLOCK):
         e = min(s + BLOCK, b)
         m = e - s
+        if count_vote:
+            vote[:m] = zero
         for i in range(n):
+            vw = vote_w[i]
             for lo, hi, th in ((s, min(max(cut[i], s), e), lows[i]), (min(max(cut[i], s), e), e, highs[i])):
-                x, t = d[i, lo:hi], kept[i, lo - s : hi - s]
-                for j in range(hi - lo):
-                    t[j] = x[j] if abs(x[j]) >= th else zero
-        vote[:m] = zero
-        for i in range(n):
-            t, vw = kept[i, :m], vote_w[i]
-            if count_vote:
+                x, k, v = d[i, lo:hi], kept[i, lo - s : hi - s], vote[lo - s : hi - s]
+                if count_vote:
+                    for j in range(hi - lo):
+                        u = (x[j] if abs(x[j]) >= th else zero) * vw
+                        k[j] = u
+                        v[j] += one if u > 0 else (-one if u < 0 else zero)
+                elif i == 0:
+                    for j in range(hi - lo):
+                        u = (x[j] if abs(x[j]) >= th else zero) * vw
+                        k[j] = u
+                        v[j] = u
+                else:
+                    for j in range(hi - lo):
+                        u = (x[j] if abs(x[j]) >= th else zero) * vw
+                        k[j] = u
+                        v[j] += u
+        for i in range(max(n - 1, 1)):  # every model but the last (the only one when n == 1)
+            u, c, dw = kept[i, :m], coef[i], divide_w[i]
+            if i == 0:
                 for j in range(m):
-                    u = t[j] * vw
-                    vote[j] += one if u > 0 else (-one if u < 0 else zero)
-            elif i == 0:
-                for j in range(m):
-                    vote[j] = t[j] * vw
+                    agree = (u[j] > 0) if vote[j] >= 0 else (u[j] < 0)
+                    mixed[j] = zero + (u[j] * c if agree else zero)
+                    total[j] = zero + (dw if agree else zero)
             else:
                 for j in range(m):
-                    vote[j] += t[j] * vw
-        mixed[:m] = zero
-        total[:m] = zero
-        for i in range(n):
-            t, vw, wi, dw = kept[i, :m], vote_w[i], w[i], divide_w[i]
-            for j in range(m):
-                u = t[j] * vw
-                agree = (u > 0) if vote[j] >= 0 else (u < 0)
-                mixed[j] += t[j] * wi if agree else zero
-                total[j] += dw if agree else zero
+                    agree = (u[j] > 0) if vote[j] >= 0 else (u[j] < 0)
+                    mixed[j] += u[j] * c if agree else zero
+                    total[j] += dw if agree else zero
         o = out[s:e]
-        if divide:
+        u, c, dw = kept[n - 1, :m], coef[n - 1], divide_w[n - 1]
+        if n > 1 and divide:
+            for j in range(m):
+                agree = (u[j] > 0) if vote[j] >= 0 else (u[j] < 0)
+                mj = mixed[j] + (u[j] * c if agree else zero)
+                tj = total[j] + (dw if agree else zero)
+                o[j] = mj / (tj if tj != 0 else one)
+        elif n > 1:
+            for j in range(m):
+                agree = (u[j] > 0) if vote[j] >= 0 else (u[j] < 0)
+                o[j] = mixed[j] + (u[j] * c if agree else zero)
+        elif divide:
             for j in range(m):
                 o[j] = mixed[j] / (total[j] if total[j] != 0 else one)
         else:
             for j in range(m):
                 o[j] = mixed[j]
+        if final.size:
+            peak = max(peak, _finish_block(o, scale, base[s:e], final[s:e]))
+    return peak
 
 
 def ties_merge(
@@ -203,7 +295,9 @@ def ties_merge(
     count_vote: bool,
     divisor: list[float] | None,
     out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    base: Optional[torch.Tensor] = None,
+    scale: float = 1.0,
+) -> torch.Tensor | tuple[torch.Tensor, Finished]:
     """sum_i [agree_i] w_i t_i / sum_i [agree_i] c_i over trimmed task vectors, in one pass.
 
     deltas: (N, *S) float32 task vectors, untouched. cuts: per model (v, cut) of ``magnitude_cut``
@@ -213,20 +307,31 @@ def ties_merge(
     agrees when u_i has that sign. divisor: the c_i (weights or ones), or None for no division; a zero
     sum counts as 1. Returns a new (*S) float32 tensor, or ``out`` overwritten when it is a contiguous
     (*S) float32 tensor (a buffer to reuse; it must not share memory with ``deltas``).
+    base: a (*S) contiguous float32 tensor: the same pass also writes base + scale * result (``finish``),
+    and (result, ``Finished``) is returned.
     """
     n = deltas.shape[0]
     flat = deltas.detach().contiguous().view(n, -1).numpy()
     w = np.array(weights, np.float32)
     vote_w = w if weighted_vote else np.ones(n, np.float32)
+    coef = np.ones(n, np.float32) if weighted_vote else w  # w_i t_i = u_i coef_i
     divide_w = np.array(divisor if divisor is not None else [0.0] * n, np.float32)
     lows = np.array([c[0] for c in cuts], np.float32)
     highs = np.nextafter(lows, np.float32(np.inf))  # |d| > v  <=>  |d| >= the next float32 above v
     cut = np.array([c[1] for c in cuts], np.int64)
     if out is None or out.shape != deltas.shape[1:] or out.dtype != torch.float32 or not out.is_contiguous():
         out = torch.empty(deltas.shape[1:], dtype=torch.float32)
-    args = (flat, lows, highs, cut, w, vote_w, divide_w, count_vote, divisor is not None)
-    run_ranges(_ties_range, flat.shape[1], *args, out.view(-1).numpy())
-    return out
+    args = (flat, lows, highs, cut, vote_w, coef, divide_w, count_vote, divisor is not None, out.view(-1).numpy())
+    if base is None:
+        nothing = np.empty(0, np.float32)
+        run_ranges(_ties_range, flat.shape[1], *args, np.float32(1), nothing, nothing)
+        return out
+    if base.dtype != torch.float32 or not base.is_contiguous() or base.shape != out.shape:
+        raise ValueError(f"ties_merge: base must be a contiguous float32 tensor of shape {tuple(out.shape)}")
+    final = torch.empty_like(out)
+    parts = (np.float32(scale), base.detach().view(-1).numpy(), final.view(-1).numpy())
+    peaks = run_ranges(_ties_range, flat.shape[1], *args, *parts)
+    return out, Finished(final, _peak(peaks) if final.numel() else 0.0)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -19,7 +19,7 @@ DELLA 2406.11617.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from explorer.choices import (
     TrimScope,
     parse_choice,
 )
-from explorer.methods.kernels import keep_all, keep_none, magnitude_cut, ties_merge
+from explorer.methods.kernels import Finished, finish, keep_all, keep_none, magnitude_cut, ties_merge
 from explorer.methods.sparsify import magnitude_count, sparsify
 from explorer.methods.stages import Stages
 from explorer.methods.weighted_sum import weighted_sum
@@ -58,7 +58,8 @@ def generalized_task_arithmetic(
     trim_scope: TrimScope | str = TrimScope.tensor,
     bands: Optional[torch.Tensor] = None,
     stages: Optional[Stages] = None,
-) -> torch.Tensor:
+    with_base: bool = False,
+) -> torch.Tensor | Finished:
     """Merge task vectors ``x`` (N, *S) float32 into one task vector (*S); ``x`` may be overwritten.
 
     The executor passes a fresh ``x`` per call (see ``explorer.registry``), so thinning happens in
@@ -78,6 +79,9 @@ def generalized_task_arithmetic(
     model from ``trim_scope.model_bands`` (the spec's ``prepare`` hook), else raises ValueError.
     The string settings are ``explorer.choices`` members or their values; any other value raises
     ValueError (suggesting the closest value).
+    with_base: return ``kernels.Finished``, base + the merged task vector (the merged weights) and its
+    peak, written by the merge's last pass (the executor asks for this: no pass of its own to add the
+    base and check the range), instead of the task vector; ``base`` must then be given.
     Never returns NaN for finite inputs: density 0 yields zeros; weights summing to zero divide by 1.
     """
     method = parse_choice(Sparsification, sparsification, "sparsification")
@@ -93,17 +97,15 @@ def generalized_task_arithmetic(
     n = stages.n
     density, gamma, epsilon = (per_model_floats(v, n) for v in (1.0 if density is None else density, gamma, epsilon))
     weights, divisor = weight.tolist(), divisor if normalize else None
+    how, added = (consensus, election, divisor), base if with_base else None
     if consensus != Consensus.none and method == Sparsification.magnitude and rescale == Rescale.none and bands is None:
         # TIES: the trim is a threshold per task vector, applied inside the election pass
         cuts = tuple(
             stages.memo(f"cut{i}", density[i], lambda _, i=i: trim_cut(stages.task_vectors()[i], density[i]))
             for i in range(n)
         )
-        key = (cuts, tuple(weights), consensus, election, divisor)
-        mixed = stages.memo(
-            "elect", key, lambda old: elect_(stages.task_vectors(), cuts, weights, consensus, election, divisor, old)
-        )
-        return torch.mul(mixed, lambda_)
+        key = (cuts, tuple(weights), *how)
+        return _scaled_election(stages, key, stages.task_vectors, cuts, weights, how, lambda_, added)
     drawn = generator is not None and method in (Sparsification.random, Sparsification.della_magprune)
     seed = generator.initial_seed() if generator is not None else None
     row_params = [
@@ -121,15 +123,45 @@ def generalized_task_arithmetic(
     if consensus == Consensus.none:
         total = float(weight.sum())
         scale = lambda_ / (total if normalize and abs(total) >= 1e-8 else 1.0)
-        if thinning:
-            return weighted_sum(weight, stages.thinned(keys, thin, generator), scale)
-        return stages.task_vector_sum(weight, scale)
+        summed = (
+            weighted_sum(weight, stages.thinned(keys, thin, generator), scale)
+            if thinning
+            else stages.task_vector_sum(weight, scale)
+        )
+        return summed if added is None else finish(summed, 1.0, added, out=summed)
     deltas = stages.thinned(keys, thin, generator) if thinning else stages.task_vectors()
-    key = (tuple(keys), tuple(weights), consensus, election, divisor)
-    mixed = stages.memo(
-        "elect", key, lambda old: elect_(deltas, [keep_all()] * n, weights, consensus, election, divisor, old)
-    )
-    return torch.mul(mixed, lambda_)
+    key = (tuple(keys), tuple(weights), *how)
+    return _scaled_election(stages, key, lambda: deltas, [keep_all()] * n, weights, how, lambda_, added)
+
+
+def _scaled_election(
+    stages: Stages,
+    key: tuple,
+    deltas: Callable[[], torch.Tensor],
+    cuts: Sequence[tuple[float, int]],
+    weights: list[float],
+    how: tuple[Consensus, Election, Optional[Divisor]],
+    lambda_: float,
+    base: Optional[torch.Tensor],
+) -> torch.Tensor | Finished:
+    """lambda * the election (``elect_``, settings ``how``) of deltas() (N, *S) trimmed by ``cuts``.
+
+    The election is kept as memo "elect" under ``key``. With ``base``: ``Finished`` base + lambda *
+    election; a fresh election writes those weights in its own pass, a reused one (a lambda move)
+    costs one ``finish``. Without: a new (*S) task vector.
+    """
+    if base is None:
+        mixed = stages.memo("elect", key, lambda old: elect_(deltas(), cuts, weights, *how, old))
+        return torch.mul(mixed, lambda_)
+    fresh: list[Finished] = []  # the finished weights, when the election runs now
+
+    def elect(old: Optional[torch.Tensor]) -> torch.Tensor:
+        mixed, finished = elect_(deltas(), cuts, weights, *how, old, base=base, scale=lambda_)
+        fresh.append(finished)
+        return mixed
+
+    mixed = stages.memo("elect", key, elect)
+    return fresh[0] if fresh else finish(mixed, lambda_, base)
 
 
 def trim_cut(delta: torch.Tensor, density: float) -> tuple[float, int]:
@@ -151,7 +183,9 @@ def elect_(
     election: Election | str,
     divisor: Optional[Divisor | str],
     out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    base: Optional[torch.Tensor] = None,
+    scale: float = 1.0,
+) -> torch.Tensor | tuple[torch.Tensor, Finished]:
     """TIES sign election and disjoint sum of task vectors ``deltas`` (N, *S), trimmed by ``cuts``.
 
     cuts: per model, the (v, cut) of ``kernels.magnitude_cut`` (``keep_all()`` for a vector used as
@@ -160,7 +194,8 @@ def elect_(
     has the elected sign (zeros never agree). Returns sum_i [agree_i] w_i d_i, divided, when
     ``divisor`` is "weights" or "count", by sum_i [agree_i] w_i or sum_i [agree_i] (a zero divisor
     counts as 1): a new (*S) tensor, or ``out`` overwritten when it is a (*S) float32 buffer to reuse;
-    ``deltas`` is only read (``kernels.ties_merge``, one pass).
+    ``deltas`` is only read (``kernels.ties_merge``, one pass). With ``base`` (*S) the same pass also
+    writes base + scale * result: returns (result, ``kernels.Finished``).
     Raises ValueError on another consensus (including "none"), election or divisor.
     """
     consensus = parse_choice(Consensus, consensus, "consensus")
@@ -170,7 +205,7 @@ def elect_(
     divisor = None if divisor is None else parse_choice(Divisor, divisor, "divisor")
     counts = None if divisor is None else (weights if divisor == Divisor.weights else [1.0] * len(weights))
     weighted = election == Election.weighted
-    return ties_merge(deltas, cuts, weights, weighted, consensus == Consensus.count, counts, out)
+    return ties_merge(deltas, cuts, weights, weighted, consensus == Consensus.count, counts, out, base, scale)
 
 
 def per_model_floats(value: Union[float, torch.Tensor], n: int) -> list[float]:
