@@ -366,6 +366,8 @@ def build_demo(
         )
         for event in (method.change, loaded.change, demo.load):
             event(ui_sweep.parameters, [method, loaded], [first_param, second_param], show_progress="hidden")
+        for param, param_values in ((first_param, first_values), (second_param, second_values)):
+            param.change(ui_sweep.suggested_values, [method, param], [param_values], show_progress="hidden")
         sweep_btn.click(
             ui_sweep.run,
             [

@@ -207,8 +207,8 @@ def current_recipe(bench: Workbench, values: dict, method: str, dtype: str, seed
         return "# Load models in the Models tab: the recipe lists them.", gr.update()
     try:
         recipe = bench.recipe_for(method, *_settings(bench, values, method), dtype, int(seed or 0))
-    except Exception as e:
-        return gr.update(), readable(e)
+    except Exception as e:  # an earlier method's recipe would stay on show
+        return "# These settings make no recipe: see the message above.", readable(e)
     text = recipe.to_yaml()
     if bench.recipe is not None and bench.merged is not None and text == bench.recipe.to_yaml():
         return text, gr.update()  # the controls show the current merge: its status stays
@@ -373,7 +373,7 @@ def inspect(bench: Workbench, density: float, threshold: str, shown: Optional[st
             continue
         sent[panel.key] = figure
         csv = DOWNLOADS / f"{panel.key}.csv"
-        panel.table.to_csv(csv, index=False)
+        panel.table.to_csv(csv, index=not isinstance(panel.table.index, pd.RangeIndex))  # a pivot's rows are data
         outputs += [
             gr.update(value=f"#### {panel.title}\n{panel.caption}", visible=True),
             gr.update(value=panel.figure, visible=True),
@@ -496,10 +496,15 @@ def greedy_soup(bench: Workbench, tasks: list[str], typed: str, limit: float, pr
 
 
 def playground(bench: Workbench, prompt: str, max_new_tokens: float, progress=gr.Progress()):
-    """Greedy continuations of ``prompt`` from base, experts and the current merge, side by side."""
+    """Greedy continuations of ``prompt`` from base, experts and the current merge, side by side.
+
+    A refusal empties the table: continuations of an earlier prompt are not left under it.
+    """
     try:
         if not (prompt or "").strip():
             raise ValueError("type a prompt first")
+        if not (max_new_tokens or 0) >= 1:
+            raise ValueError(f"New tokens is {max_new_tokens}; give a whole number of at least 1 (e.g. 12)")
         loaders = bench.eval_loaders(True)
         rows = []
         for i, (label, load) in enumerate(loaders.items()):
@@ -514,7 +519,7 @@ def playground(bench: Workbench, prompt: str, max_new_tokens: float, progress=gr
                 }
             )
     except Exception as e:
-        return readable(e), gr.update()
+        return readable(e), pd.DataFrame(columns=["model", "continuation"])
     return f"Greedy continuations of {len(rows)} model(s).", pd.DataFrame(rows)
 
 

@@ -8,6 +8,7 @@ score. The best recipe goes to the Merge tab's import box, which merges it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import gradio as gr
 import pandas as pd
@@ -34,6 +35,27 @@ def parameters(method: str, loaded: dict):
     names = [p.name for p in registry.get(method).params if p.low is not None and not p.setup]
     names += [MIX] if len(loaded.get("labels", [])) == 2 else []
     return gr.update(choices=names, value=names[0] if names else None), gr.update(choices=["", *names], value="")
+
+
+def suggested_values(method: str, name: Optional[str]) -> str:
+    """Three values to start a grid of ``name`` with; "" for no parameter.
+
+    Half, once and one and a half times its default when those lie in its slider's range (weight,
+    lambda: 0.5, 1, 1.5), else a quarter, half and three quarters across that range (density, mix),
+    rounded to its step if it has one.
+    """
+    if not name:
+        return ""
+    if name == MIX:
+        default, low, high, step = 0.5, 0.0, 1.0, 0.05
+    else:
+        p = registry.get(method).param(name)
+        high = p.high if p.high is not None else max(p.low + 1, 2 * p.default)  # open above: twice the default
+        default, low, high, step = float(p.default), float(p.low), float(high), p.step
+    around = [default * f for f in (0.5, 1.0, 1.5)]
+    inside = default and low <= min(around) and max(around) <= high
+    points = around if inside else [low + (high - low) * f for f in (0.25, 0.5, 0.75)]
+    return ", ".join(f"{round(round(v / step) * step, 6) if step else v:g}" for v in points)
 
 
 def _values(text: str, name: str) -> list[float]:

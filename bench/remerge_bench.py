@@ -436,7 +436,8 @@ def main() -> None:
     mergekit_device = args.device if session_device else "cpu"
     facts.append(
         f"session stage cache: cleared (clear_cache, untimed) before each from-scratch merge, kept across slider "
-        f"moves; budget {session.stage_cache.budget / 2**30:.1f} GiB"
+        f"moves; budget {session.stage_cache.budget / 2**30:.1f} GiB; a slider move holds the merge before it, "
+        "as the app does, so its output takes new memory"
     )
     params = sum(t.numel() for t in session.base.values())
     print(f"loaded base + {len(experts)} experts ({params / 1e6:.1f}M parameters each) from {base}", flush=True)
@@ -459,9 +460,14 @@ def main() -> None:
         for case, (method, moved, values) in SLIDERS.items():
             theirs, _ = from_scratch(method)
             print(f"slider: {case} ...", flush=True)
-            session.merge(recipe_of(session, method, moved, values[0]))  # the merge the slider moves from
+            shown = [session.merge(recipe_of(session, method, moved, values[0]))]  # the merge the slider moves from
+
+            def move(recipe, shown=shown):  # as in the app, the merge on show is held until the new one replaces it
+                shown[0] = session.merge(recipe)
+
             moves = [recipe_of(session, method, moved, values[(k + 1) % 2]) for k in range(args.repeats + 1)]
-            seconds = median_seconds(session.merge, moves, args.device, label=case, notes=notes)
+            seconds = median_seconds(move, moves, args.device, label=case, notes=notes)
+            del shown[0]
             rows.append(row(f"{case} (s)", theirs, seconds, **goal_of(case, None, seconds)))
     if "inspect" in parts:
         print("inspect ...", flush=True)

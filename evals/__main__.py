@@ -23,6 +23,8 @@ GREEDY_SOUP = "greedy-soup"
 SCENARIOS = "scenarios"
 SWEEP = "sweep"
 SEARCH = "search"
+# what a user's mistake raises (a wrong path, task name or value; CheckpointError is a ValueError): one line, no traceback
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m evals",
         description="Score checkpoint folders with lm-eval on local tasks and print one table.",
-        epilog=f"Greedy soup: python -m evals {GREEDY_SOUP} MODEL ... --task-dir DIR --task TASK [--limit N] --out DIR "
-        f"(python -m evals {GREEDY_SOUP} --help)",
+        epilog=f"Other commands, each with its own --help: python -m evals {GREEDY_SOUP} (a greedy soup of the models), "
+        f"{SWEEP} (a grid over a method's parameters), {SEARCH} (a search over them), {SCENARIOS} (the method-family "
+        "scenarios).",
     )
     parser.add_argument("models", nargs="+", type=Path, help="checkpoint folder(s)")
     parser.add_argument("--task-dir", type=Path, required=True, help="folder of lm-eval task YAMLs")
@@ -52,23 +55,31 @@ def main(argv: list[str] | None = None) -> int:
 
     from evals.comparison import wide_scores
     from evals.labels import distinct_labels
-    from evals.lm_eval_runner import list_tasks, metrics_table, task_metrics
+    from evals.lm_eval_runner import check_tasks, list_tasks, metrics_table, task_metrics
 
+    tasks = args.tasks.split(",") if args.tasks else list_tasks(args.task_dir)
     try:
         labels = distinct_labels(args.models)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tasks = args.tasks.split(",") if args.tasks else list_tasks(args.task_dir)
-    tables = []
-    for label, path in zip(labels, args.models, strict=True):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        metrics = task_metrics(
-            model, AutoTokenizer.from_pretrained(path), tasks, args.task_dir, args.limit, args.batch_size
-        )
-        tables.append(metrics_table(label, metrics))
+        check_tasks(tasks, args.task_dir)  # before any model is loaded
+        tables = []
+        for label, path in zip(labels, args.models, strict=True):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            metrics = task_metrics(
+                model, AutoTokenizer.from_pretrained(path), tasks, args.task_dir, args.limit, args.batch_size
+            )
+            tables.append(metrics_table(label, metrics))
+    except USER_ERRORS as e:
+        return _error(e)
     print(wide_scores(pd.concat(tables), stderr=True).to_string(index=False))
     return 0
+
+
+def _error(e: BaseException) -> int:
+    """Print ``e`` as the CLI's one ``error:`` line (``explorer.messages.user_message``); the exit status 2."""
+    from explorer.messages import user_message
+
+    print(f"error: {user_message(e)}", file=sys.stderr)
+    return 2
 
 
 def _greedy_soup(argv: list[str]) -> int:
@@ -96,7 +107,6 @@ def _greedy_soup(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from evals.greedy_soup import greedy_soup_models
-    from explorer.io.checkpoint import CheckpointError
 
     tasks = [t for arg in args.task for t in arg.split(",") if t]
     try:
@@ -110,9 +120,8 @@ def _greedy_soup(argv: list[str]) -> int:
             args.overwrite,
             log=lambda line: print(f"  {line}", flush=True),
         )
-    except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return _error(e)
     print(f"individual scores (mean acc over {', '.join(tasks)}):")
     for model, value in sorted(result.individual.items(), key=lambda kv: -kv[1]):
         print(f"  {value:.4f}  {model}")
@@ -220,7 +229,6 @@ def _study(kind: str, argv: list[str]) -> int:
     import yaml
 
     from evals import study
-    from explorer.io.checkpoint import CheckpointError
     from explorer.session import MergeSession
 
     def pairs(items: list[str]) -> dict:
@@ -255,9 +263,8 @@ def _study(kind: str, argv: list[str]) -> int:
             result = study.run_grid(session, args.method, values, **common)
         else:
             result = study.run_search(session, args.method, args.trials, sampler=args.sampler, **common)
-    except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return _error(e)
     table = study.study_table(args.storage, result.study_name)
     print(f"study {result.study_name!r} in {args.storage / study.DB_NAME}:")
     print(table.drop(columns=["recipe", "recipe_hash"]).to_string(index=False))

@@ -17,6 +17,7 @@ import difflib
 import functools
 import logging
 import math
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -27,6 +28,7 @@ from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub.errors import OfflineModeIsEnabled
 from lm_eval import evaluator as lm_eval_evaluator
 from lm_eval import simple_evaluate
+from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,8 +67,23 @@ def _add_env_info_once(storage: dict) -> None:
     storage.update(_environment())
 
 
+@functools.cache
+def _git_hash_quietly() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` (the working folder's commit, recorded with each run), asked once.
+
+    Its ``git describe`` writes "fatal: not a git repository" on the terminal when the app runs outside
+    a repository; here git's messages are dropped, and the result is None there, as lm-eval's is.
+    """
+    try:
+        run = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+    return run.stdout.strip()
+
+
 _add_env_info = lm_eval_evaluator.add_env_info
 lm_eval_evaluator.add_env_info = _add_env_info_once
+lm_eval_evaluator.get_git_commit_hash = _git_hash_quietly
 logging.getLogger("lm_eval.models.huggingface").addFilter(_DropExpectedWarnings())
 
 
@@ -144,6 +161,17 @@ def _task_managers(task_dir: TaskDirs, tasks: Sequence[str]) -> list[tuple[TaskM
     return [(m, names) for m, names in ((local, mine), (builtin, [t for t in tasks if t not in mine])) if names]
 
 
+def check_tasks(tasks: Sequence[str], task_dir: TaskDirs) -> None:
+    """Raise as ``task_metrics`` would for these task names and folders, before any model is loaded.
+
+    Raises:
+        FileNotFoundError: a task folder does not exist.
+        KeyError: a task is neither in ``task_dir`` nor built into lm-eval (the message suggests the closest name).
+        ValueError: no task is given.
+    """
+    _task_managers(task_dir, tasks)
+
+
 def list_tasks(task_dir: TaskDirs) -> list[str]:
     """Names of the lm-eval tasks defined in ``task_dir`` (one folder or several), sorted."""
     dirs = tuple(d for d in _as_dirs(task_dir) if d.is_dir())
@@ -158,7 +186,8 @@ def _check_names(tasks: Sequence[str], known: Sequence[str], task_dir: TaskDirs)
         if task not in known:
             close = difflib.get_close_matches(task, known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "no task of a close name exists"
-            raise KeyError(f"task {task!r} is neither defined in {task_dir} nor built into lm-eval; {hint}")
+            where = " or ".join(str(d) for d in _as_dirs(task_dir))
+            raise KeyError(f"task {task!r} is neither defined in {where} nor built into lm-eval; {hint}")
 
 
 def _task_spec(manager: TaskManager, task: str) -> str | dict:

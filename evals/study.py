@@ -319,7 +319,10 @@ def run_grid(
     if not 1 <= len(grid) <= 2 or not all(len(v) for v in grid.values()):
         raise ValueError(f"a grid spans one or two parameters, each with at least one value; got {grid}")
     grid = {k: [_plain(v) for v in vs] for k, vs in grid.items()}
-    trial_recipe(session, method, {**(fixed or {}), **{k: v[0] for k, v in grid.items()}}, seed)  # fail early
+    first = {k: v[0] for k, v in grid.items()}
+    for name, values in grid.items():  # fail early, on any value out of range
+        for value in values:
+            trial_recipe(session, method, {**(fixed or {}), **first, name: value}, seed)
     config = _config(session, "grid", method, held_in, held_out, fixed, limit, seed, grid=grid)
     name = study_name or f"grid-{method}-{_short_hash(config)}"
     study = _open(storage_dir, name, optuna.samplers.GridSampler(grid, seed=seed), config)

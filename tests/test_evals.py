@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +100,33 @@ def test_command_prints_the_table(zoo_dir: Path, capsys: pytest.CaptureFixture[s
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["model", "zoo_add", "acc"]  # every metric of the task, with its stderr
     assert [line.split()[0] for line in lines[1:]] == ["base", "expert-add"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        (
+            "--tasks",
+            "zoo_ad",
+            r"task 'zoo_ad' is neither defined in .*/tasks nor built into lm-eval; did you mean 'zoo_add'\?",
+        ),
+        ("--task-dir", "taskz", r"task folder .*/taskz does not exist"),
+    ],
+)
+def test_command_says_a_wrong_task_or_folder_in_one_line(zoo_dir: Path, capsys, option, value, said):
+    """A mistyped task or task folder: one ``error:`` line naming it (no traceback, no Python objects), status 2."""
+    args = {"--task-dir": str(zoo_dir / "tasks"), "--tasks": "zoo_add"}
+    args[option] = value if option == "--tasks" else str(zoo_dir / value)
+    status = evals_main([str(zoo_dir / "base"), *(x for kv in args.items() for x in kv), "--limit", "5"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and re.fullmatch("error: " + said, err), err
+    assert "PosixPath" not in err
+
+
+def test_lm_eval_asks_for_a_git_commit_quietly_outside_a_repository(tmp_path: Path):
+    """The commit lm-eval records is None outside a repository, and git's "fatal:" line is not printed."""
+    code = "import evals.lm_eval_runner; from lm_eval import evaluator; print(evaluator.get_git_commit_hash())"
+    env = {**os.environ, "PYTHONPATH": str(Path(evals.__file__).parents[1]), "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "None", run.stderr
+    assert "fatal" not in run.stderr and "not a git repository" not in run.stderr

@@ -223,3 +223,11 @@ def test_app_answers_help_and_bad_options_before_loading_gradio():
     assert "gradio" not in run.stderr and "torch" not in run.stderr  # -X importtime lists every module loaded
     bad = subprocess.run([sys.executable, "app.py", "--modles", "x"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "unrecognized arguments: --modles" in bad.stderr
+
+
+def test_importing_the_app_writes_nothing_beside_it(tmp_path):
+    """Building the app leaves the repository as it was (a gradio component subclass would write app.pyi)."""
+    before = sorted(p.name for p in ROOT.iterdir())
+    code = f"import app; app.build_demo({str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    assert sorted(p.name for p in ROOT.iterdir()) == before

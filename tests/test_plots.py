@@ -168,7 +168,8 @@ def test_one_expert_and_extreme_densities(density):
 def test_colorbars_have_units_and_histogram_counts_say_what_they_count(session, merged):
     """Colorbars are titled, count axes say what they count, identical histograms stay visible.
 
-    A sampled histogram's count axis says it counts the sample; the first trace drawn is the widest.
+    A sampled histogram's counts are whole-model estimates (each expert's add up to its entries) and its
+    axis says so; the first trace drawn is the widest.
     """
     session_panels = plots.inspect_panels(session, 0.5, merged=merged, sample=100)
     for panel in session_panels:
@@ -178,7 +179,10 @@ def test_colorbars_have_units_and_histogram_counts_say_what_they_count(session, 
     histogram = next(p for p in session_panels if p.key == "histogram")
     sampled = not histogram.table.attrs.get("exact", True)
     assert histogram.figure.layout.yaxis.title.text == (
-        "entries in the sample (log scale)" if sampled else "entries (log scale)"
+        "entries, estimated from the sample (log scale)" if sampled else "entries (log scale)"
     )
+    entries = sum(t.numel() for t in session.base.values())
+    for expert, rows in histogram.table.groupby("expert"):
+        assert rows["count"].sum() == pytest.approx(entries, rel=1e-6), expert
     widths = [t.line.width for t in histogram.figure.data]
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]

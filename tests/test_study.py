@@ -211,3 +211,10 @@ def test_cli_sweep_resumes_the_study_and_writes_json(grid_table, bed, storage, t
     pd.testing.assert_frame_equal(read_table(out), grid_table, check_dtype=False)
     assert main(["search", *models, "--method", "tiess", "--trials", "3", *common]) == 2
     assert "did you mean" in capsys.readouterr().err.lower()
+
+
+def test_a_grid_value_out_of_range_is_refused_before_any_trial(session, bed, tmp_path: Path, calls):
+    """Any value of the grid, not only the first, is checked first: no trial runs, no study row says FAIL."""
+    with pytest.raises(ValueError, match=r"density=1.5 is outside \[0.0, 1.0\]"):
+        run_grid(session, "ties", {"density": [0.5, 1.0, 1.5]}, HELD_IN, bed.task_dir, tmp_path, "bad", limit=LIMIT)
+    assert calls == [] and not (tmp_path / study_mod.DB_NAME).exists()

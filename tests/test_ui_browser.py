@@ -298,6 +298,7 @@ def test_once_broken_cases(page, served, tmp_path, shots):
     _choose(page, "base", "")
     _load(page)
     _tab(page, "Merge")  # slerp with two experts and no base: one readable sentence
+    expect(page.locator("#merge-recipe")).to_contain_text("These settings make no recipe")
     page.locator("#merge-btn").click()
     expect(page.locator("#merge-status")).to_contain_text("Error:")
     assert "validation error" not in page.locator("#merge-status").inner_text().lower()
@@ -412,7 +413,9 @@ def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):
 
     _tab(page, "Sweep")  # a 3-point grid of the weight between the two experts, held-in and held-out
     _choose(page, "sweep-param1", "mix")
-    page.locator("#sweep-values1 textarea, #sweep-values1 input").first.fill("0.5, 0.8, 1.0")
+    values = page.locator("#sweep-values1 textarea, #sweep-values1 input").first
+    expect(values).to_have_value("0.25, 0.5, 0.75")  # the values follow the parameter chosen
+    values.fill("0.5, 0.8, 1.0")
     page.locator("#sweep-btn").click()
     expect(page.locator("#sweep-status")).to_contain_text("3 finished trial(s)", timeout=TIMEOUT)
     page.screenshot(path=str(shots / "sweep.png"), full_page=True)
@@ -451,6 +454,7 @@ def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):
     page.locator("#eval-btn").click()
     expect(page.locator("#eval-status")).to_contain_text("did you mean 'zoo_add'", timeout=TIMEOUT)
     expect(page.locator("#eval-status")).not_to_contain_text("Traceback")
+    expect(page.locator("#eval-status")).not_to_contain_text("PosixPath")  # folders as a reader writes them
     typed.fill("")
     page.get_by_text("Greedy soup of the loaded experts").click()
     page.locator("#soup-btn").click()
@@ -465,3 +469,7 @@ def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):
     text = page.locator("#generations").inner_text()
     assert "46" in text and "zoo/base" in text, text  # the add expert answers add 12+34=
     page.screenshot(path=str(shots / "playground.png"), full_page=True)
+    page.locator("#new-tokens input").fill("0")  # refused in our words, and the old continuations go
+    page.locator("#play-btn").click()
+    expect(page.locator("#play-status")).to_contain_text("New tokens is 0; give a whole number of at least 1")
+    expect(page.locator("#generations")).not_to_contain_text("46")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
 import ui_handlers as ui
+import ui_sweep
 from explorer.inspect import plots
 from explorer.workbench import Workbench
 from tests.tiny import tiny_family
@@ -29,3 +31,26 @@ def test_inspect_sends_only_the_panels_a_new_merge_changed(tmp_path):
     ui.inspect_placeholder("new models", bench)  # as a load does: every panel hidden
     again = _figures(ui.inspect(bench, 0.5, "0.005", bench.history[-1].label))
     assert all(isinstance(update, dict) and update["visible"] for update in again.values())
+
+
+def test_inspect_csv_downloads_keep_their_row_labels(tmp_path):
+    """A table whose rows are layers or experts (a pivot) keeps them as its first column; a plain table has none."""
+    base, experts = tiny_family(tmp_path / "models")
+    bench = Workbench(tmp_path / "models")
+    bench.load(str(base), [str(e) for e in experts])
+    bench.merge("ties", {"lambda": 1.0}, [{}, {}])
+    outputs = ui.inspect(bench, 0.5, "0.005", bench.history[-1].label)
+    csvs = {key: pd.read_csv(outputs[3 + 3 * i + 2]["value"]) for i, key in enumerate(plots.PANEL_KEYS)}
+    norms = csvs["layer_norms"]
+    assert list(norms.columns[:1]) == ["layer"] and norms["layer"].tolist()[:2] == ["embed", "0"], norms
+    assert list(csvs["cosine"].columns)[0] == "expert" and list(csvs["layer_stats"].columns)[0] == "layer"
+    assert list(csvs["histogram"].columns) == ["expert", "left", "right", "count"]  # row numbers are not written
+
+
+def test_sweep_values_follow_the_chosen_parameter():
+    """Choosing a parameter offers values inside its range: around the default, or across the slider."""
+    assert ui_sweep.suggested_values("ties", "weight") == "0.5, 1, 1.5"
+    assert ui_sweep.suggested_values("ties", "density") == "0.25, 0.5, 0.75"  # 1.5 would be refused
+    assert ui_sweep.suggested_values("ties", "mix") == "0.25, 0.5, 0.75"
+    assert ui_sweep.suggested_values("fisher", "epsilon") == "5e-07, 1e-06, 1.5e-06"  # no step: not rounded to 0
+    assert ui_sweep.suggested_values("ties", None) == ""

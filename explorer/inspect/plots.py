@@ -108,7 +108,10 @@ def histogram_figure(table: pd.DataFrame, title: str = "Task-vector values") -> 
                 line={"dash": dash, "width": width},
             )
         )
-    counted = "entries (log scale)" if table.attrs.get("exact", True) else "entries in the sample (log scale)"
+    # a sampled entry counts for numel / sample of its tensor: the counts are whole-model estimates
+    counted = (
+        "entries (log scale)" if table.attrs.get("exact", True) else "entries, estimated from the sample (log scale)"
+    )
     fig = _layout(fig, _title(title, table), x="task-vector value (M_i - B)", y=counted)
     return fig.update_yaxes(type="log")
 

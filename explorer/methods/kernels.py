@@ -154,10 +154,10 @@ def _finish_block(x, scale, base, out):  # pragma: no cover - compiled
     # 0x7F800000 and every NaN above it, so one vectorized integer max checks range and finiteness
     for j in range(x.size):
         out[j] = x[j] * scale + base[j]
-    bits = out.view(np.int32)
+    bits, magnitude = out.view(np.int32), np.int32(0x7FFFFFFF)  # int32 throughout: vpmaxsd, 8 entries at once
     peak = np.int32(0)
     for j in range(bits.size):
-        peak = max(peak, bits[j] & 0x7FFFFFFF)
+        peak = max(peak, bits[j] & magnitude)
     return peak
 
 
