@@ -214,8 +214,11 @@ def build_demo(
                 eval_btn = gr.Button("Run", variant="primary", elem_id="eval-btn")
                 eval_cancel = gr.Button("Cancel", variant="stop", elem_id="eval-cancel")
             eval_status = gr.Markdown(elem_id="eval-status")
-            table = gr.Dataframe(elem_id="eval-table", interactive=False, label="Every metric lm-eval reports")
+            table = gr.Dataframe(
+                ui.SCORES, elem_id="eval-table", interactive=False, label="Every metric lm-eval reports"
+            )
             normalized = gr.Dataframe(
+                ui.SCORES,
                 elem_id="eval-normalized",
                 interactive=False,
                 label="Normalized: value / best expert's, and the share of the owning expert's gain over the base kept",
@@ -224,7 +227,9 @@ def build_demo(
             with gr.Accordion("Greedy soup of the loaded experts (scored on the tasks ticked above)", open=False):
                 soup_btn = gr.Button("Make the greedy soup", elem_id="soup-btn")
                 soup_status = gr.Markdown(elem_id="soup-status")
-                soup_steps = gr.Dataframe(elem_id="soup-steps", interactive=False, label="Steps: kept or left out")
+                soup_steps = gr.Dataframe(
+                    ui.SOUP_STEPS, elem_id="soup-steps", interactive=False, label="Steps: kept or left out"
+                )
                 soup_recipe = gr.Code(language="yaml", label="The soup's recipe", elem_id="soup-recipe")
         with gr.Tab("Sweep", id="sweep"):
             gr.Markdown(

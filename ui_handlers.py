@@ -35,6 +35,8 @@ from explorer.workbench import Workbench
 log = logging.getLogger("merge_explorer.app")
 KEY_SEP = " · "
 DOWNLOADS = Path(tempfile.mkdtemp(prefix="merge-explorer-"))
+SCORES = pd.DataFrame(columns=["model"])  # Evaluate's tables before any score: named, not gradio's 1 2 3
+SOUP_STEPS = pd.DataFrame(columns=["step", "model", "score", "kept"])
 
 
 def readable(e: Exception) -> str:
@@ -133,7 +135,7 @@ def load(
     """Open base and experts; clears every output of the previous models and shows the recipe."""
     root = bench.models_dir
     no_merges = [gr.update(choices=[], value=None), gr.update(choices=[], value=[]), gr.update(choices=[], value=None)]
-    cleared = ["", "", None, *no_merges, "", None, None, None, "", ""]
+    cleared = ["", "", None, *no_merges, "", SCORES, SCORES, None, "", ""]
     cleared += inspect_placeholder(
         "Press Refresh (or open this tab after a merge) to inspect the task vectors of the loaded experts.", bench
     )
@@ -429,6 +431,7 @@ def evaluate(
         names = _tasks(tasks, typed)
         if limit is None or limit < 0:
             raise ValueError(f"examples per task must be 0 (all) or a positive number, got {limit}")
+        evals.check_tasks(names, task_folders(bench))  # a mistyped name leaves the last results on show
         numbers = [e.number for e in bench.history if e.label in (merges or [])]
         loaders = bench.eval_loaders(include_inputs or ensemble, numbers, _progress(progress))
         experts = bench.expert_labels()
@@ -441,7 +444,7 @@ def evaluate(
         )
         rows, total = [], len(loaders) * len(names)
         message = f"0/{total} scored."
-        yield f"Scoring {len(loaders)} model(s) on {', '.join(names)}…", None, None, None, gr.update()
+        yield f"Scoring {len(loaders)} model(s) on {', '.join(names)}…", SCORES, SCORES, None, gr.update()
         for rows_done, row in enumerate(stream, start=1):
             rows.append(row)
             table = pd.concat(rows, ignore_index=True)

@@ -9,9 +9,10 @@ experts, merges and the output ensemble (``evals.ensemble``) side by side.
 from __future__ import annotations
 
 from evals.comparison import comparison_chart, normalized_scores, primary, score_stream, wide_scores
-from evals.lm_eval_runner import compare, evaluate_model, list_tasks, task_dirs
+from evals.lm_eval_runner import check_tasks, compare, evaluate_model, list_tasks, task_dirs
 
 __all__ = [
+    "check_tasks",
     "compare",
     "comparison_chart",
     "evaluate_model",

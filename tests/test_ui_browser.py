@@ -222,6 +222,9 @@ def test_evaluate_compare_import_cancel_and_export(page, served, shots):
     _tab(page, "Evaluate")  # compare the two merges side by side
     boxes = page.locator("#tasks input[type=checkbox]")
     expect(boxes.first).to_be_visible()
+    for empty in ("eval-table", "eval-normalized"):  # named columns before any score, not gradio's 1 2 3
+        header = page.locator(f"#{empty} thead").inner_text().split()
+        assert header == ["model"], (empty, header)
     page.locator("#tasks label", has_text="zoo_add").click()
     page.locator("#tasks label", has_text="zoo_reverse").click()
     page.locator("#eval-merges label", has_text="#1 ties").click()
@@ -455,6 +458,7 @@ def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):
     expect(page.locator("#eval-status")).to_contain_text("did you mean 'zoo_add'", timeout=TIMEOUT)
     expect(page.locator("#eval-status")).not_to_contain_text("Traceback")
     expect(page.locator("#eval-status")).not_to_contain_text("PosixPath")  # folders as a reader writes them
+    expect(page.locator("#eval-table")).to_contain_text("#2 linear")  # checked first: the last scores stay
     typed.fill("")
     page.get_by_text("Greedy soup of the loaded experts").click()
     page.locator("#soup-btn").click()
