@@ -183,8 +183,14 @@ class Finished:
 
 
 def _peak(bits: Sequence[int]) -> float:
-    """The float32 whose pattern is the largest of ``bits`` (per-range maxima of |x| patterns)."""
-    return float(np.array([max(bits)], np.int32).view(np.float32)[0])
+    """The float32 whose pattern is the largest of ``bits`` (per-range maxima of |x| patterns); 0 for none."""
+    return float(np.array([max(bits, default=0)], np.int32).view(np.float32)[0])
+
+
+def _check_float32(who: str, shape: torch.Size, *tensors: torch.Tensor) -> None:
+    """Raise ValueError unless every tensor is contiguous float32 of ``shape`` (the kernels read them flat)."""
+    if any(t.dtype != torch.float32 or not t.is_contiguous() or t.shape != shape for t in tensors):
+        raise ValueError(f"{who} needs contiguous float32 tensors of shape {tuple(shape)}")
 
 
 def finish(x: torch.Tensor, scale: float, base: torch.Tensor, out: Optional[torch.Tensor] = None) -> Finished:
@@ -195,16 +201,13 @@ def finish(x: torch.Tensor, scale: float, base: torch.Tensor, out: Optional[torc
     before the sum). out: a (*S) float32 contiguous tensor to write (``x`` itself is allowed), else a
     new one. Raises ValueError on another dtype, a strided input or mismatched shapes.
     """
-    if any(t.dtype != torch.float32 or not t.is_contiguous() or t.shape != x.shape for t in (x, base)):
-        raise ValueError(
-            f"finish needs contiguous float32 tensors of one shape; got {tuple(x.shape)}, {tuple(base.shape)}"
-        )
+    _check_float32("finish", x.shape, x, base)
     out = torch.empty(x.shape, dtype=torch.float32) if out is None else out
     flat = (x.detach().view(-1).numpy(), np.float32(scale), base.detach().view(-1).numpy(), out.view(-1).numpy())
     size = x.numel()
     # small tensors are in cache: handing halves to the pool costs more than it saves
     peaks = [_finish_range(*flat, 0, size)] if size < RANGE else run_ranges(_finish_range, size, *flat)
-    return Finished(out, _peak(peaks) if size else 0.0)
+    return Finished(out, _peak(peaks))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -326,12 +329,11 @@ def ties_merge(
         nothing = np.empty(0, np.float32)
         run_ranges(_ties_range, flat.shape[1], *args, np.float32(1), nothing, nothing)
         return out
-    if base.dtype != torch.float32 or not base.is_contiguous() or base.shape != out.shape:
-        raise ValueError(f"ties_merge: base must be a contiguous float32 tensor of shape {tuple(out.shape)}")
+    _check_float32("ties_merge's base", out.shape, base)
     final = torch.empty_like(out)
     parts = (np.float32(scale), base.detach().view(-1).numpy(), final.view(-1).numpy())
     peaks = run_ranges(_ties_range, flat.shape[1], *args, *parts)
-    return out, Finished(final, _peak(peaks) if final.numel() else 0.0)
+    return out, Finished(final, _peak(peaks))
 
 
 @numba.njit(nogil=True, cache=True)
