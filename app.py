@@ -286,8 +286,10 @@ def build_demo(
             @gr.render(inputs=[method, loaded, values], triggers=[method.change, loaded.change, demo.load])
             def controls(method_name: str, state: dict, remembered: dict):
                 spec = registry.get(method_name)
-                gr.Markdown(
-                    f"**{spec.pretty_name}** — {spec.summary} ([paper]({spec.paper_url}))", elem_id="method-info"
+                gr.Markdown(  # its class tells a browser test which load these controls were drawn for
+                    f"**{spec.pretty_name}** — {spec.summary} ([paper]({spec.paper_url}))",
+                    elem_id="method-info",
+                    elem_classes=[f"drawn-for-load-{state['version']}"],
                 )
                 keyed = ui.control_keys(spec, state["labels"])
                 widgets = [_control(p, key, ui.remembered(remembered, p, key)) for key, p in keyed if not p.per_model]

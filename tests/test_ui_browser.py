@@ -8,6 +8,7 @@ export that deleted files, silent folder creation, raw error dumps, stale state 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -86,6 +87,12 @@ def _tab(page, name: str) -> None:
 
 
 def _load(page, experts: tuple[str, ...] = ("zoo/expert-add", "zoo/expert-reverse")) -> None:
+    """Load ``experts`` and wait until the Merge tab's controls are redrawn for them.
+
+    A control moved before the redraw is gone with its listener (gradio answers its event with an error).
+    """
+    _tab(page, "Merge")
+    drawn = _drawn_for_load(page)
     _tab(page, "Models")
     for label in page.locator("#experts label").all():
         box = label.locator("input")
@@ -93,6 +100,14 @@ def _load(page, experts: tuple[str, ...] = ("zoo/expert-add", "zoo/expert-revers
             label.click()
     page.locator("#load").click()
     expect(page.locator("#models-status")).to_contain_text("all compatible")
+    _tab(page, "Merge")
+    expect(page.locator("#method-info")).to_have_class(re.compile(rf"\bdrawn-for-load-{drawn + 1}\b"))
+
+
+def _drawn_for_load(page) -> int:
+    """The number of the load the Merge controls on show were drawn for (0: none yet)."""
+    classes = page.locator("#method-info").get_attribute("class")
+    return int(re.search(r"drawn-for-load-(\d+)", classes).group(1))
 
 
 def _set_number(page, elem_id: str, value: float) -> None:
