@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import app
 import ui_handlers as ui
+from explorer import registry
 from tests.tiny import save_tiny_gpt2
 
 CHROMIUM = "/usr/bin/chromium"
@@ -119,10 +120,14 @@ def _set_number(page, elem_id: str, value: float) -> None:
 
 
 def _choose(page, elem_id: str, option: str) -> None:
+    """Pick ``option`` in a dropdown; a method waits until the Merge controls are redrawn for it."""
     box = page.locator(f"#{elem_id} input").first
     expect(box).to_be_enabled()
     box.click()
     page.get_by_role("option", name=option, exact=True).click()
+    if elem_id == "method":
+        drawn = re.compile(rf"^\s*{re.escape(registry.get(option).pretty_name)} —")
+        expect(page.locator("#method-info")).to_have_text(drawn)
 
 
 def _recipe(page, elem_id: str = "merge-recipe") -> dict:
