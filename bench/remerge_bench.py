@@ -21,7 +21,8 @@ Parts (``--only``, repeatable; default all):
   expert 1's density 0.2 <-> 0.3; linear: expert 1's weight 1/3 <-> 0.5), each move from the last
   merge, as the app does; mergekit has no incremental merge, so its column is its from-scratch time.
 - inspect: ``plots.inspect_panels(session, density=0.2, merged=<the TIES merge>, threshold=0.005)``,
-  as the Inspect tab refreshes it.
+  as the Inspect tab refreshes it after a new merge: the merge's distances measured and drawn, the
+  other panels kept from the warm-up (a session keeps them per settings).
 - disk: the TIES merge streamed to a checkpoint folder, each as its own process timed with
   ``/usr/bin/time -v`` (wall seconds, peak RSS; psutil polling where that is missing):
   ``merge_to_folder`` vs ``mergekit-yaml --lazy-unpickle`` vs the read+write floor (read every

@@ -17,7 +17,7 @@ import explorer.methods  # noqa: F401  (registers the methods the session merges
 from explorer import registry
 from explorer.choices import Sparsification
 from explorer.executor import merge_tensor
-from explorer.inspect import stats
+from explorer.inspect import plots, stats
 from explorer.methods.sparsify import magnitude_count, magnitude_mask, sparsify
 from explorer.recipe import MergeRecipe
 from explorer.registry import tensor_generator
@@ -165,6 +165,23 @@ def test_a_refresh_after_a_new_merge_reuses_the_measurements_and_equals_a_fresh_
     fresh = stats.scan(stacks, 0.3, merged=merges[1], sample=100)
     for frame in ("experts", "entries", "pairs", "distances"):
         pd.testing.assert_frame_equal(getattr(refreshed, frame), getattr(fresh, frame), rtol=1e-9, atol=1e-12)
+
+
+def test_a_refresh_after_a_new_merge_redraws_only_the_merge_panel_and_equals_a_fresh_view(family):
+    """A session keeps the panels that do not depend on the merge; the merge's panel is drawn anew."""
+    base, experts = family
+    session = MergeSession(base, experts)
+    merges = [session.merge(session.recipe("ties", {"lambda": lam}, [{"density": 0.3}] * 2)) for lam in (1.0, 0.5)]
+    first = plots.inspect_panels(session, 0.3, merges[0], sample=100)
+    refreshed = plots.inspect_panels(session, 0.3, merges[1], sample=100)
+    fresh = plots.inspect_panels(MergeSession(base, experts), 0.3, merges[1], sample=100)
+    assert [p.key for p in refreshed] == [p.key for p in fresh] == list(stats.PANEL_KEYS)
+    for before, now, new in zip(first, refreshed, fresh, strict=True):
+        assert (now is before) == (now.key not in stats.MERGE_TABLES)  # only the merge's panel is redrawn
+        assert now.figure.to_json() == new.figure.to_json(), now.key
+        pd.testing.assert_frame_equal(now.table, new.table)
+    other_density = plots.inspect_panels(session, 0.5, merges[1], sample=100)
+    assert all(p is not q for p, q in zip(other_density, refreshed, strict=True))  # other settings: drawn anew
 
 
 def test_merge_distance_hand_made():

@@ -320,15 +320,23 @@ def inspect_panels(
     |delta| of the share-below statistic; sample: entries sampled per tensor). Panels that cannot be
     drawn (no merge yet; merge distances without base weights; a source with no base, hence no task
     vectors; the pair panels of a single expert) hold a figure saying why and an empty table, so every
-    key is always present. Raises
-    ValueError on out-of-range arguments (see ``stats.scan``).
+    key is always present. A source with a ``scan_cache`` (a MergeSession) keeps the panels that do
+    not depend on the merge there, per settings: a refresh after a new merge draws only the merge's.
+    Raises ValueError on out-of-range arguments (see ``stats.scan``).
     """
-    tables = stats.inspect_tables(source, density, merged, threshold, sample, seed, progress)
-    if isinstance(tables["cosine"], pd.DataFrame) and len(tables["cosine"]) < 2:  # one expert: nothing to compare
-        tables.update(
+    cache = getattr(source, "scan_cache", None)
+    settings = ("panels", density, threshold, sample, seed)
+    kept = cache.get(settings, {}) if cache is not None else {}
+    wanted = [key for key in stats.PANEL_KEYS if key not in kept]
+    tables = stats.inspect_tables(source, density, merged, threshold, sample, seed, progress, keys=wanted)
+    if "cosine" in tables and isinstance(tables["cosine"], pd.DataFrame) and len(tables["cosine"]) < 2:
+        tables.update(  # one expert: nothing to compare
             dict.fromkeys(PAIR_PANELS, "Choose two or more experts: this panel compares experts with each other.")
         )
-    return [
-        _placeholder(key, table) if isinstance(table, str) else _panel(key, _FIGURES[key](table), table)
+    drawn = {
+        key: _placeholder(key, table) if isinstance(table, str) else _panel(key, _FIGURES[key](table), table)
         for key, table in tables.items()
-    ]
+    }
+    if cache is not None:
+        cache[settings] = {key: panel for key, panel in drawn.items() if key not in stats.MERGE_TABLES} | kept
+    return [kept.get(key) or drawn[key] for key in stats.PANEL_KEYS]

@@ -10,7 +10,8 @@ With ``base`` and ``models`` the statistics compute M_i - B into a reused buffer
 (N, *S) stack (same numbers, faster); ``base`` is also needed for distances of a merge from its
 inputs. An optional ``labels`` gives expert names (default: the folder names of ``model_paths``). A
 source with weights may hold a ``scan_cache`` dict (a ``MergeSession`` does): the scan then keeps each
-tensor's measurements there, and a refresh after a new merge only measures the merge's distances.
+tensor's measurements there (and ``plots.inspect_panels`` the panels that do not depend on the merge),
+and a refresh after a new merge only measures the merge's distances.
 """
 
 from __future__ import annotations

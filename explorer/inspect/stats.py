@@ -344,6 +344,7 @@ _TABLES: dict[str, Callable[[Scan], pd.DataFrame]] = {
     "dare_effect": dare_effect,
 }
 PANEL_KEYS = tuple(_TABLES)
+MERGE_TABLES = ("merge_distance",)  # the tables that depend on the merge; the rest only on the task vectors
 
 
 def inspect_tables(
@@ -354,8 +355,9 @@ def inspect_tables(
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,
     progress: Progress | None = None,
+    keys: Sequence[str] = PANEL_KEYS,
 ) -> dict[str, pd.DataFrame | str]:
-    """The table of every Inspect panel, keyed in ``PANEL_KEYS`` order, from one ``scan`` of ``source``.
+    """The table of each Inspect panel in ``keys`` (default: every one), in that order, from one ``scan`` of ``source``.
 
     density: the current trim density in [0, 1]. merged: the current merge {name: tensor} or None.
     threshold: |delta| threshold for the share-below statistic (DARE's 0.005 and 0.002 are
@@ -372,5 +374,7 @@ def inspect_tables(
         missing["merge_distance"] = "Merge first: this panel compares the merged weights with the base and each expert."
     elif not has_base:
         missing["merge_distance"] = "Distances of the merge need the base weights; this source has none."
+    if all(key in missing for key in keys):
+        return {key: missing[key] for key in keys}
     measured = scan(source, density, merged if has_base else None, (threshold,), sample, seed, progress=progress)
-    return {key: missing[key] if key in missing else table(measured) for key, table in _TABLES.items()}
+    return {key: missing[key] if key in missing else _TABLES[key](measured) for key in keys}
