@@ -372,7 +372,12 @@ def build_demo(
             ui.greedy_soup, [bench, tasks, typed_tasks, limit], [soup_status, soup_steps, soup_recipe], **HEAVY
         )
         for event in (method.change, loaded.change, demo.load):
-            event(ui_sweep.parameters, [method, loaded], [first_param, second_param], show_progress="hidden")
+            event(
+                ui_sweep.parameters,
+                [method, loaded, first_param, second_param],
+                [first_param, second_param],
+                show_progress="hidden",
+            )
         for param, param_values in ((first_param, first_values), (second_param, second_values)):
             param.change(ui_sweep.suggested_values, [method, param], [param_values], show_progress="hidden")
         sweep_btn.click(

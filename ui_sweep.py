@@ -30,11 +30,18 @@ def storage(bench: Workbench) -> Path:
     return Path(bench.models_dir) / STUDIES
 
 
-def parameters(method: str, loaded: dict):
-    """The grid's parameter choices for ``method``: its numeric parameters, and ``mix`` with two experts."""
+def parameters(method: str, loaded: dict, first: Optional[str] = None, second: Optional[str] = None):
+    """The grid's parameter choices for ``method``: its numeric parameters, and ``mix`` with two experts.
+
+    ``first`` and ``second`` (the parameters chosen now) stay chosen while they are among them (a load
+    or an imported best recipe keeps the grid as it was); otherwise the first choice and none.
+    """
     names = [p.name for p in registry.get(method).params if p.low is not None and not p.setup]
     names += [MIX] if len(loaded.get("labels", [])) == 2 else []
-    return gr.update(choices=names, value=names[0] if names else None), gr.update(choices=["", *names], value="")
+    first = first if first in names else (names[0] if names else None)
+    return gr.update(choices=names, value=first), gr.update(
+        choices=["", *names], value=second if second in names else ""
+    )
 
 
 def suggested_values(method: str, name: Optional[str]) -> str:

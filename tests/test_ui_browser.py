@@ -455,6 +455,7 @@ def test_sweep_search_best_recipe_soup_and_playground(page, served, shots):
     assert _per_model(recipe, "expert-add")["weight"] + _per_model(recipe, "expert-reverse")["weight"] == 1.0
 
     _tab(page, "Sweep")  # a search, cancelled after its first trial: what finished is kept
+    expect(page.locator("#sweep-param1 input")).to_have_value("mix")  # loading the best recipe kept the grid
     page.get_by_text("Search (every parameter)").click()
     page.locator("#sweep-trials input").fill("40")
     page.locator("#sweep-btn").click()

@@ -47,6 +47,20 @@ def test_inspect_csv_downloads_keep_their_row_labels(tmp_path):
     assert list(csvs["histogram"].columns) == ["expert", "left", "right", "count"]  # row numbers are not written
 
 
+def test_the_sweep_parameters_chosen_stay_while_the_method_has_them():
+    """A load (or an imported best recipe) keeps the grid's parameters; a method without them resets them."""
+    two = {"labels": ["a", "b"]}
+    first, second = ui_sweep.parameters("ties", two)
+    assert first["choices"] == ["weight", "lambda", "density", "mix"] and first["value"] == "weight", first
+    assert second["value"] == ""
+    first, second = ui_sweep.parameters("ties", two, "mix", "density")
+    assert (first["value"], second["value"]) == ("mix", "density")
+    first, second = ui_sweep.parameters("linear", two, "density", "lambda")  # linear has neither
+    assert (first["value"], second["value"]) == ("weight", "")
+    first, _ = ui_sweep.parameters("ties", {"labels": ["a", "b", "c"]}, "mix")  # mix needs two experts
+    assert first["value"] == "weight" and "mix" not in first["choices"]
+
+
 def test_sweep_values_follow_the_chosen_parameter():
     """Choosing a parameter offers values inside its range: around the default, or across the slider."""
     assert ui_sweep.suggested_values("ties", "weight") == "0.5, 1, 1.5"
