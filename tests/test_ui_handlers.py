@@ -68,3 +68,14 @@ def test_sweep_values_follow_the_chosen_parameter():
     assert ui_sweep.suggested_values("ties", "mix") == "0.25, 0.5, 0.75"
     assert ui_sweep.suggested_values("fisher", "epsilon") == "5e-07, 1e-06, 1.5e-06"  # no step: not rounded to 0
     assert ui_sweep.suggested_values("ties", None) == ""
+
+
+def test_progress_reaches_the_browser_at_most_every_tenth_of_a_second_and_at_the_end(monkeypatch):
+    """A merge reports every tensor; gradio gets the first report, one per 0.1 s after it, and the last."""
+    clock = iter([0.0, 0.02, 0.05, 0.11, 0.12, 0.25, 0.26])
+    monkeypatch.setattr(ui.time, "monotonic", lambda: next(clock))
+    sent = []
+    report = ui._progress(lambda fraction, desc: sent.append((fraction, desc)))
+    for k in range(1, 8):
+        report(k / 7, f"tensor {k}")
+    assert sent == [(1 / 7, "tensor 1"), (4 / 7, "tensor 4"), (6 / 7, "tensor 6"), (1.0, "tensor 7")]
