@@ -56,12 +56,13 @@ def _progress(progress: gr.Progress, every_s: float = PROGRESS_EVERY_S):
     At most one update per ``every_s`` seconds, and the last one (fraction 1), reach gradio: each costs
     about 0.3 ms, and a merge reports every tensor (272 for SmolLM2, 0.09 s of a 0.2 s slider move).
     """
-    sent = [-math.inf]
+    sent = -math.inf
 
     def report(fraction: float, message: str) -> None:
+        nonlocal sent
         now = time.monotonic()
-        if now - sent[0] >= every_s or fraction >= 1:
-            sent[0] = now
+        if now - sent >= every_s or fraction >= 1:
+            sent = now
             progress(fraction, desc=message)
 
     return report
