@@ -1,27 +1,32 @@
-"""Command line: ``python -m explorer merge | average-run | prune | merge-adapters | methods``.
+"""Command line: ``python -m explorer merge | average-run | prune | merge-adapters | methods | info``.
 
 ``merge RECIPE.yaml --out DIR`` runs a recipe; ``average-run RUN_DIR --last-k K | --every-k K | --ema D``
 averages a Trainer run's checkpoints (``explorer.run_average``); ``prune MODEL --sparsity S`` writes a
 magnitude-pruned copy (``explorer.prune``); ``merge-adapters ADAPTER ... --out DIR`` merges LoRA
-adapters; ``methods`` lists the methods. Every output goes through ``explorer.io.writer`` (checked output
+adapters; ``methods`` lists the methods; ``info [CHECKPOINT ...]`` says where a session of those checkpoints
+keeps its tensors (a CUDA GPU or RAM, and why) and the stage cache's budget. Every output goes through ``explorer.io.writer`` (checked output
 folder, written to a hidden temporary folder, renamed when complete; inputs only read).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
 
 from explorer import registry
+from explorer.device import SPARE_MODELS, GiB, choose_device, free_bytes
 from explorer.executor import merge_to_folder
-from explorer.io.checkpoint import CheckpointError
+from explorer.io.checkpoint import CheckpointError, open_checkpoint
 from explorer.messages import user_message
 from explorer.recipe import MergeRecipe
+from explorer.stage_cache import default_budget
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_prune(sub)
     _add_merge_adapters(sub)
     sub.add_parser("methods", help="list the merge methods and their parameters")
+    info = sub.add_parser("info", help="where a session keeps its tensors (GPU or RAM, and why), and its cache budget")
+    info.add_argument("checkpoints", nargs="*", type=Path, help="base and experts a session would load (their size)")
     args = parser.parse_args(argv)
     if args.command == "methods":
         return _methods()
+    if args.command == "info":
+        return _info(args.checkpoints)
     if args.command == "merge-adapters":
         return _merge_adapters(args)
     if args.command == "average-run":
@@ -207,6 +216,32 @@ def _methods() -> int:
     for spec in registry.all_methods():
         params = ", ".join(f"{p.name}{'[per model]' if p.per_model else ''}={p.default}" for p in spec.params)
         print(f"{spec.name:18s} {spec.space:6s} {params}")
+    return 0
+
+
+def _info(checkpoints: list[Path]) -> int:
+    """Print the machine's devices and where a session of ``checkpoints`` would keep its tensors, and why."""
+    try:
+        opened = [open_checkpoint(c) for c in checkpoints]
+    except CheckpointError as e:
+        return _fail(str(e))
+    model_bytes = max((sum(4 * math.prod(c.shape(n)) for n in c.names()) for c in opened), default=0)
+    needed = model_bytes * (len(opened) + SPARE_MODELS) if opened else 0
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; RAM {free_bytes(torch.device('cpu')) / GiB:.1f} GiB available"
+    )
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        print(f"cuda:{i} {torch.cuda.get_device_name(i)}: {free / GiB:.1f} of {total / GiB:.1f} GiB free")
+    try:
+        choice = choose_device(needed)
+    except ValueError as e:
+        return _fail(str(e))
+    what = (
+        f"{len(opened)} checkpoint(s), {needed / GiB:.2f} GiB with room to merge" if opened else "no checkpoints given"
+    )
+    print(f"a session ({what}): {choice.describe()}")
+    print(f"stage cache budget: {default_budget(choice.device) / GiB:.1f} GiB (MERGE_EXPLORER_CACHE_GB sets it)")
     return 0
 
 

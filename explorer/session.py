@@ -5,11 +5,13 @@ The session reads every input tensor once (float32) and keeps it; ``merge`` runs
 ``python -m explorer merge`` on the same recipe. Between merges it keeps each tensor's stages
 (``explorer.stage_cache``): a slider move recomputes only what depends on the moved parameter.
 Memory: (N + 1) x model size in float32, plus the stage cache within its budget, so this is for
-models that fit in RAM; the streaming executor has no such limit.
+models that fit in memory: a CUDA GPU's when there is one with room (``explorer.device``; merges,
+Inspect and evaluation then run there), else RAM. The streaming executor has no such limit.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from explorer import registry
+from explorer.device import SPARE_MODELS, choose_device
 from explorer.executor import merge_stream
 from explorer.io.checkpoint import TIED_NAMES, resolved_ref
 from explorer.io.finite import read_float
@@ -25,7 +28,7 @@ from explorer.io.inputs import open_inputs, task_vectors
 from explorer.io.writer import chat_template_files, check_output_dir, write_checkpoint
 from explorer.progress import Progress
 from explorer.recipe import MergeRecipe
-from explorer.stage_cache import StageCache
+from explorer.stage_cache import StageCache, default_budget
 
 MERGE_WORKERS = 2  # tensors merged at once: random drops are serial per tensor; 2 keeps a 2-core machine busy
 
@@ -39,20 +42,29 @@ class MergeSession:
         models: list[str | Path],
         progress: Optional[Progress] = None,
         tokenizer_source: str = "base",
+        device: Optional[str] = None,
     ):
+        """Open, check and read the inputs onto ``device``: None or "auto" chooses (``explorer.device``).
+
+        Auto takes a CUDA GPU whose free memory holds N + 3 models in float32, else RAM.
+        Raises CheckpointError/ValueError as ``open_inputs`` does, ValueError for a device that is not there.
+        """
         self.tokenizer_source = tokenizer_source
         inputs = open_inputs(base, models, tokenizer_source)
         self.base_ckpt, self.model_ckpts, self.names = inputs.base, inputs.models, inputs.names
         inputs = ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts
         self.reference = inputs[0]
+        model_bytes = sum(4 * math.prod(self.reference.shape(n)) for n in self.names)
+        self.device_choice = choose_device(model_bytes * (len(inputs) + SPARE_MODELS), device)
+        self.device = self.device_choice.device
         self.tensors: list[dict[str, torch.Tensor]] = []
         for i, ckpt in enumerate(inputs):
-            self.tensors.append({n: read_float(ckpt, n) for n in self.names})
+            self.tensors.append({n: read_float(ckpt, n).to(self.device) for n in self.names})
             if progress:
                 progress((i + 1) / len(inputs), f"loaded {ckpt.name}")
         self.base = self.tensors[0] if self.base_ckpt else None
         self.models = self.tensors[1:] if self.base_ckpt else self.tensors
-        self.stage_cache = StageCache()
+        self.stage_cache = StageCache(default_budget(self.device))
         self.scan_cache: dict = {}  # Inspect's per-tensor measurements by settings (``inspect.scan``): inputs never change
 
     def clear_cache(self) -> None:
@@ -148,13 +160,13 @@ class MergeSession:
         return dict(merge_stream(self, recipe, progress, cache=self.stage_cache, workers=MERGE_WORKERS))
 
     def build_model(self, state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
-        """A transformers model in memory (eval mode) holding ``state_dict``; no save and reload.
+        """A transformers model in memory (eval mode, on the session's device) holding ``state_dict``; no save and reload.
 
         The model is built without initializing its weights (transformers' ``no_init_weights``: 0.03 s
         instead of 5 s for SmolLM2-135M), since every weight is then loaded; ValueError when one is missing.
         """
         config = self.reference.hf_config
-        with no_init_weights():
+        with no_init_weights(), self.device:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
         missing = [k for k in missing if k not in TIED_NAMES]
@@ -172,5 +184,5 @@ class MergeSession:
         inputs = [s for c in ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts for s in c.sources]
         out = check_output_dir(out_dir, inputs, overwrite)
         files = chat_template_files(recipe.chat_template, self.reference, self.tensors_from)
-        ordered = ((n, state_dict[n]) for n in self.names)
+        ordered = ((n, state_dict[n].cpu()) for n in self.names)  # from the GPU one tensor at a time
         return write_checkpoint(out, ordered, self.reference, recipe, overwrite, files=files)

@@ -9,7 +9,7 @@ model's trim. The method code is the same as a merge from scratch, so results ar
 (``tests/test_stage_cache.py`` checks every method and parameter).
 
 Memory: up to (2N + 1) tensors of size S per tensor name, within a byte budget (default half the
-memory available when the session starts, or ``MERGE_EXPLORER_CACHE_GB``). When a merge would exceed
+memory free on the session's device (RAM or the GPU's) when it starts, or ``MERGE_EXPLORER_CACHE_GB``). When a merge would exceed
 it, the least recently used tensors' stages are dropped first; nothing is ever swapped for the cache.
 """
 
@@ -20,20 +20,23 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Hashable, Optional, TypeVar
 
-import psutil
 import torch
 
+from explorer.device import free_bytes
 from explorer.methods.stages import Stages, Thin
 from explorer.methods.weighted_sum import weighted_sum
 
 T = TypeVar("T")
 
 
-def default_budget() -> int:
-    """Bytes the stage cache may hold: ``MERGE_EXPLORER_CACHE_GB`` GiB, else half the available memory."""
+def default_budget(device: Optional[torch.device] = None) -> int:
+    """Bytes the stage cache may hold: ``MERGE_EXPLORER_CACHE_GB`` GiB, else half the memory free on ``device``.
+
+    That is the available RAM for the CPU, the GPU's free memory for a CUDA device (``device.free_bytes``); None is the CPU.
+    """
     if os.environ.get("MERGE_EXPLORER_CACHE_GB"):
         return int(float(os.environ["MERGE_EXPLORER_CACHE_GB"]) * 2**30)
-    return psutil.virtual_memory().available // 2
+    return free_bytes(device or torch.device("cpu")) // 2
 
 
 def _nbytes(value: object) -> int:

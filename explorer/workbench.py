@@ -138,7 +138,10 @@ class Workbench:
         self.session = MergeSession(base, experts, self.guard(progress))
         n = sum(t.numel() for t in self.session.models[0].values())
         arch = self.session.reference.architecture
-        return f"Loaded {len(experts)} model(s){' and a base' if base else ''}: {arch}, {n / 1e6:.2f}M parameters, {len(self.session.names)} tensors, all compatible."
+        return (
+            f"Loaded {len(experts)} model(s){' and a base' if base else ''}: {arch}, {n / 1e6:.2f}M parameters, "
+            f"{len(self.session.names)} tensors, all compatible; {self.session.device_choice.describe()}."
+        )
 
     def close(self) -> None:
         """Forget the loaded inputs, the merges and the models built for evaluation: their memory is freed."""
@@ -199,9 +202,10 @@ class Workbench:
         seconds = time.perf_counter() - started
         self.recipe = recipe
         self.history.append(HistoryEntry(len(self.history) + 1, recipe))
+        where = "the CPU" if session.device.type == "cpu" else session.device
         return (
             f"Merged {len(session.model_paths)} model(s) with {recipe.merge_method} into {len(self.merged)} tensors "
-            f"({recipe.dtype}): {self.history[-1].label}. {seconds:.2f} s on the CPU; {session.stage_cache.describe()}."
+            f"({recipe.dtype}): {self.history[-1].label}. {seconds:.2f} s on {where}; {session.stage_cache.describe()}."
         )
 
     def require_merge(self) -> tuple[MergeRecipe, dict[str, torch.Tensor]]:

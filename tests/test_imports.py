@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tiny import tiny_family
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,3 +234,29 @@ def test_importing_the_app_writes_nothing_beside_it(tmp_path):
     code = f"import app; app.build_demo({str(tmp_path)!r})"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
     assert sorted(p.name for p in ROOT.iterdir()) == before
+
+
+def test_a_cli_merge_of_checkpoints_seen_before_imports_no_transformers(tmp_path):
+    """A CLI merge of checkpoints seen before, configs as their base's, runs without importing transformers.
+
+    Their model facts are remembered (``io.model_facts``), and importing transformers costs a fresh
+    process about 1.5 s. The first run works the facts out with it; the second writes the same bytes without.
+    """
+    base, experts = tiny_family(tmp_path / "models")
+    recipe = tmp_path / "ties.yaml"
+    models = "".join(f"  - model: {e}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for e in experts)
+    recipe.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}dtype: float32\n")
+    env = {**os.environ, "MERGE_EXPLORER_FACTS_CACHE": str(tmp_path / "facts")}
+    code = (
+        "import sys; from explorer.cli import main; code = main(sys.argv[1:]);"
+        "print('transformers' in sys.modules); sys.exit(code)"
+    )
+    imported, written = [], []
+    for out in ("first", "second"):
+        argv = ["merge", str(recipe), "--out", str(tmp_path / out)]
+        run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        imported.append(run.stdout.split()[-1])
+        written.append((tmp_path / out / "model.safetensors").read_bytes())
+    assert imported == ["True", "False"]
+    assert written[0] == written[1]

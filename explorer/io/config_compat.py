@@ -104,8 +104,12 @@ def changes_maths(field: str) -> bool:
 def config_differences(reference: dict, other: dict) -> list[ConfigDifference]:
     """Every field (dotted path, nested dicts flattened) whose value differs between the two configs, sorted.
 
-    Both are read as transformers reads them (``comparable``); a field one lacks is None there.
+    Both are read as transformers reads them (``comparable``); a field one lacks is None there. Equal
+    dicts have no differences, so fine-tunes saved with their base's config.json are compared without
+    importing transformers (about 1.5 s of a fresh process).
     """
+    if reference == other:
+        return []
     ref, oth = _flatten(comparable(reference)), _flatten(comparable(other))
     fields = sorted(set(ref) | set(oth))
     return [

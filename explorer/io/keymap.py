@@ -32,15 +32,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 from typing_extensions import override
 
 from explorer.io.formats.base import Checkpoint, CheckpointView, empty_model
 from explorer.io.model_facts import remembered
+
+if TYPE_CHECKING:  # transformers is imported where a model class is built: remembered names need none of it
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
 
 log = logging.getLogger(__name__)
 UNSHAPING = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
@@ -57,6 +58,8 @@ class ModelNames:
 
     def loaded_name(self, key: str) -> str:
         """The name ``from_pretrained`` loads stored tensor ``key`` under (``key`` when only a converter maps it)."""
+        from transformers.core_model_loading import rename_source_key
+
         prefix = self.model.base_model_prefix or None
         name, converter = rename_source_key(key, self.renamings, self.converters, prefix, self.keys)
         if converter is not None or (name not in self.keys and key in self.keys):
@@ -88,6 +91,8 @@ class ModelNames:
 def _model_names(architecture: str, config_json: str) -> Optional[ModelNames]:
     """``ModelNames`` of the class ``architecture`` with this config; None when transformers cannot build it."""
     from transformers import AutoConfig
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
 
     try:
         config = AutoConfig.for_model(**json.loads(config_json))

@@ -15,10 +15,9 @@ import hashlib
 import json
 import logging
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, TypeVar
-
-import transformers
 
 log = logging.getLogger(__name__)
 DEFAULT_FOLDER = Path("~/.cache/merge_explorer/model_facts")
@@ -36,7 +35,7 @@ def remembered(kind: str, key: object, compute: Callable[[], J]) -> J:
     key: JSON-serializable, everything the result depends on besides the transformers version (added
     here). The file is written complete (a temporary file renamed), so readers never see half of it.
     """
-    text = json.dumps([kind, transformers.__version__, key], sort_keys=True, default=str)
+    text = json.dumps([kind, version("transformers"), key], sort_keys=True, default=str)
     path = facts_folder() / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
     try:
         return json.loads(path.read_text())["value"]

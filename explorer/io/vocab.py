@@ -28,10 +28,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from explorer.choices import TokenizerSource, parse_choice
 from explorer.io.config_compat import vocab_size_of, with_untied, with_vocab_size
@@ -45,15 +44,16 @@ from explorer.io.formats.base import (
     embedding_names,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = ["EmbeddingNames", "TokenizerSource", "align_embeddings", "embedding_names", "is_tied"]
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json")
 
 
 def is_tied(checkpoint: Checkpoint, names: EmbeddingNames) -> bool:
     """Whether the output embedding is the input one: config says so, or the checkpoint has no output tensor."""
-    return names.output is not None and (
-        bool(checkpoint.hf_config.tie_word_embeddings) or names.output not in checkpoint.files
-    )
+    return names.output is not None and (checkpoint.tie_word_embeddings or names.output not in checkpoint.files)
 
 
 @dataclass

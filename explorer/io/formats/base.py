@@ -15,19 +15,14 @@ import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
-import transformers
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-)
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from explorer.io.model_facts import remembered
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 TIED_NAMES = ("lm_head.weight",)
 TOKENIZER_FILES = (
@@ -117,6 +112,8 @@ def load_tokenizer(folder: Path, gguf_file: Optional[str] = None) -> PreTrainedT
     The loader fails in many ways on broken files (JSONDecodeError, KeyError, TypeError, the Rust
     tokenizers' plain Exception), so every Exception is wrapped here, at this one boundary.
     """
+    from transformers import AutoTokenizer  # imported when first needed: a merge of agreeing configs never is
+
     try:
         return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     except Exception as e:
@@ -133,6 +130,8 @@ def has_tokenizer_files(folder: Optional[Path]) -> bool:
 
 def empty_model(config: PretrainedConfig, architecture: str, where: Path) -> torch.nn.Module:
     """An ``architecture`` model on the meta device (no memory, no weights): its module tree and shapes."""
+    import transformers
+
     cls = getattr(transformers, architecture, None)
     if cls is None:
         raise CheckpointError(
@@ -177,6 +176,8 @@ class Checkpoint:
         archs = self.config.get("architectures")
         if archs:
             return archs[0]
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
         model_type = self.config.get("model_type", "?")
         return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
 
@@ -188,6 +189,8 @@ class Checkpoint:
     @cached_property
     def hf_config(self) -> PretrainedConfig:
         """``self.config`` as a transformers config object (class defaults filled in)."""
+        from transformers import AutoConfig
+
         try:
             return AutoConfig.for_model(**self.config)
         except (ValueError, KeyError, TypeError) as e:
@@ -195,10 +198,20 @@ class Checkpoint:
                 f"{self.path}: config.json is not a model config transformers knows ({e}); custom-code models are not run"
             ) from None
 
+    @cached_property
+    def tie_word_embeddings(self) -> bool:
+        """``hf_config.tie_word_embeddings`` (the config class's default when config.json does not say).
+
+        Remembered on disk per config (``model_facts.remembered``): a fresh process opening checkpoints
+        it has seen before needs no transformers import for it.
+        """
+        key = json.dumps(self.config, sort_keys=True, default=str)
+        return remembered("tie_word_embeddings", key, lambda: bool(self.hf_config.tie_word_embeddings))
+
     @property
     def tied_embeddings(self) -> bool:
         """True when the output embedding is the input embedding (config says so, or lm_head is absent)."""
-        return bool(self.hf_config.tie_word_embeddings) or not any(n in self.files for n in TIED_NAMES)
+        return self.tie_word_embeddings or not any(n in self.files for n in TIED_NAMES)
 
     @property
     def sources(self) -> list[Path]:

@@ -15,12 +15,10 @@ from __future__ import annotations
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
-from transformers import AutoConfig, PreTrainedTokenizerBase
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from typing_extensions import override
 
 from explorer.io.formats.base import (
@@ -30,6 +28,9 @@ from explorer.io.formats.base import (
     empty_model,
     load_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SUFFIX = ".gguf"
 
@@ -56,12 +57,14 @@ class GgufCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         from gguf import GGUFReader
+        from transformers import AutoConfig
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
             load_gguf_checkpoint,
             read_field,
         )
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         if "-of-" in path.stem:
             raise CheckpointError(

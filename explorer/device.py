@@ -1,0 +1,74 @@
+"""Where an in-memory session keeps its tensors: a CUDA GPU when there is one with room, else RAM.
+
+A session holds its inputs (N + 1 models in float32) and merges them on the device they are on: the
+merge kernels run compiled CPU code on CPU tensors and torch operations on CUDA ones
+(``methods.kernels`` dispatches on the tensor's device), with the same results (``torch_kernels``,
+tested on the CPU). ``choose_device`` picks the device and says why, in one line the app's Models tab
+and ``python -m explorer info`` show. ``MERGE_EXPLORER_DEVICE`` (auto, cpu, cuda, cuda:N) overrides
+the automatic choice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ENV = "MERGE_EXPLORER_DEVICE"
+GiB = 2**30
+SPARE_MODELS = 2  # room a session needs beyond its inputs, in models: a merge's output and the stages it forms
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """The device a session's tensors live on and, in words, why it was chosen."""
+
+    device: torch.device
+    reason: str
+
+    def describe(self) -> str:
+        """One line: "tensors on cuda:0 (...)" or "tensors in RAM (...)"."""
+        where = "in RAM" if self.device.type == "cpu" else f"on {self.device}"
+        return f"tensors {where} ({self.reason})"
+
+
+def choose_device(needed_bytes: int, requested: Optional[str] = None) -> DeviceChoice:
+    """The device for a session that needs ``needed_bytes`` (its inputs and room to merge), and why.
+
+    requested: "auto" (the default; ``MERGE_EXPLORER_DEVICE`` when None), "cpu", "cuda" or "cuda:N".
+    auto takes CUDA device 0 when torch sees one and its free memory holds ``needed_bytes``, else the
+    CPU. An explicit "cuda" is taken as asked, but raises ValueError (with the fix) when torch sees no
+    CUDA device or the index does not exist; any other value raises ValueError.
+    """
+    asked = (requested or os.environ.get(ENV) or "auto").strip().lower()
+    if asked == "cpu":
+        return DeviceChoice(torch.device("cpu"), "asked for")
+    if asked != "auto" and not asked.startswith("cuda"):
+        raise ValueError(f"device {asked!r} is not one of auto, cpu, cuda, cuda:N (set {ENV} or the device option)")
+    if not torch.cuda.is_available():
+        if asked != "auto":
+            raise ValueError(
+                f"device {asked!r} asked for, but torch {torch.__version__} sees no CUDA device: "
+                f"install a CUDA build of torch, or use device auto or cpu"
+            )
+        return DeviceChoice(torch.device("cpu"), f"torch {torch.__version__} sees no CUDA device")
+    device = torch.device("cuda:0" if asked == "auto" else asked)
+    index = device.index or 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {asked!r}: torch sees {torch.cuda.device_count()} CUDA device(s); choose cuda:0")
+    free, _ = torch.cuda.mem_get_info(index)
+    room = f"{torch.cuda.get_device_name(index)} has {free / GiB:.1f} GiB free, the session needs {needed_bytes / GiB:.1f} GiB"
+    if asked == "auto" and needed_bytes > free:
+        return DeviceChoice(torch.device("cpu"), room)
+    return DeviceChoice(torch.device(f"cuda:{index}"), room)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Bytes free on ``device`` now: CUDA's free memory, or the machine's available RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device.index or 0)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
