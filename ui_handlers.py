@@ -532,7 +532,7 @@ def playground(bench: Workbench, prompt: str, max_new_tokens: float, progress=gr
         for i, (label, load) in enumerate(loaders.items()):
             progress(i / len(loaders), desc=f"generating with {label}")
             model, tokenizer = load()
-            ids = tokenizer(prompt, return_tensors="pt")
+            ids = tokenizer(prompt, return_tensors="pt").to(model.device)
             out = model.generate(**ids, max_new_tokens=int(max_new_tokens), do_sample=False)
             rows.append(
                 {

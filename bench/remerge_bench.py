@@ -48,7 +48,6 @@ import subprocess
 import sys
 import threading
 import time
-from inspect import signature
 from pathlib import Path
 
 os.environ.setdefault(
@@ -62,7 +61,6 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as python bench/remerge_bench.py
 
-from explorer.executor import merge_to_folder  # noqa: E402
 from explorer.inspect import plots  # noqa: E402
 from explorer.session import MergeSession  # noqa: E402
 
@@ -362,9 +360,10 @@ def disk_rows(session: MergeSession, base: Path, experts: list[Path], work: Path
     mergekit_cmd = ["mergekit-yaml", str(config_file), str(theirs_out), "--lazy-unpickle", "--quiet"]
     if args.device == "cuda":
         mergekit_cmd += ["--cuda"]
-    ours_device = "device" in signature(merge_to_folder).parameters
-    if args.device == "cuda" and not ours_device:
-        notes.append("disk: merge_to_folder has no device option: ours ran on the CPU, mergekit-yaml with --cuda")
+    if args.device == "cuda":
+        notes.append(
+            "disk: merge_to_folder streams on the CPU (it has no device option), mergekit-yaml ran with --cuda"
+        )
     commands = {
         "ours": [sys.executable, "-c", OURS_TO_DISK, str(ROOT), str(recipe_file), str(ours_out)],
         "mergekit": [shutil.which("mergekit-yaml") or mergekit_cmd[0], *mergekit_cmd[1:]],
@@ -447,19 +446,10 @@ def main() -> None:
     experts = write_experts(base, args.work)
 
     facts, checks, notes = [], [], []
-    session_device = "device" in signature(MergeSession.__init__).parameters
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    if session_device:
-        session = MergeSession(base, experts, device=args.device)
-        facts.append(f"device: {args.device}")
-    else:
-        session = MergeSession(base, experts)
-        facts.append(
-            "device: cpu (session has no device option)"
-            + ("; mergekit in memory on cpu too" if args.device == "cuda" else "")
-        )
-    mergekit_device = args.device if session_device else "cpu"
+    session = MergeSession(base, experts, device=args.device)
+    facts.append(f"device: {session.device_choice.describe()}")
     facts.append(
         f"session stage cache: cleared (clear_cache, untimed) before each from-scratch merge, kept across slider "
         f"moves; budget {session.stage_cache.budget / 2**30:.1f} GiB; a slider move holds the merge before it, "
@@ -474,7 +464,7 @@ def main() -> None:
         """(mergekit, ours) seconds from scratch for ``method``, measured once."""
         if method not in scratch:
             print(f"from scratch: {method} ...", flush=True)
-            theirs, ours = scratch_times(session, method, args.repeats, mergekit_device, checks)
+            theirs, ours = scratch_times(session, method, args.repeats, args.device, checks)
             scratch[method] = (theirs, ours)
         return scratch[method]
 

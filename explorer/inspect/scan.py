@@ -136,7 +136,7 @@ def _task_vectors(source: TaskVectorSource, name: str, work: Workspace) -> torch
     base = bases[name].reshape(-1)
     if not base.is_floating_point():
         return base[None]
-    out = work.get("x", len(models), base.numel())
+    out = work.get("x", len(models), base.numel(), device=base.device)
     for row, model in zip(out, models, strict=True):
         torch.sub(model[name].reshape(-1), base, out=row)
     return out
@@ -284,7 +284,7 @@ def _measure(
     if not x.is_floating_point() or not x.shape[1]:
         return _Measured(numel=0)
     numel = x.shape[1]
-    values = x[:, _sample_index(numel, sample, tensor_generator(seed, name))]
+    values = x[:, _sample_index(numel, sample, tensor_generator(seed, name))].cpu()  # the statistics run in numpy
     trims = _trims(x, density)
     shares = grid_shares(sorted_descending(values.abs()), grid)
     return _Measured(numel, values, shares, trims, scan_sums(x, trims, tuple(thresholds)))
@@ -314,7 +314,7 @@ def _distances(
     if x is None:
         rows, minus = [m[name].reshape(-1) for m in source.models], base
     else:
-        rows, minus = list(x), torch.zeros(numel)
+        rows, minus = list(x), torch.zeros(numel, device=base.device)
     d = merge_distances(rows, minus, base, flat)
     return {
         "dist_sq": np.append(d["dist_sq"], d["moved_sq"]),

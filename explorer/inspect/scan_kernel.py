@@ -7,7 +7,8 @@ threshold, the kept count and kept L1 mass; per pair the dot product, kept overl
 per entry the cross-expert counts (kept by any, by two or more, sign conflicts, agreement). A second,
 lighter pass (``merge_distances``) places a merge: its squared distance from every expert and from
 the base. The first depends on the density only, so a session keeps it across merges (``scan``).
-"Kept" is kept by the trim and nonzero (a zero has no sign).
+"Kept" is kept by the trim and nonzero (a zero has no sign). Both read CPU memory only; given a tensor
+on another device (CUDA), each calls its torch version in ``scan_torch`` (``kernels.torch_path``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import numba
 import numpy as np
 import torch
 
-from explorer.methods.kernels import run_ranges
+from explorer.methods.kernels import run_ranges, torch_path, trim_thresholds
 
 BLOCK = 4096  # entries per block: its kept flags and signs stay in cache; its sums are float32 (exact counts)
 # Sums may be reassociated (so LLVM vectorizes them); no assumption about inf (a trim of nothing uses it).
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
+_TORCH = "explorer.inspect.scan_torch"
 
 
 @numba.njit(nogil=True, cache=True, fastmath=_FAST)
@@ -121,13 +123,21 @@ def scan_sums(x: torch.Tensor, cuts: list[tuple[float, int]], thresholds: tuple[
     Returns float64 arrays l1, zeros, kept_l1 (N,), below (T, N), gram, inter, sdot (N, N,
     symmetric), and scalars kept_any, kept_2plus, conflicts, agreement_sum.
     """
+    if device := torch_path(x, _TORCH):
+        return device.scan_sums(x, cuts, thresholds)
     flat = x.contiguous().numpy()
-    lows = np.array([c[0] for c in cuts], np.float32)
-    highs = np.nextafter(lows, np.float32(np.inf))
-    cut = np.array([c[1] for c in cuts], np.int64)
-    args = (flat, lows, highs, cut, np.array(thresholds, np.float32))
+    args = (flat, *trim_thresholds(cuts), np.array(thresholds, np.float32))
     parts = run_ranges(_scan_range, flat.shape[1], *args)
-    per_expert, pairs, totals = (sum(p[k] for p in parts) for k in range(3))
+    return sums_dict(*(sum(p[k] for p in parts) for k in range(3)))
+
+
+def sums_dict(per_expert: np.ndarray, pairs: np.ndarray, totals: np.ndarray) -> dict:
+    """``scan_sums``' dict of its float64 sums, each named.
+
+    per_expert: (3 + T, N) l1, zeros, kept_l1, below_0..below_T-1; pairs: (3, N, N) gram, inter, sdot,
+    of which the upper triangle (diagonal included) is read and mirrored; totals: (4,) kept_any,
+    kept_2plus, conflicts, agreement_sum.
+    """
     pairs = np.triu(pairs) + np.transpose(np.triu(pairs, 1), (0, 2, 1))
     sums = dict(l1=per_expert[0], zeros=per_expert[1], kept_l1=per_expert[2], below=per_expert[3:])
     sums |= dict(gram=pairs[0], inter=pairs[1], sdot=pairs[2])
@@ -144,6 +154,8 @@ def merge_distances(
     of the base and the merge; moved = merged - base (float32, as torch subtracts). Returns dist_sq
     (N,) ||x_i - moved||^2, xb (N,) x_i . base, and scalars moved_sq ||moved||^2, bb ||base||^2.
     """
+    if device := torch_path(base, _TORCH):
+        return device.merge_distances(rows, minus, base, merged)
     arrays = tuple(r.contiguous().numpy() for r in rows)
     args = (arrays, minus.contiguous().numpy(), base.contiguous().numpy(), merged.contiguous().numpy())
     parts = run_ranges(_distance_range, base.numel(), *args)

@@ -26,12 +26,17 @@ numba (serial, GIL released, cached on disk after the first compile); ``magnitud
   weights base + lambda * result (``Finished``).
 * ``finish`` is a delta-space merge's last step, base + lambda * task vector, with the peak |value|
   measured in the same pass (an integer max over the bit patterns), so the output check needs no pass.
+
+They read CPU memory only: each public kernel hands a tensor on another device (CUDA) to its torch
+version in ``torch_kernels``, which gives the same results (``torch_path``).
 """
 
 from __future__ import annotations
 
+import importlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 import numba
@@ -45,6 +50,16 @@ MIN_RANGE = 1 << 16  # fewest entries worth handing to another thread
 BLOCK = 2048  # entries per block of the fused TIES pass (its vote, sum and divisor stay in L1)
 FILTER = 64  # entries per run the second histogram pass checks for its bin at once
 _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="merge-kernel")
+_TORCH = "explorer.methods.torch_kernels"
+
+
+def torch_path(x: torch.Tensor, module: str) -> Optional[ModuleType]:
+    """The torch kernels ``module`` (a dotted name) when ``x`` is not on the CPU, else None.
+
+    The compiled kernels read CPU memory only; a kernel given a tensor on another device (CUDA) calls
+    its namesake in ``module`` instead. Imported on first use, as that module imports this one.
+    """
+    return None if x.device.type == "cpu" else importlib.import_module(module)
 
 
 def _ranges(size: int) -> list[tuple[int, int]]:
@@ -118,6 +133,17 @@ def _select(counts, k):  # pragma: no cover - compiled
     return 0, above
 
 
+def check_k(k: int, size: int) -> None:
+    """Raise ValueError unless 1 <= k <= size: ``magnitude_cut``'s k over ``size`` entries."""
+    if not 1 <= k <= size:
+        raise ValueError(f"magnitude_cut: k={k} is outside [1, {size}]")
+
+
+def from_bits(pattern: int) -> float:
+    """The float32 value whose bit pattern is ``pattern`` (an int32), as a Python float."""
+    return float(np.array([pattern], np.int32).view(np.float32)[0])
+
+
 def magnitude_cut(x: torch.Tensor, k: int) -> tuple[float, int]:
     """(v, cut): the top-k entries of |x| are those with |x| > v and those with |x| == v before index cut.
 
@@ -125,16 +151,17 @@ def magnitude_cut(x: torch.Tensor, k: int) -> tuple[float, int]:
     k-th largest |x| (float32 value); cut is the flat index just past the last entry equal to v that
     the top k takes (numel when it takes all of them). Two passes over x, no sort, no copy of x.
     """
+    if device := torch_path(x, _TORCH):
+        return device.magnitude_cut(x, k)
     bits = x.detach().contiguous().view(torch.int32).reshape(-1).numpy()
-    if not 1 <= k <= bits.size:
-        raise ValueError(f"magnitude_cut: k={k} is outside [1, {bits.size}]")
+    check_k(k, bits.size)
     high, above = _select(sum(run_ranges(_high_counts, bits.size, bits)), k)
     low_counts = sum(run_ranges(_low_counts, bits.size, bits, high))
     low, above_low = _select(low_counts, k - above)
     pattern = (high << LOW_BITS) | low
     take = k - above - above_low
     cut = bits.size if take == low_counts[low] else int(_nth_equal(bits, pattern, take))
-    return float(np.array([pattern], np.int32).view(np.float32)[0]), cut
+    return from_bits(pattern), cut
 
 
 def keep_all() -> tuple[float, int]:
@@ -184,10 +211,10 @@ class Finished:
 
 def _peak(bits: Sequence[int]) -> float:
     """The float32 whose pattern is the largest of ``bits`` (per-range maxima of |x| patterns); 0 for none."""
-    return float(np.array([max(bits, default=0)], np.int32).view(np.float32)[0])
+    return from_bits(max(bits, default=0))
 
 
-def _check_float32(who: str, shape: torch.Size, *tensors: torch.Tensor) -> None:
+def check_float32(who: str, shape: torch.Size, *tensors: torch.Tensor) -> None:
     """Raise ValueError unless every tensor is contiguous float32 of ``shape`` (the kernels read them flat)."""
     if any(t.dtype != torch.float32 or not t.is_contiguous() or t.shape != shape for t in tensors):
         raise ValueError(f"{who} needs contiguous float32 tensors of shape {tuple(shape)}")
@@ -201,7 +228,9 @@ def finish(x: torch.Tensor, scale: float, base: torch.Tensor, out: Optional[torc
     before the sum). out: a (*S) float32 contiguous tensor to write (``x`` itself is allowed), else a
     new one. Raises ValueError on another dtype, a strided input or mismatched shapes.
     """
-    _check_float32("finish", x.shape, x, base)
+    if device := torch_path(x, _TORCH):
+        return device.finish(x, scale, base, out)
+    check_float32("finish", x.shape, x, base)
     out = torch.empty(x.shape, dtype=torch.float32) if out is None else out
     flat = (x.detach().view(-1).numpy(), np.float32(scale), base.detach().view(-1).numpy(), out.view(-1).numpy())
     size = x.numel()
@@ -290,6 +319,30 @@ def _ties_range(
     return peak
 
 
+def trim_thresholds(cuts: Sequence[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lows, highs, cut) of the trims ``cuts`` (per model (v, cut), ``magnitude_cut``), each (N,).
+
+    Model i keeps the entries with |x| >= lows[i] = v before flat index cut[i] and those with
+    |x| >= highs[i] (the next float32 above v: |x| > v) from it on. lows, highs float32; cut int64.
+    """
+    lows = np.array([c[0] for c in cuts], np.float32)
+    return lows, np.nextafter(lows, np.float32(np.inf)), np.array([c[1] for c in cuts], np.int64)
+
+
+def ties_factors(
+    weights: Sequence[float], weighted_vote: bool, divisor: Optional[Sequence[float]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vote_w, coef, divide_w), each (N,) float32: ``ties_merge``'s per-model factors.
+
+    u_i = vote_w[i] t_i is model i's vote (w_i t_i when ``weighted_vote``, else t_i) and w_i t_i =
+    coef[i] u_i exactly; divide_w holds the divisor's c_i (zeros when ``divisor`` is None).
+    """
+    w = np.array(weights, np.float32)
+    ones = np.ones(w.size, np.float32)
+    divide_w = np.array(divisor if divisor is not None else [0.0] * w.size, np.float32)
+    return (w, ones, divide_w) if weighted_vote else (ones, w, divide_w)
+
+
 def ties_merge(
     deltas: torch.Tensor,
     cuts: list[tuple[float, int]],
@@ -313,15 +366,12 @@ def ties_merge(
     base: a (*S) contiguous float32 tensor: the same pass also writes base + scale * result (``finish``),
     and (result, ``Finished``) is returned.
     """
+    if device := torch_path(deltas, _TORCH):
+        return device.ties_merge(deltas, cuts, weights, weighted_vote, count_vote, divisor, out, base, scale)
     n = deltas.shape[0]
     flat = deltas.detach().contiguous().view(n, -1).numpy()
-    w = np.array(weights, np.float32)
-    vote_w = w if weighted_vote else np.ones(n, np.float32)
-    coef = np.ones(n, np.float32) if weighted_vote else w  # w_i t_i = u_i coef_i
-    divide_w = np.array(divisor if divisor is not None else [0.0] * n, np.float32)
-    lows = np.array([c[0] for c in cuts], np.float32)
-    highs = np.nextafter(lows, np.float32(np.inf))  # |d| > v  <=>  |d| >= the next float32 above v
-    cut = np.array([c[1] for c in cuts], np.int64)
+    vote_w, coef, divide_w = ties_factors(weights, weighted_vote, divisor)
+    lows, highs, cut = trim_thresholds(cuts)
     if out is None or out.shape != deltas.shape[1:] or out.dtype != torch.float32 or not out.is_contiguous():
         out = torch.empty(deltas.shape[1:], dtype=torch.float32)
     args = (flat, lows, highs, cut, vote_w, coef, divide_w, count_vote, divisor is not None, out.view(-1).numpy())
@@ -329,7 +379,7 @@ def ties_merge(
         nothing = np.empty(0, np.float32)
         run_ranges(_ties_range, flat.shape[1], *args, np.float32(1), nothing, nothing)
         return out
-    _check_float32("ties_merge's base", out.shape, base)
+    check_float32("ties_merge's base", out.shape, base)
     final = torch.empty_like(out)
     parts = (np.float32(scale), base.detach().view(-1).numpy(), final.view(-1).numpy())
     peaks = run_ranges(_ties_range, flat.shape[1], *args, *parts)
@@ -358,6 +408,14 @@ def _weighted_range(xs, minus, subtract, c, out, a, b):  # pragma: no cover - co
                     o[j] += ci * x[j]
 
 
+def check_weighted_sum(xs: Sequence[torch.Tensor], minus: Optional[torch.Tensor]) -> None:
+    """Raise ValueError unless ``weighted_sum`` can read ``xs`` and ``minus`` (its docstring)."""
+    if not xs or any(x.dtype != torch.float32 or not x.is_contiguous() or x.shape != xs[0].shape for x in xs):
+        raise ValueError("weighted_sum needs N >= 1 contiguous float32 tensors of one shape")
+    if minus is not None and (minus.dtype != torch.float32 or not minus.is_contiguous() or minus.shape != xs[0].shape):
+        raise ValueError(f"weighted_sum: minus must be a contiguous float32 tensor of shape {tuple(xs[0].shape)}")
+
+
 def weighted_sum(
     xs: Sequence[torch.Tensor], coefficients: Sequence[float], minus: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -369,10 +427,9 @@ def weighted_sum(
     task vectors formed first (``x_i - minus`` stored, then summed with ``minus`` None), bit for bit.
     Raises ValueError on another dtype, a strided input or mismatched shapes.
     """
-    if not xs or any(x.dtype != torch.float32 or not x.is_contiguous() or x.shape != xs[0].shape for x in xs):
-        raise ValueError("weighted_sum needs N >= 1 contiguous float32 tensors of one shape")
-    if minus is not None and (minus.dtype != torch.float32 or not minus.is_contiguous() or minus.shape != xs[0].shape):
-        raise ValueError(f"weighted_sum: minus must be a contiguous float32 tensor of shape {tuple(xs[0].shape)}")
+    if xs and (device := torch_path(xs[0], _TORCH)):
+        return device.weighted_sum(xs, coefficients, minus)
+    check_weighted_sum(xs, minus)
     flat = tuple(x.detach().view(-1).numpy() for x in xs)
     subtracted = (minus if minus is not None else xs[0]).detach().view(-1).numpy()
     out = torch.empty(xs[0].shape, dtype=torch.float32)
@@ -424,6 +481,12 @@ def _abs_sum(x):  # pragma: no cover - compiled
     return s
 
 
+def check_float32_any(who: str, x: torch.Tensor, contiguous: bool) -> None:
+    """Raise ValueError unless ``x`` (any shape) is float32, and contiguous when ``contiguous``."""
+    if x.dtype != torch.float32 or (contiguous and not x.is_contiguous()):
+        raise ValueError(f"{who} needs a {'contiguous ' if contiguous else ''}float32 tensor")
+
+
 def l1_norm(x: torch.Tensor) -> torch.Tensor:
     """sum |x| of a float32 tensor (any shape), as a 0-dim float32 tensor: summed in float64, one serial pass.
 
@@ -432,8 +495,9 @@ def l1_norm(x: torch.Tensor) -> torch.Tensor:
     4 M entries and 1.5% at 28 M (6.6% on one thread; measured with torch 2.13). The order of the sum
     does not depend on the thread count. Raises ValueError on another dtype.
     """
-    if x.dtype != torch.float32:
-        raise ValueError("l1_norm needs a float32 tensor")
+    if device := torch_path(x, _TORCH):
+        return device.l1_norm(x)
+    check_float32_any("l1_norm", x, contiguous=False)
     return torch.tensor(_abs_sum(x.detach().contiguous().view(-1).numpy()), dtype=torch.float32)
 
 
@@ -470,9 +534,10 @@ def bernoulli_drop_(
     in a fixed order in the same pass (mergekit's rescale needs both). Raises ValueError unless ``x`` is
     a contiguous float32 tensor.
     """
+    if device := torch_path(x, _TORCH):
+        return device.bernoulli_drop_(x, density, generator)
     generator = generator if generator is not None else torch.default_generator
-    if not x.is_contiguous() or x.dtype != torch.float32:
-        raise ValueError("bernoulli_drop_ needs a contiguous float32 tensor")
+    check_float32_any("bernoulli_drop_", x, contiguous=True)
     state = generator.get_state()
     raw = state.numpy()
     words = raw[_WORDS].view(np.uint64).astype(np.uint32)

@@ -30,11 +30,14 @@ class Workspace:
     def __init__(self) -> None:
         self._flat: dict[str, torch.Tensor] = {}
 
-    def get(self, key: str, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A buffer of ``shape`` and ``dtype`` kept under ``key``: reused while it is big enough, else reallocated."""
+    def get(
+        self, key: str, *shape: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """A buffer of ``shape``, ``dtype`` and ``device`` kept under ``key``: reused while it is big enough, else reallocated."""
         size = math.prod(shape)
-        if key not in self._flat or self._flat[key].numel() < size:
-            self._flat[key] = torch.empty(size, dtype=dtype)
+        held = self._flat.get(key)
+        if held is None or held.numel() < size or held.device != torch.device(device):
+            self._flat[key] = torch.empty(size, dtype=dtype, device=device)
         return self._flat[key][:size].view(shape)
 
 
@@ -55,7 +58,7 @@ def topk_mask(t: torch.Tensor, k: int) -> torch.Tensor:
     flat = t.reshape(-1).float()
     n = flat.numel()
     if k <= 0 or k >= n:
-        return torch.full(t.shape, k >= n, dtype=torch.bool)
+        return torch.full(t.shape, k >= n, dtype=torch.bool, device=t.device)
     v, cut = magnitude_cut(flat, k)
     mask = flat.abs() > v
     mask[:cut] |= flat[:cut].abs() == v

@@ -123,7 +123,8 @@ def della_mask(
         probs[a : a + block] = rows[a : a + block].abs().argsort(dim=1).argsort(dim=1)
     span = (rows.shape[1] - 1) or 1
     probs.div_(span).mul_(2).mul_(epsilon).add_(density - epsilon)  # the order of mergekit's float ops
-    return torch.bernoulli(probs, generator=generator).reshape(delta.shape)
+    # drawn on the CPU (the generator is a CPU one, as mergekit's stream), then moved to delta's device
+    return torch.bernoulli(probs, generator=generator).reshape(delta.shape).to(delta.device)
 
 
 def _apply(kept: torch.Tensor, mask: torch.Tensor) -> None:
