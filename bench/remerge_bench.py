@@ -25,11 +25,12 @@ Parts (``--only``, repeatable; default all):
   other panels kept from the warm-up (a session keeps them per settings).
 - disk: the TIES merge streamed to a checkpoint folder, each as its own process timed with
   ``/usr/bin/time -v`` (wall seconds, peak RSS; psutil polling where that is missing):
-  ``merge_to_folder`` vs ``mergekit-yaml --lazy-unpickle`` vs the read+write floor (read every
-  input with ``safetensors.torch.load_file``, write one model-sized file with ``save_file``), page
+  ``python -m explorer merge --device D`` vs ``mergekit-yaml --lazy-unpickle`` (``--cuda`` on CUDA)
+  vs the read+write floor (read every input with ``safetensors.torch.load_file``, which maps the file,
+  and sum each tensor so that its bytes are read; write one model-sized file with ``save_file``), page
   cache warm. Process times include the interpreter start and imports; a last row gives ours and the
-  floor after their imports (the ``merge_to_folder`` call; the reads and the write), the streaming
-  itself. ``--disk-repeats`` (default 1).
+  floor after their imports (the CLI's ``merge_to_folder`` call, which it reports; the floor's reads
+  and write), the streaming itself. ``--disk-repeats`` (default 1).
 
 The goal column holds issue 11's targets (``GOALS`` below): from scratch linear <= 0.3 s,
 task_arithmetic <= 0.5 s, ties and dare_ties <= 1.5 s (ties >= 10x mergekit, dare_ties >= 4x); a
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -122,21 +124,13 @@ from safetensors.torch import load_file, save_file
 start = time.perf_counter()
 out, files = sys.argv[1], sys.argv[2:]
 kept = None
-for f in files:  # every input tensor read; one model-sized dict kept to write
+for f in files:  # every input tensor read (load_file maps the file: its bytes are read when summed)
     tensors = load_file(f)
-    kept = kept or tensors
+    for t in tensors.values():
+        t.sum()
+    kept = kept or tensors  # one model-sized dict kept to write
     del tensors
 save_file(kept, out)
-print(f"after imports: {time.perf_counter() - start}")
-"""
-
-OURS_TO_DISK = """
-import sys, time
-sys.path.insert(0, sys.argv[1])
-from explorer.executor import merge_to_folder
-from explorer.recipe import MergeRecipe
-start = time.perf_counter()
-merge_to_folder(MergeRecipe.load(sys.argv[2]), sys.argv[3], overwrite=True)
 print(f"after imports: {time.perf_counter() - start}")
 """
 
@@ -302,14 +296,14 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float | None]:
     gnu_time = Path("/usr/bin/time")
     if gnu_time.exists():
         start = time.perf_counter()
-        done = subprocess.run([str(gnu_time), "-v", *cmd], capture_output=True, text=True)
+        done = subprocess.run([str(gnu_time), "-v", *cmd], capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - start
         if done.returncode:
             raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr[-4000:])
         line = next(x for x in done.stderr.splitlines() if "Maximum resident set size" in x)
         return wall, int(line.rsplit(":", 1)[1]) / 1024, after_imports(done.stdout)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     peak, handle = [0], psutil.Process(proc.pid)
 
     def poll():
@@ -332,9 +326,12 @@ def run_measured(cmd: list[str]) -> tuple[float, float, float | None]:
 
 
 def after_imports(stdout: str) -> float | None:
-    """The seconds a process printed as ``after imports: S`` (its work once its modules were imported)."""
-    said = [line for line in stdout.splitlines() if line.startswith("after imports: ")]
-    return float(said[-1].split(": ")[1]) if said else None
+    """The seconds of work a process printed once its modules were imported, None when it printed none.
+
+    The floor prints ``after imports: S``; the CLI ``wrote DIR in S s`` (its ``merge_to_folder`` call).
+    """
+    said = re.findall(r"^(?:after imports: ([0-9.]+)|wrote .* in ([0-9.]+) s)$", stdout, re.MULTILINE)
+    return float("".join(said[-1])) if said else None
 
 
 def mergekit_yaml(base: Path, experts: list[Path]) -> str:
@@ -360,12 +357,9 @@ def disk_rows(session: MergeSession, base: Path, experts: list[Path], work: Path
     mergekit_cmd = ["mergekit-yaml", str(config_file), str(theirs_out), "--lazy-unpickle", "--quiet"]
     if args.device == "cuda":
         mergekit_cmd += ["--cuda"]
-    if args.device == "cuda":
-        notes.append(
-            "disk: merge_to_folder streams on the CPU (it has no device option), mergekit-yaml ran with --cuda"
-        )
+    ours_cmd = [sys.executable, "-m", "explorer", "merge", str(recipe_file), "--out", str(ours_out), "--overwrite"]
     commands = {
-        "ours": [sys.executable, "-c", OURS_TO_DISK, str(ROOT), str(recipe_file), str(ours_out)],
+        "ours": [*ours_cmd, "--device", args.device],
         "mergekit": [shutil.which("mergekit-yaml") or mergekit_cmd[0], *mergekit_cmd[1:]],
         "floor": [sys.executable, "-c", READ_WRITE_FLOOR, str(floor_out), *map(str, inputs)],
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="folder of cached Fisher estimates (fisher method; default ~/.cache/merge_explorer/fisher)",
     )
+    merge.add_argument(
+        "--device",
+        help="where tensors are merged: auto (a CUDA GPU with room, else the CPU; the default), cpu, cuda, cuda:N",
+    )
     _add_average_run(sub)
     _add_prune(sub)
     _add_merge_adapters(sub)
@@ -63,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         return _average_run(args)
     if args.command == "prune":
         return _prune(args)
-    return _merge(args.recipe, args.out, args.overwrite, args.fisher_cache)
+    return _merge(args.recipe, args.out, args.overwrite, args.fisher_cache, args.device)
 
 
-def _merge(recipe_path: Path, out: Path, overwrite: bool, fisher_cache: Path | None = None) -> int:
+def _merge(
+    recipe_path: Path, out: Path, overwrite: bool, fisher_cache: Path | None = None, device: str | None = None
+) -> int:
     try:
         recipe = MergeRecipe.load(recipe_path)
     except FileNotFoundError:
@@ -75,10 +82,12 @@ def _merge(recipe_path: Path, out: Path, overwrite: bool, fisher_cache: Path | N
         return _fail(f"{recipe_path}: cannot read the recipe file ({e.strerror}); give the path of a YAML file")
     except (ValidationError, ValueError, KeyError, yaml.YAMLError) as e:
         return _fail(f"{recipe_path}: invalid recipe: {user_message(e)}")
-    return _run_recipe(recipe, out, overwrite, fisher_cache)
+    return _run_recipe(recipe, out, overwrite, fisher_cache, device)
 
 
-def _run_recipe(recipe: MergeRecipe, out: Path, overwrite: bool, fisher_cache: Path | None = None) -> int:
+def _run_recipe(
+    recipe: MergeRecipe, out: Path, overwrite: bool, fisher_cache: Path | None = None, device: str | None = None
+) -> int:
     bars: list[tqdm] = []  # created on the first progress report, after every input passed its checks
 
     def progress(fraction: float, _name: str) -> None:
@@ -86,9 +95,9 @@ def _run_recipe(recipe: MergeRecipe, out: Path, overwrite: bool, fisher_cache: P
             bars.append(tqdm(total=100, desc=recipe.merge_method, bar_format="{l_bar}{bar}| {elapsed}<{remaining}"))
         bars[0].update(round(100 * fraction) - bars[0].n)
 
-    error = None
+    error, started = None, time.perf_counter()
     try:
-        merge_to_folder(recipe, out, progress=progress, overwrite=overwrite, fisher_cache=fisher_cache)
+        merge_to_folder(recipe, out, progress=progress, overwrite=overwrite, fisher_cache=fisher_cache, device=device)
     except (CheckpointError, ValueError) as e:
         error = user_message(e)
     finally:
@@ -96,7 +105,7 @@ def _run_recipe(recipe: MergeRecipe, out: Path, overwrite: bool, fisher_cache: P
             bar.close()
     if error:
         return _fail(error)
-    print(f"wrote {out}")
+    print(f"wrote {out} in {time.perf_counter() - started:.2f} s")
     return 0
 
 

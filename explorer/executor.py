@@ -25,6 +25,7 @@ import torch
 
 from explorer import registry
 from explorer.choices import OutOfRange, Space, parse_choice
+from explorer.device import choose_device
 from explorer.fisher import fisher_extras
 from explorer.io.inputs import MergeInputs, TensorSource, open_inputs
 from explorer.io.writer import chat_template_files, check_output_dir, write_checkpoint
@@ -143,6 +144,7 @@ def merge_stream(
     extras: Optional[Extras] = None,
     cache: Optional[StageCache] = None,
     workers: int = 1,
+    device: Optional[torch.device] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor in the output dtype) for every output tensor, one at a time.
 
@@ -159,6 +161,8 @@ def merge_stream(
     tensor's stages from the previous merges (recipes without slices), reading nothing.
     ``workers``: threads merging the next tensors while the caller handles one (``in_order``); each
     holds about (N + 2) x its tensor, and the reader runs up to ``workers`` tensors ahead.
+    ``device``: where each tensor's inputs are merged (read into RAM, then moved; None: where they are
+    read); the merged tensors stay there.
     """
     spec = registry.get(recipe.merge_method)
     layout = recipe.layout(source.names)
@@ -184,6 +188,8 @@ def merge_stream(
             base, models = reads.pop(i).result()  # nothing else holds the inputs: freed after the merge
             if not models.is_floating_point():
                 return place.name, models[0]
+            if device is not None:
+                base, models = (None if base is None else base.to(device)), models.to(device)
             out, peak = merge_tensor(spec, recipe.params_at(place), place.name, base, models, recipe.seed, extra)
             del models
         return place.name, cast_output(place.name, out, recipe.torch_dtype, recipe.out_of_range, peak)
@@ -288,18 +294,24 @@ def merge_to_folder(
     progress: Optional[Progress] = None,
     overwrite: bool = False,
     fisher_cache: Optional[Path] = None,
+    device: Optional[str] = None,
 ) -> Path:
     """Stream the merge of ``recipe`` into a new checkpoint folder ``out_dir``; returns its path.
 
     All inputs are checked, and a Fisher merge's Fisher estimated (or found in ``fisher_cache``),
     before anything is written; the folder appears only when complete. It holds the config (its layer
     count fixed when slices change it) and the reference's tokenizer, with the recipe's chat template.
+    device: where the tensors are merged (``explorer.device.choose_device``: None or "auto" takes a
+    CUDA GPU with room for (2N + 4) x the largest tensor, else the CPU); reads and writes go through
+    RAM, one tensor at a time. ValueError for a device that is not there.
     """
     merge_plan = plan(recipe)
+    largest = max(4 * math.prod(merge_plan.reference.shape(n)) for n in merge_plan.names)
+    where = choose_device((2 * len(merge_plan.models) + 4) * largest, device).device
     out = check_output_dir(out_dir, merge_plan.sources(), overwrite)
     extras = setup_extras(merge_plan, recipe, progress, fisher_cache)
     inputs = ([merge_plan.base] if merge_plan.base else []) + merge_plan.models
     files = chat_template_files(recipe.chat_template, merge_plan.reference, inputs)
-    stream = merge_stream(merge_plan, recipe, progress, extras=extras)
+    stream = ((name, t.cpu()) for name, t in merge_stream(merge_plan, recipe, progress, extras=extras, device=where))
     updates = output_config(recipe, merge_plan)
     return write_checkpoint(out, stream, merge_plan.reference, recipe, overwrite, files=files, config_updates=updates)

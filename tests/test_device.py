@@ -146,3 +146,24 @@ def test_inspect_on_the_torch_kernels_measures_what_the_compiled_scan_does(famil
     for table in ("experts", "entries", "pairs", "distances"):
         pd.testing.assert_frame_equal(getattr(ours, table), getattr(theirs, table), rtol=1e-6)
     assert torch.equal(ours.samples, theirs.samples)
+
+
+def test_a_streamed_merge_on_the_torch_kernels_writes_the_compiled_bytes(family, tmp_path, monkeypatch):
+    """``python -m explorer merge --device``: the GPU's code path (run on the CPU) writes what the compiled one does."""
+    base, experts = family
+    recipe = tmp_path / "ties.yaml"
+    models = "".join(f"  - model: {e}\n    parameters: {{weight: 0.6, density: 0.4}}\n" for e in experts)
+    recipe.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}dtype: bfloat16\n")
+    for path, route in (("torch", lambda _x, module: importlib.import_module(module)), ("compiled", lambda *_: None)):
+        monkeypatch.setattr(kernels, "torch_path", route)
+        assert main(["merge", str(recipe), "--out", str(tmp_path / path), "--device", "cpu"]) == 0
+    written = [(tmp_path / out / "model.safetensors").read_bytes() for out in ("torch", "compiled")]
+    assert written[0] == written[1]
+
+
+def test_a_merge_on_a_device_that_is_not_there_is_refused_before_anything_is_written(family, tmp_path, capsys):
+    base, experts = family
+    recipe = tmp_path / "linear.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n" + "".join(f"  - model: {e}\n" for e in experts))
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out"), "--device", "cuda:7"]) == 2
+    assert "device 'cuda:7'" in capsys.readouterr().err and not (tmp_path / "out").exists()
