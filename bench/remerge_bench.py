@@ -497,6 +497,8 @@ def main() -> None:
         ties_merge = shown = None  # the merges held above
         del session  # the processes below get the memory this one held (5-6 GiB) back, as a user's CLI run would
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         notes.append(f"disk: this process held {psutil.Process().memory_info().rss / 2**20:.0f} MiB while they ran")
         disk_rows(recipe, base, experts, args.work, args, rows, notes)
 

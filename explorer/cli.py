@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     merge.add_argument(
         "--device",
-        help="where tensors are merged: auto (a CUDA GPU with room, else the CPU; the default), cpu, cuda, cuda:N",
+        help="where tensors are merged: cpu (the default, or MERGE_EXPLORER_DEVICE), cuda, cuda:N, auto (a GPU with room)",
     )
     _add_average_run(sub)
     _add_prune(sub)

@@ -102,7 +102,7 @@ def read_place(
     tensors = (source.models[order[model]][name] for model, name in place.inputs)
     first = next(tensors)
     dtype = torch.float32 if first.is_floating_point() else first.dtype
-    stacked = torch.empty((len(place.inputs), *first.shape), dtype=dtype)
+    stacked = torch.empty((len(place.inputs), *first.shape), dtype=dtype, device=first.device)
     stacked[0].copy_(first)
     for k, tensor in enumerate(tensors, start=1):
         stacked[k].copy_(tensor)
@@ -301,13 +301,15 @@ def merge_to_folder(
     All inputs are checked, and a Fisher merge's Fisher estimated (or found in ``fisher_cache``),
     before anything is written; the folder appears only when complete. It holds the config (its layer
     count fixed when slices change it) and the reference's tokenizer, with the recipe's chat template.
-    device: where the tensors are merged (``explorer.device.choose_device``: None or "auto" takes a
-    CUDA GPU with room for (2N + 4) x the largest tensor, else the CPU); reads and writes go through
-    RAM, one tensor at a time. ValueError for a device that is not there.
+    device: where the tensors are merged ("cpu", "cuda", "cuda:N", or "auto": a CUDA GPU with room for
+    (2N + 4) x the largest tensor, else the CPU; ``explorer.device.choose_device``). None takes
+    ``MERGE_EXPLORER_DEVICE``, else the CPU: the compiled kernels read the inputs where they are read
+    to, where a GPU costs a copy each way per tensor. Reads and writes go through RAM, one tensor at a
+    time. ValueError for a device that is not there.
     """
     merge_plan = plan(recipe)
     largest = max(4 * math.prod(merge_plan.reference.shape(n)) for n in merge_plan.names)
-    where = choose_device((2 * len(merge_plan.models) + 4) * largest, device).device
+    where = choose_device((2 * len(merge_plan.models) + 4) * largest, device, default="cpu").device
     out = check_output_dir(out_dir, merge_plan.sources(), overwrite)
     extras = setup_extras(merge_plan, recipe, progress, fisher_cache)
     inputs = ([merge_plan.base] if merge_plan.base else []) + merge_plan.models

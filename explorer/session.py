@@ -11,6 +11,7 @@ Inspect and evaluation then run there), else RAM. The streaming executor has no 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -90,7 +91,7 @@ class MergeSession:
         if self.base is None:
             return task_vectors(self, name)  # raises with the fix
         base = self.base[name]
-        out = torch.empty((len(self.models), *base.shape), dtype=base.dtype)
+        out = torch.empty((len(self.models), *base.shape), dtype=base.dtype, device=base.device)
         for row, model in zip(out, self.models, strict=True):
             torch.sub(model[name], base, out=row)
         return out
@@ -166,7 +167,8 @@ class MergeSession:
         instead of 5 s for SmolLM2-135M), since every weight is then loaded; ValueError when one is missing.
         """
         config = self.reference.hf_config
-        with no_init_weights(), self.device:
+        on_device = contextlib.nullcontext() if self.device.type == "cpu" else self.device
+        with no_init_weights(), on_device:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=False)
         missing = [k for k in missing if k not in TIED_NAMES]

@@ -98,7 +98,9 @@ class CachedStages(Stages):
         (M_i - B, from the kept task vectors if any) and thinned again.
         """
         if self._rows is None:
-            self._rows = torch.empty((self.n, *self._weights[0].shape), dtype=torch.float32)
+            self._rows = torch.empty(
+                (self.n, *self._weights[0].shape), dtype=torch.float32, device=self._weights[0].device
+            )
             self._row_keys, self._row_states = [None] * len(keys), [None] * len(keys)
         for i, key in enumerate(keys):
             if self._row_keys[i] == key:

@@ -11,6 +11,7 @@ exceptions into messages. A notebook drives the same object directly::
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -147,6 +148,9 @@ class Workbench:
         """Forget the loaded inputs, the merges and the models built for evaluation: their memory is freed."""
         self.session = None
         self.recipe, self.merged, self.history, self._loaded = None, None, [], {}
+        if torch.cuda.is_available():  # torch keeps freed GPU memory for itself: give it back for the next choice
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def training_metadata(self) -> dict[str, dict[str, float]]:
         """Per-model parameter values that the loaded experts' ``trainer_state.json`` gives, by label.

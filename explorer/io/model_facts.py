@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import os
-from importlib.metadata import version
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -33,13 +34,24 @@ def facts_folder() -> Path:
     return Path(os.environ.get("MERGE_EXPLORER_FACTS_CACHE") or DEFAULT_FOLDER).expanduser()
 
 
+@lru_cache(maxsize=1)
+def transformers_version() -> str:
+    """The installed transformers' version, from its package metadata (importing it takes 1.5 s), else its own."""
+    try:
+        return version("transformers")
+    except PackageNotFoundError:  # importable without metadata (a source checkout on the path)
+        import transformers
+
+        return transformers.__version__
+
+
 def remembered(kind: str, key: object, compute: Callable[[], J]) -> J:
     """compute(), a JSON value, read from disk when already worked out for ``kind`` and ``key``.
 
     key: JSON-serializable, everything the result depends on besides the transformers version (added
     here). The file is written complete (a temporary file renamed), so readers never see half of it.
     """
-    text = json.dumps([kind, version("transformers"), key], sort_keys=True, default=str)
+    text = json.dumps([kind, transformers_version(), key], sort_keys=True, default=str)
     path = facts_folder() / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
     try:
         return json.loads(path.read_text())["value"]

@@ -37,7 +37,7 @@ def fisher_merge(
     Raises ValueError on a Fisher of another shape, negative entries, or weights whose
     c_i (F_i + eps) sum to zero somewhere (all c_i = 0, or eps = 0 where every F_i is 0).
     """
-    f = torch.ones_like(x) if fisher is None else fisher.to(x.dtype)
+    f = torch.ones_like(x) if fisher is None else fisher.to(x.device, x.dtype)  # estimated in RAM
     if f.shape != x.shape:
         raise ValueError(f"fisher_merge: Fisher shape {tuple(f.shape)} does not match the weights' {tuple(x.shape)}")
     if bool((f < 0).any()):
@@ -45,7 +45,7 @@ def fisher_merge(
     if normalize_fisher and fisher is not None:
         norms = f.reshape(f.shape[0], -1).norm(dim=1).clamp(min=1e-30)
         f = f / norms.reshape(-1, *([1] * (f.dim() - 1)))
-    c = weight.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    c = weight.to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     importance = c * (f + epsilon)
     total = importance.sum(dim=0)
     if bool((total <= 0).any()):

@@ -120,7 +120,8 @@ def della_mask(
     probs = torch.empty(rows.shape)
     block = max(1, MERGE_CHUNK // rows.shape[1])
     for a in range(0, rows.shape[0], block):
-        probs[a : a + block] = rows[a : a + block].abs().argsort(dim=1).argsort(dim=1)
+        # ranked on the CPU: a GPU's sort orders tied magnitudes differently, and so would the masks
+        probs[a : a + block] = rows[a : a + block].cpu().abs().argsort(dim=1).argsort(dim=1)
     span = (rows.shape[1] - 1) or 1
     probs.div_(span).mul_(2).mul_(epsilon).add_(density - epsilon)  # the order of mergekit's float ops
     # drawn on the CPU (the generator is a CPU one, as mergekit's stream), then moved to delta's device
