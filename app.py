@@ -309,9 +309,13 @@ def build_demo(
         demo.unload(ui.closed)
         if demo_build:
             timer = gr.Timer(2.0)
-            tick = lambda wb, root, seen: ui.build_tick(demo_build, wb, root, seen)  # noqa: E731
+            tick = lambda wb, root, seen, *chosen: ui.build_tick(demo_build, wb, root, seen, *chosen)  # noqa: E731
+            chosen = [base, experts, tasks, held_in, held_out]
             timer.tick(
-                tick, [bench, folder, known], [build_status, known, timer, *scan_args[1]], show_progress="hidden"
+                tick,
+                [bench, folder, known, *chosen],
+                [build_status, known, timer, *scan_args[1]],
+                show_progress="hidden",
             )
         scan_btn.click(ui.scan, *scan_args)
         folder.change(ui.scan, *scan_args)

@@ -127,11 +127,23 @@ def scan(bench: Workbench, folder: str):
     )
 
 
-def build_tick(job: BackgroundJob, bench: Workbench, folder: str, known: int):
-    """Poll the demo build: its status line, a rescan when checkpoints appeared, the timer off when done."""
+def build_tick(job: BackgroundJob, bench: Workbench, folder: str, known: int, *chosen):
+    """Poll the demo build: its status line, a rescan when checkpoints appeared, the timer off when done.
+
+    chosen: what is chosen now (base, experts, tasks, held-in and held-out tasks). A rescan adds the new
+    checkpoints and tasks to the choices but keeps every choice that is made and still there, and the
+    Models tab's status line (a Load's report stays); an empty choice gets the scan's default.
+    """
     found = len(bench.checkpoints())
-    rescan = scan(bench, folder) if found != known else (bench, *(gr.update(),) * 7)
-    return job.status(), found, gr.Timer(active=not job.done), *rescan
+    if found == known:
+        return job.status(), found, gr.Timer(active=not job.done), bench, *(gr.update(),) * 7
+    bench, catalog, base, experts, _message, *tasks = scan(bench, folder)
+    updates = [base, experts, *tasks]
+    for update, value in zip(updates, chosen, strict=True):
+        kept = [v for v in value if v in update["choices"]] if isinstance(value, list) else value
+        if kept and (isinstance(kept, list) or kept in update["choices"]):
+            update["value"] = kept
+    return job.status(), found, gr.Timer(active=not job.done), bench, catalog, *updates[:2], gr.update(), *updates[2:]
 
 
 def experts_without_base(bench: Workbench, base: str, experts: list[str]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gradio as gr
 import pandas as pd
 
@@ -9,7 +11,7 @@ import ui_handlers as ui
 import ui_sweep
 from explorer.inspect import plots
 from explorer.workbench import Workbench
-from tests.tiny import tiny_family
+from tests.tiny import save_tiny_llama, tiny_family
 
 
 def _figures(outputs: list) -> dict[str, object]:
@@ -79,3 +81,23 @@ def test_progress_reaches_the_browser_at_most_every_tenth_of_a_second_and_at_the
     for k in range(1, 8):
         report(k / 7, f"tensor {k}")
     assert sent == [(1 / 7, "tensor 1"), (4 / 7, "tensor 4"), (6 / 7, "tensor 6"), (1.0, "tensor 7")]
+
+
+def test_a_checkpoint_the_demo_build_adds_keeps_what_is_chosen_and_the_load_report(tmp_path):
+    """The build's poll adds a new checkpoint to the choices without undoing the person's choice or Load's report."""
+    models = tmp_path / "models"
+    base, experts = tiny_family(models, n_experts=3)
+    bench = Workbench(models)
+    job = SimpleNamespace(status=lambda: "building: 50%", done=False)
+    known = len(bench.checkpoints())
+    chosen = ("base", ["expert2", "expert0"], [], [], [])
+    idle = ui.build_tick(job, bench, str(models), known, *chosen)
+    assert idle[1] == known and all(update == gr.update() for update in idle[5:])
+    save_tiny_llama(models / "expert3", seed=9, base=base)
+    polled = ui.build_tick(job, bench, str(models), known, *chosen)
+    status, found, _timer, _bench, catalog, base_choice, expert_choice, message = polled[:8]
+    assert status == "building: 50%" and found == known + 1 and "expert3" in set(catalog["checkpoint"])
+    assert base_choice["value"] == "base" and expert_choice["value"] == ["expert2", "expert0"]
+    assert "expert3" in expert_choice["choices"] and message == gr.update()  # the status line keeps Load's report
+    fresh = ui.build_tick(job, bench, str(models), known, "", [], [], [], [])  # nothing chosen: the defaults
+    assert fresh[5]["value"] == "base" and fresh[6]["value"] == ["expert0", "expert1"]
