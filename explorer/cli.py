@@ -11,7 +11,6 @@ folder, written to a hidden temporary folder, renamed when complete; inputs only
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from explorer import registry
-from explorer.device import SPARE_MODELS, GiB, choose_device, free_bytes
+from explorer.device import SPARE_MODELS, GiB, choose_device, float32_bytes, free_bytes
 from explorer.executor import merge_to_folder
 from explorer.io.checkpoint import CheckpointError, open_checkpoint
 from explorer.messages import user_message
@@ -234,7 +233,7 @@ def _info(checkpoints: list[Path]) -> int:
         opened = [open_checkpoint(c) for c in checkpoints]
     except CheckpointError as e:
         return _fail(str(e))
-    model_bytes = max((sum(4 * math.prod(c.shape(n)) for n in c.names()) for c in opened), default=0)
+    model_bytes = max((float32_bytes(c.shape(n) for n in c.names()) for c in opened), default=0)
     needed = model_bytes * (len(opened) + SPARE_MODELS) if opened else 0
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; RAM {free_bytes(torch.device('cpu')) / GiB:.1f} GiB available"

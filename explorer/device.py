@@ -11,11 +11,13 @@ overrides the default choice.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
+import psutil
 import torch
 
 ENV = "MERGE_EXPLORER_DEVICE"
@@ -74,10 +76,13 @@ def choose_device(needed_bytes: int, requested: Optional[str] = None, default: s
     return DeviceChoice(torch.device(f"cuda:{index}"), room if asked == "auto" else f"asked for; {room}")
 
 
+def float32_bytes(shapes: Iterable[tuple[int, ...]]) -> int:
+    """Bytes that tensors of ``shapes`` take in float32 (how a session and a merge hold them)."""
+    return sum(4 * math.prod(shape) for shape in shapes)
+
+
 def free_bytes(device: torch.device) -> int:
     """Bytes free on ``device`` now: CUDA's free memory, or the machine's available RAM for the CPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device.index or 0)[0]
-    import psutil
-
     return psutil.virtual_memory().available

@@ -25,7 +25,7 @@ import torch
 
 from explorer import registry
 from explorer.choices import OutOfRange, Space, parse_choice
-from explorer.device import choose_device
+from explorer.device import choose_device, float32_bytes
 from explorer.fisher import fisher_extras
 from explorer.io.inputs import MergeInputs, TensorSource, open_inputs
 from explorer.io.writer import chat_template_files, check_output_dir, write_checkpoint
@@ -308,7 +308,7 @@ def merge_to_folder(
     time. ValueError for a device that is not there.
     """
     merge_plan = plan(recipe)
-    largest = max(4 * math.prod(merge_plan.reference.shape(n)) for n in merge_plan.names)
+    largest = max(float32_bytes([merge_plan.reference.shape(n)]) for n in merge_plan.names)
     where = choose_device((2 * len(merge_plan.models) + 4) * largest, device, default="cpu").device
     out = check_output_dir(out_dir, merge_plan.sources(), overwrite)
     extras = setup_extras(merge_plan, recipe, progress, fisher_cache)

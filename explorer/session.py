@@ -12,7 +12,6 @@ Inspect and evaluation then run there), else RAM. The streaming executor has no 
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from explorer import registry
-from explorer.device import SPARE_MODELS, choose_device
+from explorer.device import SPARE_MODELS, choose_device, float32_bytes
 from explorer.executor import merge_stream
 from explorer.io.checkpoint import TIED_NAMES, resolved_ref
 from explorer.io.finite import read_float
@@ -55,7 +54,7 @@ class MergeSession:
         self.base_ckpt, self.model_ckpts, self.names = inputs.base, inputs.models, inputs.names
         inputs = ([self.base_ckpt] if self.base_ckpt else []) + self.model_ckpts
         self.reference = inputs[0]
-        model_bytes = sum(4 * math.prod(self.reference.shape(n)) for n in self.names)
+        model_bytes = float32_bytes(self.reference.shape(n) for n in self.names)
         self.device_choice = choose_device(model_bytes * (len(inputs) + SPARE_MODELS), device)
         self.device = self.device_choice.device
         self.tensors: list[dict[str, torch.Tensor]] = []
