@@ -47,6 +47,7 @@ __all__ = [
     "plan",
     "read_place",
     "setup_extras",
+    "warm_up",
 ]
 
 T = TypeVar("T")
@@ -109,6 +110,34 @@ def read_place(
     return base, stacked
 
 
+WARM_UP_SIZE = 4096  # entries of the synthetic tensor ``warm_up`` merges
+
+
+def warm_up(
+    spec: MethodSpec,
+    params: dict,
+    models: int,
+    with_base: bool,
+    seed: int,
+    extra: dict,
+    device: Optional[torch.device] = None,
+) -> None:
+    """Merge a synthetic (models, 4096) float32 stack with ``spec`` so that its compiled kernels are loaded.
+
+    A process's first call of a numba kernel loads numba's CPU target and the kernel from its cache
+    (about 0.4 s on 2 cores, most of it imports); ``merge_stream`` runs this on a thread while the
+    first tensor is read, instead of after. The stack is a seeded base ~ N(0, 1) plus N(0, 0.01) per
+    model (the shape of real task vectors), on ``device``; ``extra`` is what every call of the method
+    gets (``spec.prepare``'s result), so the same kernels run as on the real tensors. Raises what the
+    method raises.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(WARM_UP_SIZE, generator=generator)
+    stack = base + 0.01 * torch.randn(models, WARM_UP_SIZE, generator=generator)
+    base, stack = base.to(device or "cpu"), stack.to(device or "cpu")
+    merge_tensor(spec, params, "warm-up", base if with_base else None, stack, seed, extra)
+
+
 def _method_view(spec: MethodSpec, base: Optional[torch.Tensor], models: torch.Tensor) -> torch.Tensor:
     """What the method sees: task vectors ``models - base`` for delta-space methods, else the weights."""
     return models.sub_(base) if spec.space == Space.delta else models
@@ -156,7 +185,8 @@ def merge_stream(
     ``setup_extras(source, recipe, progress, fisher_cache)`` runs here before the first tensor.
     Non-float tensors (int buffers) are taken from the first model. One reader thread reads the
     inputs of the next tensor (``read_place``) while a worker merges this one and the caller handles
-    (writes) the one before, so peak memory is about (2N + 4) x the largest tensor with one worker.
+    (writes) the one before, so peak memory is about (2N + 4) x the largest tensor with one worker;
+    meanwhile the method's kernels are loaded on another (``warm_up``).
     ``cache``: an in-memory session's ``StageCache``; a ``spec.staged`` method then reuses each
     tensor's stages from the previous merges (recipes without slices), reading nothing.
     ``workers``: threads merging the next tensors while the caller handles one (``in_order``); each
@@ -178,6 +208,8 @@ def merge_stream(
     reads: dict[int, Future] = {}  # place index -> its inputs being read; popped by the merge
 
     def merged(i: int, place: TensorPlace) -> tuple[str, torch.Tensor]:
+        if warming is not None:
+            warming.result()  # its errors first; done long before, but for the first tensor
         extra = dict(prepared, **extras(place.name))
         if i not in reads:  # staged, in memory: weights read in place
             weights, base = [m[place.name] for m in source.models], source.read_base(place.name)
@@ -194,7 +226,17 @@ def merge_stream(
             del models
         return place.name, cast_output(place.name, out, recipe.torch_dtype, recipe.out_of_range, peak)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-tensor") as reader:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-tensor") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-up") as warmer,
+    ):
+        # The kernels load on their own thread while the first tensor is read (not for an in-memory
+        # staged merge, which reads nothing, nor a Fisher merge, whose Fisher is per tensor).
+        warming = None
+        if layout and not staged and not spec.needs_fisher:
+            params, with_base = recipe.params_at(layout[0]), source.base is not None
+            args = (spec, params, len(source.models), with_base, recipe.seed, prepared, device)
+            warming = warmer.submit(warm_up, *args)
 
         def jobs() -> Iterator[Callable[[], tuple[str, torch.Tensor]]]:
             for i, place in enumerate(layout):

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from explorer.executor import merge_to_folder
+from explorer import registry
+from explorer.executor import merge_to_folder, warm_up
 from explorer.io.checkpoint import CheckpointError, open_checkpoint
 from explorer.io.writer import write_checkpoint
 from explorer.recipe import MergeRecipe
@@ -247,3 +248,51 @@ def test_cli_reports_bad_input_without_traceback(family, tmp_path):
     assert run.returncode == 2
     assert "folder not found" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o").exists()
+
+
+WARMED_METHODS = [spec.name for spec in registry.all_methods() if not spec.needs_fisher]  # fisher: no warm-up
+
+
+@pytest.mark.parametrize("method", WARMED_METHODS)
+def test_the_warm_up_merges_its_synthetic_stack_with_every_method(family, method):
+    """``merge_stream`` warms every method but fisher up before the first tensor: none may fail on it."""
+    base, experts = family
+    spec = registry.get(method)
+    experts = experts[: spec.max_models or len(experts)]
+    known = {p.name for p in spec.params}
+    per_model = [{k: v for k, v in {"weight": 0.6, "density": 0.5}.items() if k in known} for _ in experts]
+    session = MergeSession(base, experts)
+    recipe = session.recipe(method, {}, per_model)
+    params = recipe.params_at(recipe.layout(session.names)[0])
+    warm_up(spec, params, len(experts), True, recipe.seed, {})
+
+
+def test_the_warm_up_loads_the_compiled_kernels_of_the_method():
+    """In a fresh process TIES's kernels are not loaded; one warm-up loads those its merges call."""
+    code = (
+        "from explorer import registry\n"
+        "from explorer.executor import warm_up\n"
+        "from explorer.methods import kernels\n"
+        "used = (kernels._high_counts, kernels._low_counts, kernels._select, kernels._ties_range)\n"
+        "assert not any(k.signatures for k in used)\n"
+        "from explorer.recipe import MergeRecipe\n"
+        "models = [{'model': m, 'parameters': {'weight': 0.5, 'density': 0.2}} for m in ('a', 'b')]\n"
+        "params = MergeRecipe(merge_method='ties', base_model='base', models=models).resolved_params()\n"
+        "warm_up(registry.get('ties'), params, 2, True, 0, {})\n"
+        "print([len(k.signatures) for k in used])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[1, 1, 1, 1]"
+
+
+def test_a_failed_warm_up_fails_the_merge_before_anything_is_written(family, tmp_path, monkeypatch):
+    base, experts = family
+    import explorer.executor as ex
+
+    def boom(*a, **k):
+        raise RuntimeError("kernel cache unreadable")
+
+    monkeypatch.setattr(ex, "warm_up", boom)
+    with pytest.raises(RuntimeError, match="kernel cache unreadable"):
+        merge_to_folder(_recipe(base, experts), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -46,7 +46,7 @@ import torch
 HIGH_BITS = 16  # bits 15..30 of |x|'s float32 pattern: the first histogram
 LOW_BITS = 15  # bits 0..14: the second
 RANGE = 1 << 22  # most entries per work item
-MIN_RANGE = 1 << 16  # fewest entries worth handing to another thread
+MIN_RANGE = 1 << 20  # fewest entries worth handing to another thread
 BLOCK = 2048  # entries per block of the fused TIES pass (its vote, sum and divisor stay in L1)
 FILTER = 64  # entries per run the second histogram pass checks for its bin at once
 _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="merge-kernel")
