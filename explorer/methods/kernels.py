@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import reduce
 from types import ModuleType
 from typing import Callable, Optional, Sequence
 
@@ -155,8 +156,9 @@ def magnitude_cut(x: torch.Tensor, k: int) -> tuple[float, int]:
         return device.magnitude_cut(x, k)
     bits = x.detach().contiguous().view(torch.int32).reshape(-1).numpy()
     check_k(k, bits.size)
-    high, above = _select(sum(run_ranges(_high_counts, bits.size, bits)), k)
-    low_counts = sum(run_ranges(_low_counts, bits.size, bits, high))
+    # the ranges' histograms added up (one range's is taken as it is: no 65,536-bin sum per call)
+    high, above = _select(reduce(np.add, run_ranges(_high_counts, bits.size, bits)), k)
+    low_counts = reduce(np.add, run_ranges(_low_counts, bits.size, bits, high))
     low, above_low = _select(low_counts, k - above)
     pattern = (high << LOW_BITS) | low
     take = k - above - above_low
