@@ -178,3 +178,17 @@ def test_ties_merge_with_a_base_also_writes_the_finished_weights():
     expected = kernels.finish(alone, 1.7, base)
     assert torch.equal(mixed, alone) and torch.equal(done.weights.view(torch.int32), expected.weights.view(torch.int32))
     assert done.peak == expected.peak == float(expected.weights.abs().max())
+
+
+def test_a_merge_hands_only_ranges_of_a_million_entries_to_other_threads_and_a_scan_smaller_ones(monkeypatch):
+    """A merge runs in a pipeline of threads: a layer-sized tensor stays on its thread; Inspect's scan splits it."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    layer = 576 * 1536  # SmolLM2's largest layer tensor: under a million entries
+    assert kernels._ranges(layer, kernels.MIN_RANGE) == [(0, layer)]
+    assert len(kernels._ranges(layer, kernels.SCAN_MIN_RANGE)) == 4
+    embedding = 49152 * 576  # split at most RANGE entries a piece
+    pieces = kernels._ranges(embedding, kernels.MIN_RANGE)
+    assert len(pieces) == math.ceil(embedding / kernels.RANGE) and pieces[-1][1] == embedding
+    assert kernels._ranges(3 * kernels.MIN_RANGE, kernels.MIN_RANGE) == [
+        (i * kernels.MIN_RANGE, (i + 1) * kernels.MIN_RANGE) for i in range(3)
+    ]

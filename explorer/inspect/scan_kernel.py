@@ -17,7 +17,7 @@ import numba
 import numpy as np
 import torch
 
-from explorer.methods.kernels import run_ranges, torch_path, trim_thresholds
+from explorer.methods.kernels import SCAN_MIN_RANGE, run_ranges, torch_path, trim_thresholds
 
 BLOCK = 4096  # entries per block: its kept flags and signs stay in cache; its sums are float32 (exact counts)
 # Sums may be reassociated (so LLVM vectorizes them); no assumption about inf (a trim of nothing uses it).
@@ -127,7 +127,7 @@ def scan_sums(x: torch.Tensor, cuts: list[tuple[float, int]], thresholds: tuple[
         return device.scan_sums(x, cuts, thresholds)
     flat = x.contiguous().numpy()
     args = (flat, *trim_thresholds(cuts), np.array(thresholds, np.float32))
-    parts = run_ranges(_scan_range, flat.shape[1], *args)
+    parts = run_ranges(_scan_range, flat.shape[1], *args, min_range=SCAN_MIN_RANGE)
     return sums_dict(*(sum(p[k] for p in parts) for k in range(3)))
 
 
@@ -158,5 +158,5 @@ def merge_distances(
         return device.merge_distances(rows, minus, base, merged)
     arrays = tuple(r.contiguous().numpy() for r in rows)
     args = (arrays, minus.contiguous().numpy(), base.contiguous().numpy(), merged.contiguous().numpy())
-    parts = run_ranges(_distance_range, base.numel(), *args)
+    parts = run_ranges(_distance_range, base.numel(), *args, min_range=SCAN_MIN_RANGE)
     return dict(zip(("dist_sq", "xb", "moved_sq", "bb"), (sum(p[k] for p in parts) for k in range(4)), strict=True))
