@@ -234,8 +234,9 @@ def merge_stream(
         # staged merge, which reads nothing, nor a Fisher merge, whose Fisher is per tensor).
         warming = None
         if layout and not staged and not spec.needs_fisher:
-            params, with_base = recipe.params_at(layout[0]), source.base is not None
-            args = (spec, params, len(source.models), with_base, recipe.seed, prepared, device)
+            first = layout[0]  # as it is merged: its inputs (a slice's own models) and base
+            with_base = first.base is not None and source.base is not None
+            args = (spec, recipe.params_at(first), len(first.inputs), with_base, recipe.seed, prepared, device)
             warming = warmer.submit(warm_up, *args)
 
         def jobs() -> Iterator[Callable[[], tuple[str, torch.Tensor]]]:
