@@ -78,7 +78,7 @@ def merge_tensor(
     generator = registry.tensor_generator(seed, name)
     delta = spec.space == Space.delta
     extra = dict(extra or {}, **({"stages": stages} if stages is not None else {}))
-    x = models.sub_(base) if delta and stages is None else models
+    x = models if stages is not None else _method_view(spec, base, models)
     if delta and spec.adds_base:
         finished = registry.call(spec, x, base, generator, params, dict(extra, with_base=True))
         return finished.weights, finished.peak
